@@ -1,0 +1,118 @@
+"""Settings, read once from the environment into one frozen object."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from functools import cache
+from typing import Any
+from urllib.parse import urlsplit
+
+
+class ConfigError(ValueError):
+    """A setting in the environment has a value we cannot use."""
+
+
+def _positive_float(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise ValueError("must be a number > 0") from None
+    if not number > 0:
+        raise ValueError("must be a number > 0")
+    return number
+
+
+def _int_in(low: int, high: int | None = None) -> Callable[[str], int]:
+    expected = f"must be an integer in [{low}, {high if high is not None else '∞'}]"
+
+    def parse(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            raise ValueError(expected) from None
+        if number < low or (high is not None and number > high):
+            raise ValueError(expected)
+        return number
+
+    return parse
+
+
+def _flag(value: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError("must be 0 or 1")
+
+
+def _url(*schemes: str) -> Callable[[str], str]:
+    def parse(value: str) -> str:
+        if urlsplit(value).scheme not in schemes:
+            raise ValueError(f"must be a URL starting with {' or '.join(s + '://' for s in schemes)}")
+        return value
+
+    return parse
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every setting of image-crawler; the field's metadata names its environment variable."""
+
+    redis_url: str = "redis://localhost:6379/0"
+    mongo_uri: str = "mongodb://localhost:27017/image_crawler"
+    #: Seconds allowed for a whole download (connect, each read, and in total).
+    fetch_timeout: float = 30.0
+    #: Retries of a transient failure (5xx, 429, timeout, reset) before the job ends in error.
+    fetch_retries: int = 3
+    fetch_max_bytes: int = 50 * 1024 * 1024
+    fetch_max_redirects: int = 5
+    fetch_allow_private: bool = False
+    max_image_pixels: int = 50_000_000
+    #: zlib level of the stored grayscale PNGs (0 = none, 9 = smallest).
+    png_compress_level: int = 6
+    #: Seconds a downloaded body (and its PNG) may wait in Redis for the next task.
+    claim_ttl: int = 3600
+
+    @property
+    def mongo_database(self) -> str:
+        """The database named by the path of ``MONGO_URI``."""
+        return urlsplit(self.mongo_uri).path.lstrip("/").split("?")[0] or "image_crawler"
+
+
+_PARSERS: dict[str, Callable[[str], Any]] = {
+    "redis_url": _url("redis", "rediss", "unix"),
+    "mongo_uri": _url("mongodb", "mongodb+srv"),
+    "fetch_timeout": _positive_float,
+    "fetch_retries": _int_in(0, 100),
+    "fetch_max_bytes": _int_in(1),
+    "fetch_max_redirects": _int_in(0, 100),
+    "fetch_allow_private": _flag,
+    "max_image_pixels": _int_in(1),
+    "png_compress_level": _int_in(0, 9),
+    "claim_ttl": _int_in(60),
+}
+
+
+def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
+    """Build :class:`Settings` from ``environ`` (default: ``os.environ``); bad values raise ConfigError."""
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for field in fields(Settings):
+        name = field.name.upper()
+        raw = environ.get(name)
+        if raw is None or raw.strip() == "":
+            continue
+        try:
+            values[field.name] = _PARSERS[field.name](raw.strip())
+        except ValueError as exc:
+            raise ConfigError(f"{name}={raw!r} is invalid: {exc}") from None
+    return Settings(**values)
+
+
+@cache
+def get_settings() -> Settings:
+    """The process-wide settings, read from the environment on first use."""
+    return load_settings()

@@ -1,0 +1,119 @@
+"""Typed errors of the pipeline.
+
+Every error a job can end with is a :class:`CrawlError`; its ``reason`` is the
+short text stored in the job's outcome (``http 404``, ``timeout``, ``not an image``).
+``transient`` says whether trying again later may help; the actors' retry policy
+reads it instead of matching on messages.
+"""
+
+from __future__ import annotations
+
+
+class CrawlError(Exception):
+    """A job failed; ``reason`` is what the outcome ledger records."""
+
+    transient: bool = False
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class TransientError(CrawlError):
+    """A failure that may go away on its own (network, 5xx, a store being down)."""
+
+    transient = True
+
+
+# --- fetching -------------------------------------------------------------------------
+
+
+class FetchError(CrawlError):
+    """The URL could not be downloaded."""
+
+
+class InvalidUrl(FetchError):
+    """The line is not an absolute http(s) URL we are willing to fetch."""
+
+
+class ForbiddenAddress(FetchError):
+    """The host resolves to a loopback, private, link-local or otherwise reserved address."""
+
+
+class HttpStatusError(FetchError):
+    """The server answered with a non-2xx status."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(f"http {status}")
+        self.status = status
+        # 408/429 and 5xx are the server asking us to come back later.
+        self.transient = status in (408, 429) or status >= 500
+
+
+class FetchTimeout(FetchError):
+    """Connecting or reading took longer than ``FETCH_TIMEOUT``."""
+
+    transient = True
+
+    def __init__(self, reason: str = "timeout") -> None:
+        super().__init__(reason)
+
+
+class ConnectionFailed(FetchError):
+    """The connection could not be made or was reset."""
+
+    transient = True
+
+
+class TooManyRedirects(FetchError):
+    """More redirects than ``FETCH_MAX_REDIRECTS``."""
+
+    def __init__(self, reason: str = "too many redirects") -> None:
+        super().__init__(reason)
+
+
+class TooLarge(FetchError):
+    """The body is bigger than ``FETCH_MAX_BYTES`` (counted after decompression)."""
+
+    def __init__(self, reason: str = "too large") -> None:
+        super().__init__(reason)
+
+
+# --- imaging --------------------------------------------------------------------------
+
+
+class ImageError(CrawlError):
+    """The body could not be turned into an image."""
+
+
+class NotAnImage(ImageError):
+    """The bytes are not an image format Pillow can decode (HTML, empty, garbage)."""
+
+    def __init__(self, reason: str = "not an image") -> None:
+        super().__init__(reason)
+
+
+class TruncatedImage(ImageError):
+    """The image header is valid but its data ends early or is corrupt."""
+
+    def __init__(self, reason: str = "truncated image") -> None:
+        super().__init__(reason)
+
+
+class TooManyPixels(ImageError):
+    """More pixels than ``MAX_IMAGE_PIXELS``: refused before decoding (decompression bomb)."""
+
+
+# --- pipeline -------------------------------------------------------------------------
+
+
+class ClaimExpired(CrawlError):
+    """A body or PNG parked in Redis between tasks is gone (its TTL ran out)."""
+
+
+class ResultMissing(TransientError):
+    """A group member's result is not (or no longer) in the result backend."""
+
+
+class StoreBusy(TransientError):
+    """Another worker is writing the same grayscale file right now."""
