@@ -1,0 +1,133 @@
+"""The pipeline's actors: fetch → group[md5, grayscale] → collect, and record_failure.
+
+Importing this module sets up the broker, so ``dramatiq image_crawler.actors`` starts
+workers. Actors are thin: they rebuild the job from the message, call a pure function
+or a storage helper, and hand on the result. Every job ends in exactly one outcome: the
+collector records success or duplicate, and any message that fails for good is handed to
+``record_failure`` by :class:`~image_crawler.middleware.RecordFailures`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import dramatiq
+from dramatiq.results import ResultMissing as _BackendResultMissing
+from dramatiq.results import Results
+
+from . import claims, imaging, outcomes, storage
+from .broker import FETCH_QUEUE, PROCESS_QUEUE, setup_broker
+from .config import get_settings
+from .context import get_context
+from .errors import ClaimExpired, ResultMissing
+from .middleware import retry_transient
+from .outcomes import Job
+
+settings = get_settings()
+broker = setup_broker(settings)
+
+# Work already started outranks new work: a worker holding both kinds of message runs
+# these first, so parked bodies and results are consumed long before their TTLs.
+_FOLLOW_UP = {"queue_name": PROCESS_QUEUE, "priority": 0}
+
+
+@dramatiq.actor(
+    queue_name=FETCH_QUEUE,
+    priority=100,
+    retry_when=retry_transient(settings.fetch_retries),
+    # A drip just under the read timeout can stretch a download to 2 × FETCH_TIMEOUT.
+    time_limit=int(2 * settings.fetch_timeout * 1000) + 60_000,
+)
+def fetch(job: dict[str, Any]) -> None:
+    """Download the job's URL, park the body, and start md5 and grayscale on it."""
+    context = get_context()
+    crawl_job = Job.from_message(job)
+    download = context.fetcher.fetch(crawl_job.url)
+    context.claims.put(claims.body_key(crawl_job.id), download.content)
+    digest_message = md5.message(job)
+    gray_message = grayscale.message(job)
+    meta = {
+        "content_type": download.content_type,
+        "byte_size": len(download.content),
+        "final_url": download.final_url,
+    }
+    members = {"md5": digest_message.message_id, "grayscale": gray_message.message_id}
+    group = dramatiq.group([digest_message, gray_message])
+    group.add_completion_callback(collect.message(job, meta, members))
+    group.run()
+
+
+@dramatiq.actor(store_results=True, retry_when=retry_transient(5), **_FOLLOW_UP)
+def md5(job: dict[str, Any]) -> str:
+    """MD5 hex of the downloaded bytes."""
+    context = get_context()
+    body = context.claims.get(claims.body_key(job["id"]), "body")
+    return hashlib.md5(body).hexdigest()
+
+
+@dramatiq.actor(store_results=True, retry_when=retry_transient(5), **_FOLLOW_UP)
+def grayscale(job: dict[str, Any]) -> dict[str, int]:
+    """Decode the body, park its grayscale PNG, and return the upright width and height."""
+    context = get_context()
+    body = context.claims.get(claims.body_key(job["id"]), "body")
+    gray = imaging.to_grayscale(
+        body,
+        max_pixels=context.settings.max_image_pixels,
+        compress_level=context.settings.png_compress_level,
+    )
+    context.claims.put(claims.gray_key(job["id"]), gray.png)
+    return {"width": gray.width, "height": gray.height}
+
+
+@dramatiq.actor(retry_when=retry_transient(10), max_backoff=120_000, **_FOLLOW_UP)
+def collect(job: dict[str, Any], meta: dict[str, Any], members: dict[str, str]) -> None:
+    """Pull md5 and grayscale results, store the image once, and record success or duplicate."""
+    context = get_context()
+    crawl_job = Job.from_message(job)
+    digest: str = _member_result(md5, job, members["md5"])
+    size: dict[str, int] = _member_result(grayscale, job, members["grayscale"])
+    record = storage.ImageRecord(
+        md5=digest,
+        width=size["width"],
+        height=size["height"],
+        source_url=crawl_job.url,
+        content_type=meta.get("content_type"),
+        byte_size=meta["byte_size"],
+    )
+    try:
+        png: bytes | None = context.claims.get(claims.gray_key(crawl_job.id), "grayscale image")
+    except ClaimExpired:
+        if not storage.has_image(context.db, digest):
+            raise
+        png = None
+    stored_now = storage.store_image(context.db, record, png, job_id=crawl_job.id)
+    outcome = outcomes.SUCCESS if stored_now else outcomes.DUPLICATE
+    outcomes.record_outcome(context.db, crawl_job, outcome, md5=digest)
+    context.claims.drop(crawl_job.id)
+
+
+@dramatiq.actor(retry_when=retry_transient(20), max_backoff=300_000, **_FOLLOW_UP)
+def record_failure(job: dict[str, Any], reason: str) -> None:
+    """Record the error outcome of a job whose message failed for good."""
+    context = get_context()
+    crawl_job = Job.from_message(job)
+    outcomes.record_outcome(context.db, crawl_job, outcomes.ERROR, reason=reason)
+    context.claims.drop(crawl_job.id)
+
+
+def _member_result(actor: dramatiq.Actor, job: dict[str, Any], message_id: str) -> Any:
+    # Result keys are derived from queue, actor and message id; rebuilding the message with
+    # the member's id finds its result without carrying whole messages around.
+    message = actor.message(job).copy(message_id=message_id)
+    try:
+        return message.get_result(backend=_result_backend())
+    except _BackendResultMissing:
+        raise ResultMissing(f"{actor.actor_name} result missing") from None
+
+
+def _result_backend():
+    for middleware in broker.middleware:
+        if isinstance(middleware, Results):
+            return middleware.backend
+    raise RuntimeError("the broker has no Results middleware")

@@ -1,0 +1,193 @@
+"""The ``image-crawler`` command: enqueue a URL list, wait for it, read the totals."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+import click
+import pymongo.errors
+import redis.exceptions
+from pymongo.database import Database
+
+from . import outcomes, storage
+from .config import ConfigError, Settings, get_settings
+from .errors import InvalidUrl
+from .fetching import check_url
+from .outcomes import Job
+
+#: Lines read between looks at how many jobs of the run are still in flight.
+_CHECK_EVERY = 1_000
+
+
+@dataclass
+class EnqueueReport:
+    """What ``enqueue`` did with a file."""
+
+    run: str
+    enqueued: int = 0
+    rejected: int = 0
+    skipped: int = 0
+    rejections: list[dict[str, Any]] = field(default_factory=list, repr=False)
+
+    @property
+    def jobs(self) -> int:
+        """Lines that became jobs (each gets one outcome)."""
+        return self.enqueued + self.rejected
+
+
+def _lines(stream: IO[bytes]) -> Iterator[tuple[int, bytes]]:
+    for number, raw in enumerate(stream, start=1):
+        yield number, raw.strip()
+
+
+def enqueue_lines(
+    stream: IO[bytes],
+    db: Database,
+    *,
+    run: str | None = None,
+    max_in_flight: int = 0,
+    poll_interval: float = 0.5,
+) -> EnqueueReport:
+    """Send one fetch message per URL line of ``stream``, streaming it line by line.
+
+    Blank and ``#`` lines are skipped. Lines that are not http(s) URLs (or not UTF-8) become
+    jobs that end at once in an error outcome with the reason. With ``max_in_flight`` > 0, holds
+    back while that many jobs of this run have no outcome yet.
+    """
+    from .actors import fetch  # sets up the broker
+
+    report = EnqueueReport(run=run or uuid.uuid4().hex[:12])
+    for number, raw in _lines(stream):
+        if not raw or raw.startswith(b"#"):
+            report.skipped += 1
+            continue
+        try:
+            text = raw.decode("utf-8")
+            job = Job.new(report.run, number, check_url(text))
+        except UnicodeDecodeError:
+            _reject(report, Job.new(report.run, number, raw.decode("utf-8", "replace")), "invalid utf-8")
+        except InvalidUrl as exc:
+            _reject(report, Job.new(report.run, number, text), exc.reason)
+        else:
+            fetch.send(job.to_message())
+            report.enqueued += 1
+        if len(report.rejections) >= _CHECK_EVERY:
+            _flush_rejections(db, report)
+        if max_in_flight and report.jobs % _CHECK_EVERY == 0:
+            _flush_rejections(db, report)
+            while report.jobs - _done(db, report.run) >= max_in_flight:
+                time.sleep(poll_interval)
+    _flush_rejections(db, report)
+    return report
+
+
+def _reject(report: EnqueueReport, job: Job, reason: str) -> None:
+    report.rejections.append(outcomes.outcome_document(job, outcomes.ERROR, reason=reason))
+    report.rejected += 1
+
+
+def _flush_rejections(db: Database, report: EnqueueReport) -> None:
+    outcomes.record_outcomes(db, report.rejections)
+    report.rejections.clear()
+
+
+def _done(db: Database, run: str) -> int:
+    return storage.outcomes(db).count_documents({"run": run})
+
+
+def wait_for_run(
+    db: Database, run: str, jobs: int, *, timeout: float | None = None, poll_interval: float = 0.5
+) -> bool:
+    """Show a progress bar until every job of ``run`` has an outcome; False if ``timeout`` ran out."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    with click.progressbar(length=jobs, label="crawling", show_pos=True, show_eta=True) as bar:
+        done = 0
+        while True:
+            now_done = _done(db, run)
+            bar.update(now_done - done)
+            done = now_done
+            if done >= jobs:
+                return True
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            time.sleep(poll_interval)
+
+
+def summary_line(total: int, counts: dict[str, int]) -> str:
+    """``done: 544 urls — 401 success, 99 duplicate, 44 error``."""
+    parts = ", ".join(f"{counts.get(name, 0)} {name}" for name in outcomes.OUTCOMES)
+    return f"done: {total} urls — {parts}"
+
+
+def _database(settings: Settings) -> Database:
+    db = storage.get_database(settings)
+    try:
+        storage.ensure_indexes(db)
+    except pymongo.errors.PyMongoError as exc:
+        raise click.ClickException(f"cannot reach MongoDB at {settings.mongo_uri}: {exc}") from None
+    return db
+
+
+def _settings() -> Settings:
+    try:
+        return get_settings()
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@click.group()
+@click.version_option(package_name="image-crawler")
+def main() -> None:
+    """Crawl image URLs into MongoDB with Dramatiq workers (run `dramatiq image_crawler.actors`)."""
+
+
+@main.command()
+@click.argument("file", type=click.File("rb"))
+@click.option("--wait", is_flag=True, help="Show progress until every URL has an outcome, then a summary.")
+@click.option("--timeout", type=click.FloatRange(min=0), default=None, help="With --wait: give up after SECONDS.")
+@click.option(
+    "--max-in-flight",
+    type=click.IntRange(min=0),
+    default=100_000,
+    show_default=True,
+    help="Hold back while this many URLs of the run are unfinished (0: no limit).",
+)
+def enqueue(file: IO[bytes], wait: bool, timeout: float | None, max_in_flight: int) -> None:
+    """Enqueue every URL line of FILE (- for stdin); blank and # lines are skipped."""
+    settings = _settings()
+    db = _database(settings)
+    try:
+        report = enqueue_lines(file, db, max_in_flight=max_in_flight)
+    except redis.exceptions.ConnectionError as exc:
+        raise click.ClickException(f"cannot reach Redis at {settings.redis_url}: {exc}") from None
+    click.echo(
+        f"run {report.run}: enqueued {report.enqueued} urls"
+        f" ({report.rejected} rejected lines, {report.skipped} blank or comment lines skipped)"
+    )
+    if not wait:
+        return
+    if not wait_for_run(db, report.run, report.jobs, timeout=timeout):
+        missing = report.jobs - _done(db, report.run)
+        raise click.ClickException(f"gave up after {timeout:g} s: {missing} urls still have no outcome")
+    click.echo(summary_line(report.jobs, outcomes.count_outcomes(db, report.run)))
+
+
+@main.command()
+@click.option("--run", default=None, help="Only this run (as printed by enqueue).")
+def status(run: str | None) -> None:
+    """Totals of outcomes so far, and the most frequent error reasons."""
+    db = _database(_settings())
+    counts = outcomes.count_outcomes(db, run)
+    click.echo(summary_line(sum(counts.values()), counts))
+    match: dict[str, Any] = {"outcome": outcomes.ERROR}
+    if run is not None:
+        match["run"] = run
+    reasons = storage.outcomes(db).aggregate(
+        [{"$match": match}, {"$group": {"_id": "$reason", "n": {"$sum": 1}}}, {"$sort": {"n": -1}}, {"$limit": 10}]
+    )
+    for row in reasons:
+        click.echo(f"  {row['n']:>8}  {row['_id']}")

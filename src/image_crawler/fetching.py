@@ -1,0 +1,367 @@
+"""Download one URL with httpx, within the limits of DESIGN §4; bytes out, or a typed error.
+
+What a :class:`Fetcher` guarantees, whatever the server does:
+
+- ``fetch_timeout`` bounds connecting, every read, and the whole download: each hop gets the
+  time left as its httpx timeout, and the read loop checks a monotonic deadline. A server that
+  stalls just short of a read timeout can stretch a download to at most twice the budget.
+- ``fetch_max_bytes`` bounds the body after decompression, counted while streaming. Content
+  decoding is done here in bounded steps (gzip, deflate) because httpx inflates a whole network
+  read at once, which lets a 50 kB gzip bomb become 50 MB in memory before anyone can count.
+- Redirects are followed here, one hop at a time, rather than by httpx: httpx reads every
+  redirect body into memory with no size limit and outside our deadline.
+- Unless ``fetch_allow_private``, every hop (the first request and each redirect) is checked by
+  a request event hook: the host must resolve only to public addresses. The check resolves the
+  name itself, so a DNS answer that changes between the check and the connection (DNS
+  rebinding) is not caught; the check is against honest-but-internal names and literal IPs.
+  The lookup is not bounded by ``fetch_timeout`` either (``getaddrinfo`` takes no timeout; the
+  system resolver's own timeouts apply).
+- No cookies are kept and the environment (proxies, ``.netrc``) is ignored: one client is shared
+  by every job of a worker, and nothing from one job may leak into the next.
+
+Every failure leaves :meth:`Fetcher.fetch` as a :class:`~image_crawler.errors.CrawlError`.
+Decisions worth knowing: an unresolvable host is ``ConnectionFailed("dns lookup failed")``,
+transient, because resolvers fail transiently far more often than names disappear; a declared
+``Content-Length`` above the limit on an uncompressed response is refused before reading; a
+body in a content encoding we did not ask for (``br``, ``zstd``) is a permanent error.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import ssl
+import time
+import zlib
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from http.cookiejar import CookieJar, DefaultCookiePolicy
+from importlib import metadata
+from types import TracebackType
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+
+from .config import Settings
+from .errors import (
+    ConnectionFailed,
+    FetchError,
+    FetchTimeout,
+    ForbiddenAddress,
+    HttpStatusError,
+    InvalidUrl,
+    TooLarge,
+    TooManyRedirects,
+)
+
+__all__ = ["MAX_URL_LENGTH", "Download", "Fetcher", "Resolver", "check_url", "is_public_address"]
+
+#: Longest URL we accept; longer lines are garbage, not links.
+MAX_URL_LENGTH = 8192
+
+#: Resolves ``(host, port)`` to IP address strings; raises ``OSError`` when the name does not resolve.
+Resolver = Callable[[str, int], Iterable[str]]
+
+_SCHEMES = {"http": 80, "https": 443}
+#: Largest piece of decompressed output produced from one step of inflating.
+_DECODE_STEP = 64 * 1024
+#: Compressed bytes allowed per allowed decoded byte: stops a stream that inflates to nothing.
+_RAW_BYTES_FACTOR = 2
+#: Pool of one worker process, shared by its threads.
+_POOL_LIMITS = httpx.Limits(max_connections=100, max_keepalive_connections=20, keepalive_expiry=15.0)
+#: Where an IPv6-only network with DNS64 maps the IPv4 internet (RFC 6052).
+_NAT64_PREFIX = ipaddress.IPv6Network("64:ff9b::/96")
+
+
+@dataclass(frozen=True)
+class Download:
+    """A successful download."""
+
+    #: The body as served, after transfer and content decoding (gzip, chunked…).
+    content: bytes
+    content_type: str | None
+    #: The URL that answered, after redirects.
+    final_url: str
+
+
+def check_url(url: str) -> str:
+    """Return ``url`` stripped of surrounding whitespace if it is an absolute http(s) URL with a host.
+
+    Raises :class:`InvalidUrl` otherwise; this is pure policy, nothing is resolved or fetched.
+    """
+    url = url.strip()
+    if len(url) > MAX_URL_LENGTH:
+        raise InvalidUrl("url too long")
+    try:
+        parts = urlsplit(url)
+        if parts.scheme.lower() not in _SCHEMES:
+            raise InvalidUrl("not an http(s) url")
+        if not parts.hostname:
+            raise InvalidUrl("url has no host")
+        if any(char.isspace() for char in parts.hostname):
+            raise InvalidUrl("unparsable url")
+        parts.port  # noqa: B018 -- raises ValueError on a port that is not a number in range
+        httpx.URL(url)  # what will actually be sent must parse too (IDNA, control characters)
+    except (ValueError, httpx.InvalidURL):
+        raise InvalidUrl("unparsable url") from None
+    return url
+
+
+def is_public_address(address: str) -> bool:
+    """Whether ``address`` (an IP literal) is a public unicast address we may connect to.
+
+    Refused: loopback, private, shared (CGNAT), link-local, multicast, reserved, unspecified,
+    and the same hidden in IPv6 (IPv4-mapped ``::ffff:a.b.c.d``, NAT64 ``64:ff9b::/96``, 6to4).
+    """
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])  # drop an IPv6 zone id ("fe80::1%eth0")
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return _is_public(ip.ipv4_mapped)
+        if ip in _NAT64_PREFIX:
+            return _is_public(ipaddress.IPv4Address(int(ip) & 0xFFFF_FFFF))
+        if ip.sixtofour is not None and not _is_public(ip.sixtofour):
+            return False
+    return _is_public(ip)
+
+
+def _is_public(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    # ``is_global`` alone lets multicast (and, on older Pythons, some special ranges) through.
+    return ip.is_global and not (
+        ip.is_private
+        or ip.is_loopback
+        or ip.is_link_local
+        or ip.is_multicast
+        or ip.is_reserved
+        or ip.is_unspecified
+    )
+
+
+def _resolve(host: str, port: int) -> list[str]:
+    """Every address ``host`` resolves to, as the connection would see them."""
+    return [str(info[4][0]) for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)]
+
+
+def _user_agent() -> str:
+    try:
+        version = metadata.version("image-crawler")
+    except metadata.PackageNotFoundError:
+        version = "0"
+    return f"image-crawler/{version}"
+
+
+class Fetcher:
+    """Downloads URLs through one shared, thread-safe httpx client (keep-alive, bounded pool).
+
+    :param settings: ``fetch_timeout``, ``fetch_max_bytes``, ``fetch_max_redirects`` and
+        ``fetch_allow_private`` are used.
+    :param transport: an httpx transport to use instead of the network (tests).
+    :param resolver: how the address policy resolves host names (default: ``socket.getaddrinfo``).
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        transport: httpx.BaseTransport | None = None,
+        resolver: Resolver | None = None,
+    ) -> None:
+        self._settings = settings
+        self._resolve = resolver or _resolve
+        self._client = httpx.Client(
+            transport=transport,
+            limits=_POOL_LIMITS,
+            timeout=httpx.Timeout(settings.fetch_timeout),
+            headers={
+                "User-Agent": _user_agent(),
+                "Accept": "image/*,*/*;q=0.8",
+                # Only what _BodyDecoder can inflate in bounded steps.
+                "Accept-Encoding": "gzip, deflate",
+            },
+            follow_redirects=False,  # followed hop by hop in _send, see the module docstring
+            max_redirects=settings.fetch_max_redirects,
+            cookies=CookieJar(policy=DefaultCookiePolicy(allowed_domains=[])),  # accept none
+            trust_env=False,
+            event_hooks={"request": [self._check_destination]},
+        )
+
+    def fetch(self, url: str) -> Download:
+        """Download ``url``; raise a :class:`~image_crawler.errors.FetchError` subclass on any failure."""
+        url = check_url(url)
+        deadline = time.monotonic() + self._settings.fetch_timeout
+        try:
+            response = self._send(url, deadline)
+            try:
+                return self._read(response, deadline)
+            finally:
+                response.close()
+        except httpx.HTTPError as exc:
+            raise _fetch_error(exc) from exc
+        except httpx.InvalidURL as exc:  # not an HTTPError; e.g. a Location httpx cannot encode
+            raise InvalidUrl("unparsable url") from exc
+
+    def close(self) -> None:
+        """Close the pooled connections."""
+        self._client.close()
+
+    def __enter__(self) -> Fetcher:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def _send(self, url: str, deadline: float) -> httpx.Response:
+        """Send the request and follow redirects; the returned response is open, its body unread."""
+        request = self._client.build_request("GET", url)
+        for _ in range(self._settings.fetch_max_redirects + 1):
+            request.extensions["timeout"] = _time_left(deadline)
+            response = self._client.send(request, stream=True, follow_redirects=False)
+            if response.next_request is None:
+                return response
+            # Closing without reading drops the connection; a redirect body is not worth trusting.
+            response.close()
+            request = response.next_request
+        raise TooManyRedirects()
+
+    def _read(self, response: httpx.Response, deadline: float) -> Download:
+        """Read the body of a final response within the size and time limits."""
+        if not response.is_success:
+            raise HttpStatusError(response.status_code)
+        limit = self._settings.fetch_max_bytes
+        decoder = _BodyDecoder(response.headers.get("content-encoding", ""))
+        declared = _content_length(response)
+        if decoder.is_identity and declared is not None and declared > limit:
+            raise TooLarge()
+        if response.is_stream_consumed:  # an in-memory response (mock transport), decoded by httpx
+            decoder, chunks = _BodyDecoder(""), iter([response.content])
+        else:
+            chunks = response.iter_raw()
+        body = bytearray()
+        received = 0
+        for raw in chunks:
+            received += len(raw)
+            if received > _RAW_BYTES_FACTOR * limit:
+                raise TooLarge()
+            for piece in decoder.decode(raw):
+                body += piece
+                if len(body) > limit:
+                    raise TooLarge()
+            if time.monotonic() > deadline:
+                raise FetchTimeout()
+        return Download(bytes(body), response.headers.get("content-type"), str(response.url))
+
+    def _check_destination(self, request: httpx.Request) -> None:
+        """Request event hook: refuse a hop to a non-http(s) URL or, by default, a non-public host."""
+        if request.url.scheme not in _SCHEMES:
+            raise InvalidUrl("not an http(s) url")
+        if self._settings.fetch_allow_private:
+            return
+        host = request.url.raw_host.decode("ascii")
+        port = request.url.port or _SCHEMES[request.url.scheme]
+        try:
+            addresses = list(self._resolve(host, port))
+        except (OSError, UnicodeError):
+            raise ConnectionFailed("dns lookup failed") from None
+        if not addresses:
+            raise ConnectionFailed("dns lookup failed")
+        if not all(is_public_address(address) for address in addresses):
+            raise ForbiddenAddress("private address")
+
+
+def _time_left(deadline: float) -> dict[str, Any]:
+    """The request timeout extension for the rest of the budget; FetchTimeout when none is left."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise FetchTimeout()
+    return httpx.Timeout(left).as_dict()
+
+
+def _content_length(response: httpx.Response) -> int | None:
+    try:
+        return int(response.headers["content-length"])
+    except (KeyError, ValueError):
+        return None
+
+
+class _BodyDecoder:
+    """Undo a ``Content-Encoding`` in steps of at most ``_DECODE_STEP`` output bytes.
+
+    Bounded steps are what make the size limit hold against a gzip bomb: the caller counts (and
+    can stop) after every step, instead of after a whole network read was inflated at once.
+    """
+
+    def __init__(self, content_encoding: str) -> None:
+        encoding = content_encoding.strip().lower()
+        self.is_identity = encoding in ("", "identity")
+        self._decompressor: Any = None
+        if encoding in ("gzip", "x-gzip"):
+            self._decompressor = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        elif encoding != "deflate" and not self.is_identity:
+            raise FetchError("unsupported content encoding")
+
+    def decode(self, data: bytes) -> Iterator[bytes]:
+        """Yield the decoded bytes of ``data``, in pieces of bounded size."""
+        if self.is_identity:
+            yield data
+            return
+        if self._decompressor is None:
+            # "deflate" is meant to be zlib-wrapped (RFC 9110) but is often sent raw.
+            wbits = zlib.MAX_WBITS if _has_zlib_header(data) else -zlib.MAX_WBITS
+            self._decompressor = zlib.decompressobj(wbits)
+        try:
+            while True:
+                piece = self._decompressor.decompress(data, _DECODE_STEP)
+                if piece:
+                    yield piece
+                data = self._decompressor.unconsumed_tail
+                # A full step may leave output pending even when all input was consumed.
+                if not data and len(piece) < _DECODE_STEP:
+                    return
+        except zlib.error:
+            raise FetchError("bad content encoding") from None
+
+
+def _has_zlib_header(data: bytes) -> bool:
+    return len(data) >= 2 and data[0] & 0x0F == 8 and (data[0] << 8 | data[1]) % 31 == 0
+
+
+def _fetch_error(exc: httpx.HTTPError) -> FetchError:
+    """The typed error an httpx failure stands for; the precise reason comes from its causes."""
+    if isinstance(exc, httpx.TimeoutException):
+        return FetchTimeout()
+    if isinstance(exc, httpx.UnsupportedProtocol):
+        return InvalidUrl("not an http(s) url")
+    if isinstance(exc, httpx.TooManyRedirects):
+        return TooManyRedirects()
+    causes = list(_causes(exc))
+    if any(isinstance(cause, socket.gaierror) for cause in causes):
+        return ConnectionFailed("dns lookup failed")
+    if any(isinstance(cause, ssl.SSLCertVerificationError) for cause in causes):
+        return FetchError("tls certificate rejected")  # permanent: retrying will not fix a certificate
+    if any(isinstance(cause, ssl.SSLError) for cause in causes):
+        return ConnectionFailed("tls error")
+    if any(isinstance(cause, ConnectionRefusedError) for cause in causes):
+        return ConnectionFailed("connection refused")
+    if any(isinstance(cause, ConnectionResetError) for cause in causes):
+        return ConnectionFailed("connection reset")
+    if isinstance(exc, httpx.ProtocolError):
+        return ConnectionFailed("protocol error")
+    return ConnectionFailed("connection error")
+
+
+def _causes(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and the exceptions it was raised from or while handling (httpx → httpcore → OSError)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__

@@ -1,0 +1,171 @@
+"""MongoDB layout: the only module that knows collection and bucket names.
+
+* ``images``   — one document per distinct image, ``_id`` = MD5 hex of the downloaded bytes.
+* ``gray``     — GridFS bucket with the grayscale PNGs, file ``_id`` = the same MD5.
+* ``outcomes`` — the job ledger (see :mod:`image_crawler.outcomes`), ``_id`` = job id.
+
+The GridFS file is written before the ``images`` document, so a document always
+points at a complete PNG; the document insert is the commit point that decides
+which job stored an image first (success) and which found it already there (duplicate).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from functools import cache
+
+import gridfs
+import pymongo
+from bson import ObjectId
+from gridfs.errors import FileExists
+from pymongo.collection import Collection
+from pymongo.database import Database
+from pymongo.errors import DuplicateKeyError
+
+from .config import Settings
+from .errors import StoreBusy
+
+IMAGES = "images"
+OUTCOMES = "outcomes"
+GRAY_BUCKET = "gray"
+
+#: A writer finishes a GridFS file within seconds; chunks without a file document that are
+#: older than this were left by a worker that died mid-write and may be cleared.
+ORPHAN_CHUNK_AGE = dt.timedelta(seconds=120)
+
+
+def utcnow() -> dt.datetime:
+    """The current time, UTC, at MongoDB's millisecond precision."""
+    now = dt.datetime.now(dt.UTC)
+    return now.replace(microsecond=now.microsecond // 1000 * 1000)
+
+
+def connect(settings: Settings) -> Database:
+    """A database handle for ``MONGO_URI`` (one client, and so one pool, per call)."""
+    client: pymongo.MongoClient = pymongo.MongoClient(
+        settings.mongo_uri, tz_aware=True, serverSelectionTimeoutMS=10_000, appname="image-crawler"
+    )
+    return client[settings.mongo_database]
+
+
+@cache
+def _connect_once(settings: Settings) -> Database:
+    return connect(settings)
+
+
+def get_database(settings: Settings) -> Database:
+    """The process-wide database handle for these settings."""
+    return _connect_once(settings)
+
+
+def images(db: Database) -> Collection:
+    """The ``images`` collection."""
+    return db[IMAGES]
+
+
+def outcomes(db: Database) -> Collection:
+    """The ``outcomes`` collection (the job ledger)."""
+    return db[OUTCOMES]
+
+
+def gray_files(db: Database) -> gridfs.GridFS:
+    """The GridFS bucket holding grayscale PNGs."""
+    return gridfs.GridFS(db, collection=GRAY_BUCKET)
+
+
+def ensure_indexes(db: Database) -> None:
+    """Create every index the pipeline and the web app rely on; safe to call any number of times."""
+    images(db).create_index([("inserted_at", pymongo.DESCENDING)], name="inserted_at")
+    ledger = outcomes(db)
+    ledger.create_index([("run", pymongo.ASCENDING), ("outcome", pymongo.ASCENDING)], name="run_outcome")
+    ledger.create_index([("minute", pymongo.ASCENDING)], name="minute")
+    ledger.create_index([("outcome", pymongo.ASCENDING), ("ended_at", pymongo.DESCENDING)], name="outcome_ended")
+    # GridFS creates these lazily on the first write of an empty bucket; racing writers need the
+    # unique chunk index to exist before either starts, so it is made here.
+    db[f"{GRAY_BUCKET}.chunks"].create_index(
+        [("files_id", pymongo.ASCENDING), ("n", pymongo.ASCENDING)], unique=True, name="files_id_1_n_1"
+    )
+    db[f"{GRAY_BUCKET}.files"].create_index(
+        [("filename", pymongo.ASCENDING), ("uploadDate", pymongo.ASCENDING)], name="filename_1_uploadDate_1"
+    )
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """What is stored about one distinct image besides its PNG."""
+
+    md5: str
+    width: int
+    height: int
+    source_url: str
+    content_type: str | None
+    byte_size: int
+
+
+def has_image(db: Database, md5: str) -> bool:
+    """Whether an image with this MD5 is stored (document and PNG)."""
+    return images(db).count_documents({"_id": md5}, limit=1) > 0
+
+
+def store_gray_png(db: Database, md5: str, png: bytes) -> None:
+    """Write the grayscale PNG to GridFS under ``_id = md5`` unless it is already complete there.
+
+    Raises :class:`StoreBusy` while another worker is writing the same file.
+    """
+    files = gray_files(db)
+    if files.exists(md5):
+        return
+    try:
+        files.put(png, _id=md5, filename=f"{md5}.png", contentType="image/png")
+        return
+    except FileExists:
+        if files.exists(md5):
+            return
+    # Chunks but no file document: someone is writing it now, or died while writing it.
+    if not _clear_orphan_chunks(db, md5):
+        raise StoreBusy("grayscale file being written by another worker")
+    files.put(png, _id=md5, filename=f"{md5}.png", contentType="image/png")
+
+
+def _clear_orphan_chunks(db: Database, md5: str) -> bool:
+    chunks = db[f"{GRAY_BUCKET}.chunks"]
+    newest = chunks.find_one({"files_id": md5}, projection={"_id": 1}, sort=[("_id", pymongo.DESCENDING)])
+    if newest is None:
+        return True
+    chunk_id = newest["_id"]
+    if isinstance(chunk_id, ObjectId) and utcnow() - chunk_id.generation_time < ORPHAN_CHUNK_AGE:
+        return False
+    chunks.delete_many({"files_id": md5})
+    return True
+
+
+def store_image(db: Database, record: ImageRecord, png: bytes | None, *, job_id: str) -> bool:
+    """Store an image once; True when this job stored it, False when it was already there.
+
+    ``png`` may be None only when the image is already stored. A retry or redelivery of the
+    job that first stored the image still answers True.
+    """
+    existing = images(db).find_one({"_id": record.md5}, projection={"job": 1})
+    if existing is not None:
+        return existing.get("job") == job_id
+    if png is None:
+        raise ValueError("the PNG is needed to store a new image")
+    store_gray_png(db, record.md5, png)
+    document = {
+        "_id": record.md5,
+        "width": record.width,
+        "height": record.height,
+        "inserted_at": utcnow(),
+        "source_url": record.source_url,
+        "content_type": record.content_type,
+        "byte_size": record.byte_size,
+        "gray_size": len(png),
+        "job": job_id,
+    }
+    try:
+        images(db).insert_one(document)
+    except DuplicateKeyError:
+        winner = images(db).find_one({"_id": record.md5}, projection={"job": 1})
+        return winner is not None and winner.get("job") == job_id
+    return True

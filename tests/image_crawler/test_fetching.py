@@ -1,0 +1,496 @@
+"""Downloading: limits, typed errors and the private-address policy (DESIGN §4)."""
+
+from __future__ import annotations
+
+import socket
+import time
+import tracemalloc
+import zlib
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+
+import httpx
+import pytest
+
+from image_crawler.config import Settings
+from image_crawler.errors import (
+    ConnectionFailed,
+    CrawlError,
+    FetchError,
+    FetchTimeout,
+    ForbiddenAddress,
+    HttpStatusError,
+    InvalidUrl,
+    TooLarge,
+    TooManyRedirects,
+)
+from image_crawler.fetching import MAX_URL_LENGTH, Download, Fetcher, check_url, is_public_address
+from support.http_server import LocalHttpServer, Response
+
+MB = 1024 * 1024
+LOCAL = Settings(fetch_timeout=5.0, fetch_max_bytes=1 * MB, fetch_max_redirects=3, fetch_allow_private=True)
+
+MakeFetcher = Callable[..., Fetcher]
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[LocalHttpServer]:
+    with LocalHttpServer() as server:
+        yield server
+
+
+@pytest.fixture
+def make_fetcher() -> Iterator[MakeFetcher]:
+    """Fetchers from LOCAL settings with some fields replaced; closed after the test."""
+    fetchers: list[Fetcher] = []
+
+    def make(transport: httpx.BaseTransport | None = None, resolver=None, **overrides: object) -> Fetcher:
+        fetcher = Fetcher(replace(LOCAL, **overrides), transport=transport, resolver=resolver)
+        fetchers.append(fetcher)
+        return fetcher
+
+    yield make
+    for fetcher in fetchers:
+        fetcher.close()
+
+
+def raises_from(fetcher: Fetcher, url: str) -> CrawlError:
+    with pytest.raises(CrawlError) as caught:
+        fetcher.fetch(url)
+    return caught.value
+
+
+# --- answers ----------------------------------------------------------------------------
+
+
+def test_ok_response_returns_body_and_content_type(server: LocalHttpServer, make_fetcher: MakeFetcher):
+    server.add("/ok.png", body=b"\x89PNG fake", content_type="image/png")
+
+    download = make_fetcher().fetch(server.url("/ok.png"))
+
+    assert download == Download(b"\x89PNG fake", "image/png", server.url("/ok.png"))
+
+
+def test_empty_body_is_a_download_not_an_error(server: LocalHttpServer, make_fetcher: MakeFetcher):
+    server.add("/empty", body=b"", content_type=None)
+
+    download = make_fetcher().fetch(server.url("/empty"))
+
+    assert download.content == b""
+    assert download.content_type is None
+
+
+@pytest.mark.parametrize("status", [400, 403, 404, 410])
+def test_client_errors_are_final(server: LocalHttpServer, make_fetcher: MakeFetcher, status: int):
+    server.add(f"/status/{status}", body=b"invalid size", status=status, content_type="text/plain")
+
+    error = raises_from(make_fetcher(), server.url(f"/status/{status}"))
+
+    assert isinstance(error, HttpStatusError)
+    assert (error.status, error.reason, error.transient) == (status, f"http {status}", False)
+
+
+@pytest.mark.parametrize("status", [408, 429, 500, 503])
+def test_server_errors_and_throttling_are_transient(
+    server: LocalHttpServer, make_fetcher: MakeFetcher, status: int
+):
+    server.add(f"/status/{status}", status=status)
+
+    error = raises_from(make_fetcher(), server.url(f"/status/{status}"))
+
+    assert isinstance(error, HttpStatusError)
+    assert error.transient
+
+
+def test_fetcher_does_not_retry_by_itself(server: LocalHttpServer, make_fetcher: MakeFetcher):
+    server.add_sequence("/flaky.png", [Response(status=503), Response(body=b"image")])
+    fetcher = make_fetcher()
+
+    first = raises_from(fetcher, server.url("/flaky.png"))
+    second = fetcher.fetch(server.url("/flaky.png"))
+
+    assert isinstance(first, HttpStatusError) and first.transient
+    assert second.content == b"image"
+    assert server.hits("/flaky.png") == 2
+
+
+# --- time -------------------------------------------------------------------------------
+
+
+def test_hanging_server_times_out(server: LocalHttpServer, make_fetcher: MakeFetcher):
+    server.add("/hang", body=b"late", delay=10)
+
+    started = time.monotonic()
+    error = raises_from(make_fetcher(fetch_timeout=0.5), server.url("/hang"))
+
+    assert isinstance(error, FetchTimeout)
+    assert (error.reason, error.transient) == ("timeout", True)
+    assert time.monotonic() - started < 2
+
+
+def test_slow_drip_is_cut_off_at_the_total_budget(server: LocalHttpServer, make_fetcher: MakeFetcher):
+    server.add("/drip", body=b"x" * 100, drip=0.5)
+
+    started = time.monotonic()
+    error = raises_from(make_fetcher(fetch_timeout=2), server.url("/drip"))
+    elapsed = time.monotonic() - started
+
+    assert isinstance(error, FetchTimeout)
+    assert 1.9 <= elapsed < 3.0
+
+
+# --- redirects --------------------------------------------------------------------------
+
+
+def test_redirect_chain_within_the_limit_is_followed(server: LocalHttpServer, make_fetcher: MakeFetcher):
+    server.add_redirect("/hop/1", server.url("/hop/2"), status=301)
+    server.add_redirect("/hop/2", "/hop/3", status=307)  # relative Location
+    server.add_redirect("/hop/3", server.url("/hop/end?x=1"))
+    server.add("/hop/end", body=b"arrived", content_type="image/gif")
+
+    download = make_fetcher(fetch_max_redirects=3).fetch(server.url("/hop/1"))
+
+    assert download == Download(b"arrived", "image/gif", server.url("/hop/end?x=1"))
+
+
+def test_more_redirects_than_allowed_fail(server: LocalHttpServer, make_fetcher: MakeFetcher):
+    server.add_redirect("/far/1", "/far/2")
+    server.add_redirect("/far/2", "/far/3")
+    server.add("/far/3", body=b"too far")
+
+    error = raises_from(make_fetcher(fetch_max_redirects=1), server.url("/far/1"))
+
+    assert isinstance(error, TooManyRedirects)
+    assert (error.reason, error.transient) == ("too many redirects", False)
+    assert server.hits("/far/3") == 0
+
+
+def test_no_redirect_allowed_means_the_first_one_fails(server: LocalHttpServer, make_fetcher: MakeFetcher):
+    server.add_redirect("/once", "/landing")
+    server.add("/landing", body=b"landed")
+
+    assert isinstance(raises_from(make_fetcher(fetch_max_redirects=0), server.url("/once")), TooManyRedirects)
+
+
+def test_endless_redirect_loop_fails(server: LocalHttpServer, make_fetcher: MakeFetcher):
+    server.add_redirect("/loop", "/loop")
+
+    error = raises_from(make_fetcher(fetch_max_redirects=5), server.url("/loop"))
+
+    assert isinstance(error, TooManyRedirects)
+    assert server.hits("/loop") == 6
+
+
+# --- size -------------------------------------------------------------------------------
+
+
+def test_body_at_the_limit_is_accepted(server: LocalHttpServer, make_fetcher: MakeFetcher):
+    server.add("/exact", body=b"a" * MB, chunked=True)
+
+    assert len(make_fetcher(fetch_max_bytes=MB).fetch(server.url("/exact")).content) == MB
+
+
+def test_declared_length_over_the_limit_is_refused(server: LocalHttpServer, make_fetcher: MakeFetcher):
+    server.add("/big", body=b"a" * (MB + 1))
+
+    error = raises_from(make_fetcher(fetch_max_bytes=MB), server.url("/big"))
+
+    assert isinstance(error, TooLarge)
+    assert (error.reason, error.transient) == ("too large", False)
+
+
+def test_streamed_body_over_the_limit_is_aborted(server: LocalHttpServer, make_fetcher: MakeFetcher):
+    server.add("/big-chunked", body=b"a" * (8 * MB), chunked=True)
+
+    assert isinstance(raises_from(make_fetcher(fetch_max_bytes=MB), server.url("/big-chunked")), TooLarge)
+
+
+def test_gzip_body_is_decoded(server: LocalHttpServer, make_fetcher: MakeFetcher):
+    server.add("/small.gz", body=b"pixels " * 1000, content_type="image/x-portable-pixmap", gzip=True)
+
+    download = make_fetcher().fetch(server.url("/small.gz"))
+
+    assert download.content == b"pixels " * 1000
+    assert download.content_type == "image/x-portable-pixmap"
+
+
+@pytest.mark.parametrize("wbits", [zlib.MAX_WBITS, -zlib.MAX_WBITS], ids=["zlib", "raw"])
+def test_deflate_body_is_decoded_wrapped_or_raw(server: LocalHttpServer, make_fetcher: MakeFetcher, wbits):
+    compressor = zlib.compressobj(wbits=wbits)
+    body = compressor.compress(b"deflated " * 500) + compressor.flush()
+    server.add(f"/deflate/{wbits}", body=body, headers={"Content-Encoding": "deflate"})
+
+    assert make_fetcher().fetch(server.url(f"/deflate/{wbits}")).content == b"deflated " * 500
+
+
+def test_gzip_bomb_is_aborted_without_inflating_it(server: LocalHttpServer, make_fetcher: MakeFetcher):
+    server.add("/bomb.gz", body=bytes(50 * MB), gzip=True)  # about 50 kB on the wire
+    fetcher = make_fetcher(fetch_max_bytes=MB)
+
+    tracemalloc.start()
+    try:
+        error = raises_from(fetcher, server.url("/bomb.gz"))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+
+    assert isinstance(error, TooLarge)
+    assert peak < 8 * MB
+
+
+def test_corrupt_gzip_is_a_final_error(server: LocalHttpServer, make_fetcher: MakeFetcher):
+    server.add("/corrupt.gz", body=b"this is not gzip", headers={"Content-Encoding": "gzip"})
+
+    error = raises_from(make_fetcher(), server.url("/corrupt.gz"))
+
+    assert type(error) is FetchError
+    assert (error.reason, error.transient) == ("bad content encoding", False)
+
+
+def test_encoding_we_did_not_ask_for_is_a_final_error(server: LocalHttpServer, make_fetcher: MakeFetcher):
+    server.add("/brotli", body=b"\x1b\x03", headers={"Content-Encoding": "br"})
+
+    error = raises_from(make_fetcher(), server.url("/brotli"))
+
+    assert (error.reason, error.transient) == ("unsupported content encoding", False)
+
+
+# --- connections ------------------------------------------------------------------------
+
+
+def test_connection_refused_is_transient(make_fetcher: MakeFetcher):
+    with socket.socket() as probe:  # a port nothing listens on once the probe is closed
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+
+    error = raises_from(make_fetcher(), f"http://127.0.0.1:{port}/image.png")
+
+    assert isinstance(error, ConnectionFailed)
+    assert (error.reason, error.transient) == ("connection refused", True)
+
+
+def test_connection_dropped_without_answer_is_transient(server: LocalHttpServer, make_fetcher: MakeFetcher):
+    server.add("/drop", abort=True)
+
+    error = raises_from(make_fetcher(), server.url("/drop"))
+
+    assert isinstance(error, ConnectionFailed)
+    assert error.transient
+
+
+def test_one_fetcher_serves_many_threads(server: LocalHttpServer, make_fetcher: MakeFetcher):
+    for index in range(20):
+        server.add(f"/many/{index}.png", body=bytes([index]) * 10_000, content_type="image/png")
+    fetcher = make_fetcher()
+
+    def fetch(n: int) -> bytes:
+        return fetcher.fetch(server.url(f"/many/{n % 20}.png?n={n}")).content
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        bodies = list(pool.map(fetch, range(200)))
+
+    assert all(body == bytes([n % 20]) * 10_000 for n, body in enumerate(bodies))
+    assert sum(server.hits(f"/many/{index}.png") for index in range(20)) == 200
+
+
+def test_requests_identify_the_crawler(make_fetcher: MakeFetcher):
+    seen: list[httpx.Request] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, content=b"x")
+
+    make_fetcher(transport=httpx.MockTransport(answer)).fetch("http://images.example/a.png")
+
+    assert seen[0].headers["user-agent"].startswith("image-crawler/")
+    assert seen[0].headers["accept-encoding"] == "gzip, deflate"
+
+
+# --- private addresses ------------------------------------------------------------------
+
+
+def test_loopback_is_refused_by_default(server: LocalHttpServer, make_fetcher: MakeFetcher):
+    server.add("/secret", body=b"admin panel")
+
+    for url in (server.url("/secret"), f"http://localhost:{server.port}/secret"):
+        error = raises_from(make_fetcher(fetch_allow_private=False), url)
+        assert isinstance(error, ForbiddenAddress)
+        assert (error.reason, error.transient) == ("private address", False)
+    assert server.hits("/secret") == 0
+
+
+def test_loopback_is_allowed_when_private_addresses_are(server: LocalHttpServer, make_fetcher: MakeFetcher):
+    server.add("/internal.png", body=b"ok")
+
+    assert make_fetcher(fetch_allow_private=True).fetch(server.url("/internal.png")).content == b"ok"
+
+
+FAKE_DNS = {
+    "images.example": ["93.184.216.34", "2606:2800:220:1:248:1893:25c8:1946"],
+    "internal.example": ["192.168.1.5"],
+    "half.example": ["93.184.216.34", "10.0.0.1"],
+}
+
+
+def fake_resolver(host: str, port: int) -> list[str]:
+    """FAKE_DNS for names, the literal itself for IP addresses, NXDOMAIN otherwise."""
+    if host in FAKE_DNS:
+        return FAKE_DNS[host]
+    try:
+        return [info[4][0] for info in socket.getaddrinfo(host, port, flags=socket.AI_NUMERICHOST)]
+    except socket.gaierror:
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known") from None
+
+
+class FakeInternet:
+    """A MockTransport app: images.example redirects to ?to=…, everything else answers 200."""
+
+    def __init__(self) -> None:
+        self.requested: list[str] = []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.requested.append(str(request.url))
+        if request.url.host == "images.example" and "to" in request.url.params:
+            return httpx.Response(302, headers={"Location": request.url.params["to"]})
+        return httpx.Response(200, content=b"public image", headers={"Content-Type": "image/png"})
+
+
+def test_public_host_is_allowed(make_fetcher: MakeFetcher):
+    fetcher = make_fetcher(
+        transport=httpx.MockTransport(FakeInternet()), resolver=fake_resolver, fetch_allow_private=False
+    )
+
+    assert fetcher.fetch("https://images.example/a.png").content == b"public image"
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "http://169.254.169.254/latest/meta-data/",
+        "http://[::1]/",
+        "http://[::ffff:127.0.0.1]/",
+        "http://10.0.0.7/",
+        "http://internal.example/",
+        "http://half.example/",
+        "http://2130706433/",  # 127.0.0.1 as one decimal number
+    ],
+)
+def test_redirect_from_a_public_host_to_a_private_address_is_refused(make_fetcher: MakeFetcher, target: str):
+    internet = FakeInternet()
+    fetcher = make_fetcher(
+        transport=httpx.MockTransport(internet), resolver=fake_resolver, fetch_allow_private=False
+    )
+
+    error = raises_from(fetcher, str(httpx.URL("https://images.example/a.png", params={"to": target})))
+
+    assert isinstance(error, ForbiddenAddress)
+    assert len(internet.requested) == 1  # the private hop was never sent
+
+
+def test_redirect_to_another_scheme_is_refused(make_fetcher: MakeFetcher):
+    fetcher = make_fetcher(transport=httpx.MockTransport(FakeInternet()))
+
+    error = raises_from(fetcher, "http://images.example/a.png?to=ftp://images.example/a.png")
+
+    assert isinstance(error, InvalidUrl)
+    assert error.reason == "not an http(s) url"
+
+
+def test_unresolvable_host_is_a_transient_connection_failure(make_fetcher: MakeFetcher):
+    fetcher = make_fetcher(
+        transport=httpx.MockTransport(FakeInternet()), resolver=fake_resolver, fetch_allow_private=False
+    )
+
+    error = raises_from(fetcher, "http://no-such-host.example/a.png")
+
+    assert isinstance(error, ConnectionFailed)
+    assert (error.reason, error.transient) == ("dns lookup failed", True)
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "127.0.0.1",
+        "127.1.2.3",
+        "::1",
+        "::ffff:127.0.0.1",
+        "::ffff:10.0.0.1",
+        "10.1.2.3",
+        "172.16.0.1",
+        "172.31.255.255",
+        "192.168.0.1",
+        "100.64.0.1",
+        "169.254.169.254",
+        "0.0.0.0",
+        "::",
+        "224.0.0.1",
+        "239.255.255.250",
+        "255.255.255.255",
+        "240.0.0.1",
+        "fc00::1",
+        "fd12:3456::1",
+        "fe80::1",
+        "fe80::1%eth0",
+        "ff02::1",
+        "64:ff9b::a00:1",  # NAT64 of 10.0.0.1
+        "2002:7f00:1::",  # 6to4 of 127.0.0.1
+        "not an address",
+    ],
+)
+def test_non_public_addresses_are_refused(address: str):
+    assert not is_public_address(address)
+
+
+@pytest.mark.parametrize(
+    "address",
+    ["8.8.8.8", "93.184.216.34", "172.32.0.1", "2001:4860:4860::8888", "::ffff:8.8.8.8", "64:ff9b::808:808"],
+)
+def test_public_addresses_are_allowed(address: str):
+    assert is_public_address(address)
+
+
+# --- URL policy -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("line", "reason"),
+    [
+        ("ftp://example.com/a.png", "not an http(s) url"),
+        ("javascript:alert(1)", "not an http(s) url"),
+        ("file:///etc/passwd", "not an http(s) url"),
+        ("/relative/a.png", "not an http(s) url"),
+        ("example.com/a.png", "not an http(s) url"),
+        ("//example.com/a.png", "not an http(s) url"),
+        ("", "not an http(s) url"),
+        ("http://", "url has no host"),
+        ("http:///a.png", "url has no host"),
+        ("http://example.com:99999/a.png", "unparsable url"),
+        ("http://[::1/a.png", "unparsable url"),
+        ("http://exa mple.com/a.png", "unparsable url"),
+        ("http://example.com/" + "a" * 100_000, "url too long"),
+    ],
+)
+def test_check_url_rejects(line: str, reason: str):
+    with pytest.raises(InvalidUrl) as caught:
+        check_url(line)
+    assert caught.value.reason == reason
+    assert not caught.value.transient
+
+
+def test_check_url_strips_whitespace_and_keeps_the_url():
+    assert check_url("  \thttps://Example.com/a%20b.png?x=1 \r\n") == "https://Example.com/a%20b.png?x=1"
+
+
+def test_check_url_accepts_the_longest_allowed_url():
+    url = "http://example.com/" + "a" * (MAX_URL_LENGTH - len("http://example.com/"))
+    assert check_url(url) == url
+
+
+def test_fetch_refuses_an_invalid_url_without_sending_anything(make_fetcher: MakeFetcher):
+    internet = FakeInternet()
+
+    error = raises_from(make_fetcher(transport=httpx.MockTransport(internet)), "javascript:alert(1)")
+
+    assert isinstance(error, InvalidUrl)
+    assert internet.requested == []

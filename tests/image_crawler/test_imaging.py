@@ -1,0 +1,425 @@
+"""What an image becomes (DESIGN §3): exact gray, every Pillow mode, typed errors for bad bytes."""
+
+from __future__ import annotations
+
+import io
+import struct
+import time
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image, features
+from support.images import decode_png, encode, photo
+
+from image_crawler.errors import ImageError, NotAnImage, TooManyPixels, TruncatedImage
+from image_crawler.imaging import GrayImage, to_grayscale
+
+MAX_PIXELS = 50_000_000
+
+
+def gray_of(data: bytes, **kwargs) -> tuple[str, np.ndarray]:
+    """Mode and pixels of the PNG that ``to_grayscale`` makes of ``data``."""
+    return decode_png(to_grayscale(data, max_pixels=kwargs.pop("max_pixels", MAX_PIXELS), **kwargs).png)
+
+
+def floor_mean(rgb: np.ndarray) -> np.ndarray:
+    """floor((R + G + B) / 3) in integers wide enough not to overflow: the definition itself."""
+    return (rgb[..., :3].astype(np.uint16).sum(axis=-1) // 3).astype(np.uint8)
+
+
+def decoded_rgb(data: bytes) -> np.ndarray:
+    """The RGB Pillow decodes from ``data``: the reference for lossy or non-RGB sources."""
+    with Image.open(io.BytesIO(data)) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def from_array(values: np.ndarray, mode: str) -> Image.Image:
+    """An image of ``mode`` holding exactly ``values`` (for modes numpy cannot name)."""
+    height, width = values.shape[:2]
+    return Image.frombytes(mode, (width, height), values.tobytes())
+
+
+def png_chunk(kind: bytes, payload: bytes) -> bytes:
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+
+def black_bilevel_png(width: int, height: int, *, rows: int | None = None) -> bytes:
+    """A valid all-black 1-bit PNG, built in milliseconds however large it claims to be.
+
+    Deflate forgets its history at a full flush, so each further block of identical rows
+    compresses to the very same bytes: compress one block, repeat it. ``rows`` stops the
+    pixel data early (a truncated file) while the header keeps the full size.
+    """
+    row = bytes(1 + (width + 7) // 8)  # filter byte 0, then 0-bits: black
+    per_block = next(n for n in (1000, 100, 10, 1) if height % n == 0)
+    block = row * per_block
+    compressor = zlib.compressobj(9, zlib.DEFLATED, -15)
+    deflated = compressor.compress(block) + compressor.flush(zlib.Z_FULL_FLUSH)
+    blocks = height // per_block if rows is None else rows // per_block
+    checksum = 1
+    for _ in range(blocks):
+        checksum = zlib.adler32(block, checksum)
+    stream = b"\x78\xda" + deflated * blocks
+    if rows is None:
+        stream += compressor.flush() + struct.pack(">I", checksum)
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + png_chunk(b"IHDR", header)
+        + png_chunk(b"IDAT", stream)
+        + (png_chunk(b"IEND", b"") if rows is None else b"")
+    )
+
+
+# --- the formula ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("width", "height"), [(1, 1), (3, 7), (101, 67), (640, 480), (1023, 17)])
+def test_gray_is_the_floor_of_the_mean_of_rgb(width: int, height: int) -> None:
+    rgb = np.random.default_rng(width * height).integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+    mode, gray = gray_of(encode(Image.fromarray(rgb), "PNG"))
+    assert mode == "L"
+    np.testing.assert_array_equal(gray, floor_mean(rgb))
+
+
+def test_gray_is_exact_for_all_16_million_rgb_triples() -> None:
+    # Every (R, G, B) once, as a 4096x4096 image: the matrix conversion the module relies
+    # on is float arithmetic, so only an exhaustive check proves it equals the floor.
+    codes = np.arange(1 << 24, dtype=np.uint32)
+    rgb = np.stack([codes >> 16, (codes >> 8) & 0xFF, codes & 0xFF], axis=-1).astype(np.uint8)
+    rgb = rgb.reshape(4096, 4096, 3)
+    bmp = encode(Image.fromarray(rgb), "BMP")  # uncompressed: quick to write and to read
+    mode, gray = gray_of(bmp, compress_level=1)
+    assert mode == "L"
+    np.testing.assert_array_equal(gray, floor_mean(rgb))
+
+
+def test_gray_is_the_mean_not_luma() -> None:
+    # ITU-R 601 luma (Pillow's plain convert("L")) would give 76, 150 and 29.
+    rgb = np.array([[[255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 254]]], dtype=np.uint8)
+    assert gray_of(encode(Image.fromarray(rgb), "PNG"))[1].tolist() == [[85, 85, 85, 254]]
+
+
+# --- every mode -------------------------------------------------------------------------
+
+
+def test_l_stays_as_is() -> None:
+    values = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    mode, gray = gray_of(encode(Image.fromarray(values), "PNG"))
+    assert mode == "L"
+    np.testing.assert_array_equal(gray, values)
+
+
+def test_bilevel_becomes_black_and_white() -> None:
+    image = Image.new("1", (3, 1))
+    image.putpixel((1, 0), 1)
+    assert gray_of(encode(image, "PNG")) [1].tolist() == [[0, 255, 0]]
+
+
+def test_rgba_keeps_alpha_as_la() -> None:
+    image = photo(37, 23, seed=1, mode="RGBA")
+    mode, gray = gray_of(encode(image, "PNG"))
+    assert mode == "LA"
+    rgba = np.asarray(image)
+    np.testing.assert_array_equal(gray[..., 0], floor_mean(rgba))
+    np.testing.assert_array_equal(gray[..., 1], rgba[..., 3])
+
+
+def test_la_is_kept_as_is() -> None:
+    values = np.random.default_rng(2).integers(0, 256, size=(9, 11, 2), dtype=np.uint8)
+    mode, gray = gray_of(encode(from_array(values, "LA"), "PNG"))
+    assert mode == "LA"
+    np.testing.assert_array_equal(gray, values)
+
+
+def test_palette_without_transparency_becomes_l() -> None:
+    image = photo(40, 30, seed=3).quantize(64)
+    mode, gray = gray_of(encode(image, "PNG"))
+    assert mode == "L"
+    np.testing.assert_array_equal(gray, floor_mean(np.asarray(image.convert("RGB"))))
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "GIF"])
+def test_palette_with_transparency_keeps_alpha_as_la(fmt: str) -> None:
+    image = Image.new("P", (4, 1))
+    image.putpalette([30, 60, 91, 200, 100, 0, 255, 255, 255])
+    for x, index in enumerate([0, 1, 2, 1]):
+        image.putpixel((x, 0), index)
+    mode, gray = gray_of(encode(image, fmt, transparency=1))
+    assert mode == "LA"
+    assert gray[0].tolist() == [[60, 255], [100, 0], [255, 255], [100, 0]]
+
+
+def test_rgb_with_transparency_key_keeps_alpha_as_la() -> None:
+    rgb = np.array([[[1, 2, 3], [40, 50, 61], [1, 2, 3]]], dtype=np.uint8)
+    mode, gray = gray_of(encode(Image.fromarray(rgb), "PNG", transparency=(1, 2, 3)))
+    assert mode == "LA"
+    assert gray[0].tolist() == [[2, 0], [50, 255], [2, 0]]
+
+
+def test_l_with_transparency_key_keeps_alpha_as_la() -> None:
+    values = np.array([[7, 8, 7, 200]], dtype=np.uint8)
+    mode, gray = gray_of(encode(Image.fromarray(values), "PNG", transparency=7))
+    assert mode == "LA"
+    assert gray[0].tolist() == [[7, 0], [8, 255], [7, 0], [200, 255]]
+
+
+@pytest.mark.parametrize(
+    ("mode", "fmt"),
+    [("CMYK", "JPEG"), ("CMYK", "TIFF"), ("YCbCr", "TIFF"), ("LAB", "TIFF")],
+)
+def test_other_colour_spaces_go_through_rgb(mode: str, fmt: str) -> None:
+    data = encode(photo(33, 21, seed=4).convert(mode), fmt)
+    with Image.open(io.BytesIO(data)) as image:
+        assert image.mode == mode  # the test exercises the mode it names
+    out_mode, gray = gray_of(data)
+    assert out_mode == "L"
+    np.testing.assert_array_equal(gray, floor_mean(decoded_rgb(data)))
+
+
+def test_jpeg_photo_is_exact_against_its_decoded_rgb() -> None:
+    data = encode(photo(129, 65, seed=5), "JPEG", quality=90)
+    np.testing.assert_array_equal(gray_of(data)[1], floor_mean(decoded_rgb(data)))
+
+
+SIXTEEN_BIT = np.array([[0, 255, 256, 30000, 65535]], dtype=np.uint16)
+SIXTEEN_BIT_AS_8 = [[0, 0, 1, 117, 255]]  # v >> 8: scaled, not clipped to white
+
+
+def test_16_bit_png_is_scaled_not_clipped() -> None:
+    data = encode(from_array(SIXTEEN_BIT.astype("<u2"), "I;16"), "PNG")
+    mode, gray = gray_of(data)
+    assert mode == "L"
+    assert gray.tolist() == SIXTEEN_BIT_AS_8
+
+
+@pytest.mark.parametrize(("mode", "dtype"), [("I;16", "<u2"), ("I;16B", ">u2")])
+def test_16_bit_tiff_of_either_byte_order_is_scaled(mode: str, dtype: str) -> None:
+    data = encode(from_array(SIXTEEN_BIT.astype(dtype), mode), "TIFF")
+    with Image.open(io.BytesIO(data)) as image:
+        assert image.mode == mode
+    assert gray_of(data)[1].tolist() == SIXTEEN_BIT_AS_8
+
+
+def test_16_bit_with_transparency_key_keeps_alpha_as_la() -> None:
+    data = encode(from_array(SIXTEEN_BIT.astype("<u2"), "I;16"), "PNG", transparency=30000)
+    mode, gray = gray_of(data)
+    assert mode == "LA"
+    assert gray[0].tolist() == [[0, 255], [0, 255], [1, 255], [117, 0], [255, 255]]
+
+
+def test_32_bit_integer_is_scaled_then_clipped() -> None:
+    values = np.array([[-5, 0, 256, 30000, 65535, 70000]], dtype="<i4")
+    data = encode(from_array(values, "I"), "TIFF")
+    assert gray_of(data)[1].tolist() == [[0, 0, 1, 117, 255, 255]]
+
+
+def test_float_is_clipped_to_the_8_bit_range() -> None:
+    values = np.array([[-5.0, 0.5, 1.99, 117.0, 254.6, 300.0]], dtype="<f4")
+    data = encode(from_array(values, "F"), "TIFF")
+    assert gray_of(data)[1].tolist() == [[0, 0, 1, 117, 254, 255]]
+
+
+# --- animations and orientation ---------------------------------------------------------
+
+FRAME_COLOURS = [(255, 0, 0), (0, 0, 255), (0, 255, 0)]
+
+
+def animation(fmt: str, **params) -> bytes:
+    frames = [Image.new("RGB", (6, 4), colour) for colour in FRAME_COLOURS]
+    data = encode(frames[0], fmt, save_all=True, append_images=frames[1:], duration=100, **params)
+    with Image.open(io.BytesIO(data)) as image:
+        assert image.n_frames == len(frames)
+    return data
+
+
+@pytest.mark.parametrize(
+    ("fmt", "params"),
+    [
+        ("GIF", {}),
+        ("PNG", {}),  # APNG
+        pytest.param(
+            "WEBP",
+            {"lossless": True},
+            marks=pytest.mark.skipif(not features.check("webp"), reason="Pillow built without WebP"),
+        ),
+    ],
+)
+def test_animation_keeps_its_first_frame(fmt: str, params: dict) -> None:
+    to_gray = to_grayscale(animation(fmt, **params), max_pixels=MAX_PIXELS)
+    assert (to_gray.width, to_gray.height) == (6, 4)
+    _, gray = decode_png(to_gray.png)
+    assert (gray[..., 0] if gray.ndim == 3 else gray).tolist() == [[85] * 6] * 4  # red: 255 // 3
+
+
+def exif_jpeg(orientation: int) -> tuple[bytes, np.ndarray]:
+    """A 48x16 JPEG stored sideways with EXIF ``orientation``, and its stored RGB."""
+    stored = photo(48, 16, seed=6)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = encode(stored, "JPEG", quality=95, exif=exif.tobytes())
+    return data, decoded_rgb(data)
+
+
+@pytest.mark.parametrize(("orientation", "quarter_turns"), [(6, -1), (8, 1)])
+def test_exif_orientation_makes_the_image_upright(orientation: int, quarter_turns: int) -> None:
+    # Orientation 6 means "turn 90° clockwise to view", 8 "90° counter-clockwise".
+    data, stored_rgb = exif_jpeg(orientation)
+    result = to_grayscale(data, max_pixels=MAX_PIXELS)
+    assert (result.width, result.height) == (16, 48)
+    _, gray = decode_png(result.png)
+    np.testing.assert_array_equal(gray, np.rot90(floor_mean(stored_rgb), k=quarter_turns))
+
+
+def test_upright_image_is_left_as_stored() -> None:
+    data, stored_rgb = exif_jpeg(1)
+    result = to_grayscale(data, max_pixels=MAX_PIXELS)
+    assert (result.width, result.height) == (48, 16)
+    np.testing.assert_array_equal(decode_png(result.png)[1], floor_mean(stored_rgb))
+
+
+# --- the PNG we store -------------------------------------------------------------------
+
+
+def test_result_is_a_png_with_the_upright_size() -> None:
+    result = to_grayscale(encode(photo(64, 48, seed=7), "JPEG"), max_pixels=MAX_PIXELS)
+    assert isinstance(result, GrayImage)
+    assert result.png.startswith(b"\x89PNG\r\n\x1a\n")
+    assert (result.width, result.height) == (64, 48)
+    with Image.open(io.BytesIO(result.png)) as image:
+        assert (image.format, image.mode, image.size) == ("PNG", "L", (64, 48))
+
+
+def test_compress_level_is_honoured() -> None:
+    data = encode(photo(200, 150, seed=8), "PNG")
+    stored = to_grayscale(data, max_pixels=MAX_PIXELS, compress_level=0).png
+    squeezed = to_grayscale(data, max_pixels=MAX_PIXELS, compress_level=9).png
+    assert len(stored) > len(squeezed)
+    assert decode_png(stored)[1].tolist() == decode_png(squeezed)[1].tolist()
+
+
+def test_source_metadata_is_not_copied_into_the_png() -> None:
+    # An sRGB (RGB) ICC profile would be invalid in a grayscale PNG.
+    from PIL import ImageCms
+
+    profile = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    data = encode(photo(20, 10, seed=9), "JPEG", icc_profile=profile)
+    with Image.open(io.BytesIO(to_grayscale(data, max_pixels=MAX_PIXELS).png)) as image:
+        assert "icc_profile" not in image.info
+
+
+def test_rejects_a_compress_level_zlib_does_not_have() -> None:
+    with pytest.raises(ValueError, match="compress_level"):
+        to_grayscale(encode(photo(2, 2, seed=10), "PNG"), max_pixels=MAX_PIXELS, compress_level=10)
+
+
+# --- decompression bombs ----------------------------------------------------------------
+
+
+def test_bilevel_png_builder_makes_real_images() -> None:
+    # The bomb tests below trust this builder: a small one must decode to what it claims.
+    with Image.open(io.BytesIO(black_bilevel_png(3000, 2000))) as image:
+        image.load()
+        assert (image.mode, image.size, image.getextrema()) == ("1", (3000, 2000), (0, 0))
+
+
+def test_decompression_bomb_is_refused_without_decoding() -> None:
+    bomb = black_bilevel_png(40_000, 40_000)  # 1.6 gigapixels in ~200 KB
+    assert len(bomb) < 1_000_000
+    started = time.perf_counter()
+    with pytest.raises(TooManyPixels, match="too many pixels"):
+        to_grayscale(bomb, max_pixels=MAX_PIXELS)
+    assert time.perf_counter() - started < 0.5
+
+
+def test_more_pixels_than_max_pixels_is_refused_with_the_size() -> None:
+    with pytest.raises(TooManyPixels) as refused:
+        to_grayscale(black_bilevel_png(4000, 3000), max_pixels=11_999_999)
+    assert refused.value.reason == "too many pixels: 4000x3000"
+    assert to_grayscale(black_bilevel_png(4000, 3000), max_pixels=12_000_000).width == 4000
+
+
+def test_size_is_checked_from_the_header_before_any_pixel_is_read() -> None:
+    # Only the header and 10 of 3000 rows: decoding it would be a TruncatedImage.
+    header_only = black_bilevel_png(4000, 3000, rows=10)
+    with pytest.raises(TooManyPixels, match="4000x3000"):
+        to_grayscale(header_only, max_pixels=1_000_000)
+    with pytest.raises(TruncatedImage):
+        to_grayscale(header_only, max_pixels=MAX_PIXELS)
+
+
+def test_pillow_bomb_guard_applies_even_when_max_pixels_is_higher() -> None:
+    with pytest.raises(TooManyPixels):
+        to_grayscale(black_bilevel_png(40_000, 40_000), max_pixels=10**12)
+
+
+def test_pillow_global_limit_is_left_untouched() -> None:
+    before = Image.MAX_IMAGE_PIXELS
+    with pytest.raises(TooManyPixels):
+        to_grayscale(black_bilevel_png(40_000, 40_000), max_pixels=MAX_PIXELS)
+    to_grayscale(black_bilevel_png(100, 100), max_pixels=MAX_PIXELS)
+    assert before == Image.MAX_IMAGE_PIXELS
+
+
+# --- bytes that are not (whole) images --------------------------------------------------
+
+
+def test_empty_body_is_not_an_image() -> None:
+    with pytest.raises(NotAnImage) as refused:
+        to_grayscale(b"", max_pixels=MAX_PIXELS)
+    assert refused.value.reason == "empty body"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"<!DOCTYPE html><html><body><img src='cat.png'></body></html>",
+        b'{"error": "not found"}',
+        np.random.default_rng(11).bytes(4096),
+        b"\x00",
+    ],
+    ids=["html", "json", "random", "one-byte"],
+)
+def test_bytes_that_are_no_image_are_not_an_image(body: bytes) -> None:
+    with pytest.raises(NotAnImage) as refused:
+        to_grayscale(body, max_pixels=MAX_PIXELS)
+    assert refused.value.reason == "not an image"
+
+
+def test_postscript_is_never_handed_to_ghostscript() -> None:
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nnewpath 0 0 moveto showpage\n%%EOF\n"
+    with pytest.raises(NotAnImage):
+        to_grayscale(eps, max_pixels=MAX_PIXELS)
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "GIF", "TIFF", "BMP"])
+def test_truncated_image_is_a_truncated_image(fmt: str) -> None:
+    data = encode(photo(120, 80, seed=12), fmt)
+    with pytest.raises(TruncatedImage):
+        to_grayscale(data[: len(data) // 2], max_pixels=MAX_PIXELS)
+
+
+@pytest.mark.skipif(not features.check("webp"), reason="Pillow built without WebP")
+def test_truncated_webp_is_a_truncated_image() -> None:
+    # Pillow's WebP decoder needs the whole file to open, so this one fails at the header.
+    data = encode(photo(120, 80, seed=13), "WEBP")
+    with pytest.raises(TruncatedImage):
+        to_grayscale(data[: len(data) // 2], max_pixels=MAX_PIXELS)
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "GIF", "WEBP", "TIFF", "BMP", "ICO"])
+def test_damaged_bytes_only_ever_raise_image_errors(fmt: str) -> None:
+    if fmt == "WEBP" and not features.check("webp"):
+        pytest.skip("Pillow built without WebP")
+    data = encode(photo(48, 32, seed=14), fmt)
+    rng = np.random.default_rng(15)
+    for _ in range(60):
+        damaged = bytearray(data[: rng.integers(1, len(data) + 1)])
+        for position in rng.integers(0, len(damaged), size=rng.integers(0, 8)):
+            damaged[position] = rng.integers(0, 256)
+        try:
+            result = to_grayscale(bytes(damaged), max_pixels=MAX_PIXELS)
+        except ImageError:
+            continue
+        assert decode_png(result.png)[0] in ("L", "LA")

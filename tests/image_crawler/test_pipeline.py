@@ -1,0 +1,150 @@
+"""The whole pipeline in one process: real Redis, a real dramatiq.Worker, mongomock for MongoDB."""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+
+import numpy as np
+import pytest
+from PIL import Image
+from support.http_server import LocalHttpServer, Response
+from support.images import decode_png, encode, expected_gray, photo, png_bytes
+
+from image_crawler import outcomes, storage
+
+
+@pytest.fixture
+def server():
+    with LocalHttpServer() as running:
+        yield running
+
+
+def _stored_png(db, md5: str) -> bytes:
+    return storage.gray_files(db).get(md5).read()
+
+
+def test_mixed_list_gives_exact_counts_and_one_outcome_per_url(make_pipeline, server):
+    pipeline = make_pipeline(fetch_timeout=1.0, fetch_max_bytes=300_000, max_image_pixels=1_000_000)
+    good = {f"/img/{n}.png": png_bytes(64 + n, 48, seed=n) for n in range(6)}
+    good["/img/photo.jpg"] = encode(photo(120, 80, seed=99), "JPEG", quality=90)
+    good["/img/alpha.png"] = encode(photo(50, 40, seed=7, mode="RGBA"), "PNG")
+    for path, body in good.items():
+        server.add(path, body=body, content_type="image/png")
+    server.add("/copy/0.png", body=good["/img/0.png"], content_type="image/png")  # same bytes, other URL
+    server.add("/html", body=b"<html><body>not an image</body></html>", content_type="image/png")
+    server.add("/empty", body=b"", content_type="image/png")
+    server.add("/truncated.png", body=png_bytes(200, 200, seed=42)[:500], content_type="image/png")
+    server.add("/huge-body", body=png_bytes(700, 700, seed=5), content_type="image/png")  # > 300 kB
+    server.add("/too-many-pixels.png", body=encode(Image.new("L", (1100, 1000), 128), "PNG"))  # tiny file
+    server.add("/missing", status=404)
+    server.add("/bad-request", status=400, body=b"invalid size")
+    server.add("/down", status=503)
+    server.add_sequence("/flaky.png", [Response(status=503), Response(body=png_bytes(30, 30, seed=77))])
+    server.add_redirect("/hop/1", "/hop/2")
+    server.add_redirect("/hop/2", "/img/photo.jpg")
+    for n in range(8):
+        server.add_redirect(f"/loop/{n}", f"/loop/{n + 1}")
+
+    lines = [
+        "# a comment, then a blank line",
+        "",
+        *(server.url(path) for path in good),  # 8 success
+        server.url("/img/1.png"),  # duplicate: same URL again
+        server.url("/copy/0.png"),  # duplicate: same bytes elsewhere
+        server.url("/hop/1"),  # duplicate: photo.jpg through two redirects
+        server.url("/flaky.png"),  # success after a retry
+        server.url("/html"),
+        server.url("/empty"),
+        server.url("/truncated.png"),
+        server.url("/huge-body"),
+        server.url("/too-many-pixels.png"),
+        server.url("/missing"),
+        server.url("/bad-request"),
+        server.url("/down"),
+        server.url("/loop/0"),
+        "ftp://example.com/a.png",
+        "not a url at all",
+    ]
+    report = pipeline.enqueue_text("\n".join(lines) + "\n")
+    assert (report.enqueued, report.rejected, report.skipped) == (21, 2, 2)
+
+    pipeline.wait_for(report.run, report.jobs, timeout=90)
+
+    ledger = list(storage.outcomes(pipeline.db).find({"run": report.run}))
+    assert sorted(doc["line"] for doc in ledger) == list(range(3, 3 + 23))
+    by_url = {doc["url"]: doc for doc in ledger}
+    reasons = {url.rsplit("/", 1)[-1]: doc["reason"] for url, doc in by_url.items() if doc["outcome"] == "error"}
+    assert reasons == {
+        "html": "not an image",
+        "empty": "empty body",
+        "truncated.png": "truncated image",
+        "huge-body": "too large",
+        "too-many-pixels.png": "too many pixels: 1100x1000",
+        "missing": "http 404",
+        "bad-request": "http 400",
+        "down": "http 503",
+        "0": "too many redirects",
+        "a.png": "not an http(s) url",
+        "not a url at all": "not an http(s) url",
+    }
+    assert Counter(doc["outcome"] for doc in ledger) == {"success": 9, "duplicate": 3, "error": 11}
+    assert outcomes.count_outcomes(pipeline.db, report.run) == {"success": 9, "duplicate": 3, "error": 11}
+    assert server.hits("/down") == 3  # first try and FETCH_RETRIES=2 retries
+
+    # Every distinct image is stored once, with a PNG equal to the formula.
+    stored = {doc["_id"]: doc for doc in storage.images(pipeline.db).find()}
+    bodies = [*good.values(), png_bytes(30, 30, seed=77)]
+    assert set(stored) == {hashlib.md5(body).hexdigest() for body in bodies}
+    assert pipeline.db["gray.files"].count_documents({}) == len(bodies)
+    for body in bodies:
+        digest = hashlib.md5(body).hexdigest()
+        mode, pixels = decode_png(_stored_png(pipeline.db, digest))
+        gray = pixels[..., 0] if mode == "LA" else pixels
+        assert np.array_equal(gray, expected_gray(body)), digest
+        assert (stored[digest]["width"], stored[digest]["height"]) == (gray.shape[1], gray.shape[0])
+    alpha_md5 = hashlib.md5(good["/img/alpha.png"]).hexdigest()
+    assert decode_png(_stored_png(pipeline.db, alpha_md5))[0] == "LA"
+    first = stored[hashlib.md5(good["/img/0.png"]).hexdigest()]
+    # Either URL of those bytes may win; the image names the job that stored it, and that job succeeded.
+    assert first["source_url"] in (server.url("/img/0.png"), server.url("/copy/0.png"))
+    winner = outcomes.get_outcome(pipeline.db, first["job"])
+    assert (winner["outcome"], winner["url"]) == ("success", first["source_url"])
+    assert first["content_type"] == "image/png"
+    assert first["byte_size"] == len(good["/img/0.png"])
+    assert first["inserted_at"].tzinfo is not None
+
+    # Success and duplicate outcomes name the image; parked bytes are gone.
+    assert all(doc["md5"] in stored for doc in ledger if doc["outcome"] != "error")
+    assert not list(pipeline.context.claims.client.scan_iter("image-crawler:claim:*"))
+
+
+def test_enqueuing_the_same_list_again_yields_only_duplicates(make_pipeline, server):
+    pipeline = make_pipeline()
+    for n in range(5):
+        server.add(f"/{n}.png", body=png_bytes(40, 40, seed=100 + n))
+    text = "\n".join(server.url(f"/{n}.png") for n in range(5))
+    first = pipeline.enqueue_text(text)
+    pipeline.wait_for(first.run, 5)
+    second = pipeline.enqueue_text(text)
+    pipeline.wait_for(second.run, 5)
+
+    assert outcomes.count_outcomes(pipeline.db, first.run) == {"success": 5, "duplicate": 0, "error": 0}
+    assert outcomes.count_outcomes(pipeline.db, second.run) == {"success": 0, "duplicate": 5, "error": 0}
+    assert storage.images(pipeline.db).count_documents({}) == 5
+
+
+def test_two_workers_racing_on_the_same_image_store_it_once(make_pipeline, server):
+    pipeline = make_pipeline(threads=8)
+    make_pipeline(threads=8)  # a second worker on the same broker and database
+    body = png_bytes(300, 200, seed=1234)
+    for n in range(40):
+        server.add(f"/same/{n}.png", body=body)
+    report = pipeline.enqueue_text("\n".join(server.url(f"/same/{n}.png") for n in range(40)))
+    pipeline.wait_for(report.run, 40)
+
+    assert outcomes.count_outcomes(pipeline.db, report.run) == {"success": 1, "duplicate": 39, "error": 0}
+    assert storage.images(pipeline.db).count_documents({}) == 1
+    assert pipeline.db["gray.files"].count_documents({}) == 1
+    digest = hashlib.md5(body).hexdigest()
+    assert np.array_equal(decode_png(_stored_png(pipeline.db, digest))[1], expected_gray(body))

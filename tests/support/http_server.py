@@ -1,0 +1,227 @@
+"""A threaded HTTP/1.1 server on 127.0.0.1 serving canned responses, for tests.
+
+Routes are filled at runtime; each path answers with its responses in turn (the last one
+repeats), and counts its requests::
+
+    with LocalHttpServer() as server:
+        server.add("/cat.png", body=png_bytes, content_type="image/png")
+        server.add_sequence("/flaky.png", [Response(status=503), Response(body=png_bytes)])
+        server.add_redirect("/old.png", "/cat.png")
+        download(server.url("/cat.png"))
+        assert server.hits("/cat.png") == 1
+
+Routes match the path only: ``/cat.png?1`` and ``/cat.png?2`` are the same route (two URLs,
+one image). Unknown paths answer 404.
+"""
+
+from __future__ import annotations
+
+import gzip as gzip_module
+import sys
+import threading
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import TracebackType
+from typing import Any
+from urllib.parse import urlsplit
+
+__all__ = ["LocalHttpServer", "Response"]
+
+_CHUNK = 64 * 1024
+
+
+@dataclass(frozen=True)
+class Response:
+    """One canned answer.
+
+    :param delay: seconds to hang before answering (ends early when the server stops).
+    :param drip: seconds to wait between body bytes, sent one at a time.
+    :param gzip: serve ``body`` gzip-compressed, with ``Content-Encoding: gzip``.
+    :param chunked: ``Transfer-Encoding: chunked`` instead of ``Content-Length``.
+    :param abort: close the connection without answering.
+    """
+
+    body: bytes = b""
+    status: int = 200
+    content_type: str | None = "application/octet-stream"
+    headers: Mapping[str, str] = field(default_factory=dict)
+    delay: float = 0.0
+    drip: float = 0.0
+    gzip: bool = False
+    chunked: bool = False
+    abort: bool = False
+
+
+_NOT_FOUND = Response(body=b"not found", status=404, content_type="text/plain")
+
+
+@dataclass
+class _Route:
+    responses: Sequence[Response]
+    served: int = 0
+
+    def next_response(self) -> Response:
+        response = self.responses[min(self.served, len(self.responses) - 1)]
+        self.served += 1
+        return response
+
+
+class LocalHttpServer:
+    """Serves routes on ``127.0.0.1`` and a free port, from daemon threads; a context manager."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._routes: dict[str, _Route] = {}
+        self._hits: Counter[str] = Counter()
+        self._stopping = threading.Event()
+        self._httpd = _Server(("127.0.0.1", 0), _Handler)
+        self._httpd.owner = self
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
+
+    @property
+    def port(self) -> int:
+        """The port the server listens on."""
+        return int(self._httpd.server_address[1])
+
+    def url(self, path: str = "/") -> str:
+        """The absolute URL of ``path`` on this server."""
+        return f"http://127.0.0.1:{self.port}/{path.lstrip('/')}"
+
+    def add(
+        self,
+        path: str,
+        body: bytes = b"",
+        *,
+        status: int = 200,
+        headers: Mapping[str, str] | None = None,
+        content_type: str | None = "application/octet-stream",
+        **options: Any,
+    ) -> None:
+        """Answer ``path`` with one response; ``options`` are the other :class:`Response` fields."""
+        response = Response(body, status, content_type, dict(headers or {}), **options)
+        self.add_sequence(path, [response])
+
+    def add_redirect(self, path: str, to: str, status: int = 302) -> None:
+        """Redirect ``path`` to ``to`` (absolute URL or path, sent as is in ``Location``)."""
+        self.add(path, status=status, headers={"Location": to}, content_type=None)
+
+    def add_sequence(self, path: str, responses: Sequence[Response]) -> None:
+        """Answer the n-th request to ``path`` with ``responses[n]``; the last one repeats."""
+        if not responses:
+            raise ValueError("a route needs at least one response")
+        with self._lock:
+            self._routes[path] = _Route([_prepared(response) for response in responses])
+
+    def hits(self, path: str) -> int:
+        """How many requests ``path`` received (query strings ignored)."""
+        with self._lock:
+            return self._hits[path]
+
+    def start(self) -> LocalHttpServer:
+        """Start serving in a background thread."""
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop serving, release hanging and dripping handlers, and close the socket."""
+        self._stopping.set()
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        self._thread.join()
+
+    def __enter__(self) -> LocalHttpServer:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def _next_response(self, path: str) -> Response:
+        with self._lock:
+            self._hits[path] += 1
+            route = self._routes.get(path)
+            return route.next_response() if route else _NOT_FOUND
+
+    def _wait(self, seconds: float) -> bool:
+        """Sleep ``seconds``; True if the server is stopping meanwhile."""
+        return self._stopping.wait(seconds)
+
+
+def _prepared(response: Response) -> Response:
+    """Compress a ``gzip`` response once, when its route is added."""
+    if not response.gzip:
+        return response
+    headers = {**response.headers, "Content-Encoding": "gzip"}
+    return replace(response, body=gzip_module.compress(response.body, mtime=0), headers=headers, gzip=False)
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 128  # many workers connecting at once
+    owner: LocalHttpServer
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client hanging up (timeouts, aborted downloads) is expected here, not worth a traceback.
+        if isinstance(sys.exc_info()[1], OSError):
+            return
+        super().handle_error(request, client_address)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive
+    server: _Server
+
+    def do_GET(self) -> None:
+        self._answer(send_body=True)
+
+    def do_HEAD(self) -> None:
+        self._answer(send_body=False)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def _answer(self, *, send_body: bool) -> None:
+        owner = self.server.owner
+        response = owner._next_response(urlsplit(self.path).path)
+        if (response.delay and owner._wait(response.delay)) or response.abort:
+            self.close_connection = True
+            return
+        self.send_response(response.status)
+        if response.content_type is not None:
+            self.send_header("Content-Type", response.content_type)
+        for name, value in response.headers.items():
+            self.send_header(name, value)
+        if response.chunked:
+            self.send_header("Transfer-Encoding", "chunked")
+        else:
+            self.send_header("Content-Length", str(len(response.body)))
+        self.end_headers()
+        if send_body:
+            try:
+                self._send_body(response)
+            except OSError:  # the client went away
+                self.close_connection = True
+
+    def _send_body(self, response: Response) -> None:
+        body = response.body
+        if response.chunked:
+            for start in range(0, len(body), _CHUNK):
+                chunk = body[start : start + _CHUNK]
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            self.wfile.write(b"0\r\n\r\n")
+        elif response.drip:
+            for index in range(len(body)):
+                if index and self.server.owner._wait(response.drip):
+                    self.close_connection = True
+                    return
+                self.wfile.write(body[index : index + 1])
+        else:
+            self.wfile.write(body)
