@@ -27,7 +27,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_redis(directory: Path, *, appendonly: bool = False, port: int | None = None) -> tuple[subprocess.Popen, str]:
+def start_redis(
+    directory: Path, *, appendonly: bool = False, port: int | None = None
+) -> tuple[subprocess.Popen, str]:
     """Start a redis-server on a free port in ``directory``; returns the process and its URL."""
     port = port or free_port()
     args = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(directory), "--save", ""]
@@ -80,9 +82,9 @@ def redis_url() -> str:
 def mongo_db():
     """A fresh in-memory MongoDB database (mongomock: no MongoDB server can run here)."""
     mongomock = pytest.importorskip("mongomock")
-    import mongomock.gridfs
+    from mongomock.gridfs import enable_gridfs_integration
 
-    mongomock.gridfs.enable_gridfs_integration()
+    enable_gridfs_integration()
     client = mongomock.MongoClient(tz_aware=True)
     return client["image_crawler"]
 
@@ -113,7 +115,10 @@ class Pipeline:
         self.broker = actors.broker
         self.broker.flush_all()
         self.context = Context(
-            settings, db, ClaimCheck(redis.Redis.from_url(settings.redis_url), settings.claim_ttl), Fetcher(settings)
+            settings,
+            db,
+            ClaimCheck(redis.Redis.from_url(settings.redis_url), settings.claim_ttl),
+            Fetcher(settings),
         )
         from image_crawler import storage
 

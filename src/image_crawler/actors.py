@@ -27,9 +27,9 @@ from .outcomes import Job
 settings = get_settings()
 broker = setup_broker(settings)
 
-# Work already started outranks new work: a worker holding both kinds of message runs
-# these first, so parked bodies and results are consumed long before their TTLs.
-_FOLLOW_UP = {"queue_name": PROCESS_QUEUE, "priority": 0}
+# Work already started outranks new work: follow-up actors run on their own queue with
+# priority 0 (fetch: 100), so a worker holding both kinds of message runs them first and
+# parked bodies and results are consumed long before their TTLs.
 
 
 @dramatiq.actor(
@@ -58,7 +58,7 @@ def fetch(job: dict[str, Any]) -> None:
     group.run()
 
 
-@dramatiq.actor(store_results=True, retry_when=retry_transient(5), **_FOLLOW_UP)
+@dramatiq.actor(store_results=True, retry_when=retry_transient(5), queue_name=PROCESS_QUEUE, priority=0)
 def md5(job: dict[str, Any]) -> str:
     """MD5 hex of the downloaded bytes."""
     context = get_context()
@@ -66,7 +66,7 @@ def md5(job: dict[str, Any]) -> str:
     return hashlib.md5(body).hexdigest()
 
 
-@dramatiq.actor(store_results=True, retry_when=retry_transient(5), **_FOLLOW_UP)
+@dramatiq.actor(store_results=True, retry_when=retry_transient(5), queue_name=PROCESS_QUEUE, priority=0)
 def grayscale(job: dict[str, Any]) -> dict[str, int]:
     """Decode the body, park its grayscale PNG, and return the upright width and height."""
     context = get_context()
@@ -80,7 +80,7 @@ def grayscale(job: dict[str, Any]) -> dict[str, int]:
     return {"width": gray.width, "height": gray.height}
 
 
-@dramatiq.actor(retry_when=retry_transient(10), max_backoff=120_000, **_FOLLOW_UP)
+@dramatiq.actor(retry_when=retry_transient(10), max_backoff=120_000, queue_name=PROCESS_QUEUE, priority=0)
 def collect(job: dict[str, Any], meta: dict[str, Any], members: dict[str, str]) -> None:
     """Pull md5 and grayscale results, store the image once, and record success or duplicate."""
     context = get_context()
@@ -107,7 +107,7 @@ def collect(job: dict[str, Any], meta: dict[str, Any], members: dict[str, str]) 
     context.claims.drop(crawl_job.id)
 
 
-@dramatiq.actor(retry_when=retry_transient(20), max_backoff=300_000, **_FOLLOW_UP)
+@dramatiq.actor(retry_when=retry_transient(20), max_backoff=300_000, queue_name=PROCESS_QUEUE, priority=0)
 def record_failure(job: dict[str, Any], reason: str) -> None:
     """Record the error outcome of a job whose message failed for good."""
     context = get_context()

@@ -148,7 +148,9 @@ def main() -> None:
 @main.command()
 @click.argument("file", type=click.File("rb"))
 @click.option("--wait", is_flag=True, help="Show progress until every URL has an outcome, then a summary.")
-@click.option("--timeout", type=click.FloatRange(min=0), default=None, help="With --wait: give up after SECONDS.")
+@click.option(
+    "--timeout", type=click.FloatRange(min=0), default=None, help="With --wait: give up after SECONDS."
+)
 @click.option(
     "--max-in-flight",
     type=click.IntRange(min=0),
@@ -187,7 +189,12 @@ def status(run: str | None) -> None:
     if run is not None:
         match["run"] = run
     reasons = storage.outcomes(db).aggregate(
-        [{"$match": match}, {"$group": {"_id": "$reason", "n": {"$sum": 1}}}, {"$sort": {"n": -1}}, {"$limit": 10}]
+        [
+            {"$match": match},
+            {"$group": {"_id": "$reason", "n": {"$sum": 1}}},
+            {"$sort": {"n": -1}},
+            {"$limit": 10},
+        ]
     )
     for row in reasons:
         click.echo(f"  {row['n']:>8}  {row['_id']}")

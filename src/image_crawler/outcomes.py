@@ -57,7 +57,12 @@ def _url_for_ledger(url: str) -> str:
 
 
 def outcome_document(
-    job: Job, outcome: str, *, reason: str | None = None, md5: str | None = None, at: dt.datetime | None = None
+    job: Job,
+    outcome: str,
+    *,
+    reason: str | None = None,
+    md5: str | None = None,
+    at: dt.datetime | None = None,
 ) -> dict[str, Any]:
     """The ledger document for ``job`` ending with ``outcome`` at ``at`` (default: now)."""
     if outcome not in OUTCOMES:

@@ -80,7 +80,9 @@ def ensure_indexes(db: Database) -> None:
     ledger = outcomes(db)
     ledger.create_index([("run", pymongo.ASCENDING), ("outcome", pymongo.ASCENDING)], name="run_outcome")
     ledger.create_index([("minute", pymongo.ASCENDING)], name="minute")
-    ledger.create_index([("outcome", pymongo.ASCENDING), ("ended_at", pymongo.DESCENDING)], name="outcome_ended")
+    ledger.create_index(
+        [("outcome", pymongo.ASCENDING), ("ended_at", pymongo.DESCENDING)], name="outcome_ended"
+    )
     # GridFS creates these lazily on the first write of an empty bucket; racing writers need the
     # unique chunk index to exist before either starts, so it is made here.
     db[f"{GRAY_BUCKET}.chunks"].create_index(

@@ -10,10 +10,10 @@ import zlib
 import numpy as np
 import pytest
 from PIL import Image, features
-from support.images import decode_png, encode, photo
 
 from image_crawler.errors import ImageError, NotAnImage, TooManyPixels, TruncatedImage
 from image_crawler.imaging import GrayImage, to_grayscale
+from support.images import decode_png, encode, photo
 
 MAX_PIXELS = 50_000_000
 
@@ -114,7 +114,7 @@ def test_l_stays_as_is() -> None:
 def test_bilevel_becomes_black_and_white() -> None:
     image = Image.new("1", (3, 1))
     image.putpixel((1, 0), 1)
-    assert gray_of(encode(image, "PNG")) [1].tolist() == [[0, 255, 0]]
+    assert gray_of(encode(image, "PNG"))[1].tolist() == [[0, 255, 0]]
 
 
 def test_rgba_keeps_alpha_as_la() -> None:

@@ -8,10 +8,10 @@ from collections import Counter
 import numpy as np
 import pytest
 from PIL import Image
-from support.http_server import LocalHttpServer, Response
-from support.images import decode_png, encode, expected_gray, photo, png_bytes
 
 from image_crawler import outcomes, storage
+from support.http_server import LocalHttpServer, Response
+from support.images import decode_png, encode, expected_gray, photo, png_bytes
 
 
 @pytest.fixture
@@ -74,7 +74,9 @@ def test_mixed_list_gives_exact_counts_and_one_outcome_per_url(make_pipeline, se
     ledger = list(storage.outcomes(pipeline.db).find({"run": report.run}))
     assert sorted(doc["line"] for doc in ledger) == list(range(3, 3 + 23))
     by_url = {doc["url"]: doc for doc in ledger}
-    reasons = {url.rsplit("/", 1)[-1]: doc["reason"] for url, doc in by_url.items() if doc["outcome"] == "error"}
+    reasons = {
+        url.rsplit("/", 1)[-1]: doc["reason"] for url, doc in by_url.items() if doc["outcome"] == "error"
+    }
     assert reasons == {
         "html": "not an image",
         "empty": "empty body",
