@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import dramatiq
 from dramatiq.brokers.redis import RedisBroker
 from dramatiq.middleware import AgeLimit, Callbacks, Pipelines, Retries, ShutdownNotifications, TimeLimit
@@ -11,7 +13,7 @@ from dramatiq.results import Results
 from dramatiq.results.backends import RedisBackend as ResultBackend
 
 from .config import Settings
-from .middleware import RecordFailures
+from .middleware import ExpectedFailures, RecordFailures
 
 #: A worker that has not been heard from for this long is presumed dead and its messages
 #: (running and prefetched) are put back on their queues. Dramatiq's default is 60 s.
@@ -58,4 +60,7 @@ def setup_broker(settings: Settings) -> RedisBroker:
     """Create the broker and make it Dramatiq's global broker (what actors bind to)."""
     broker = create_broker(settings)
     dramatiq.set_broker(broker)
+    worker_logger = logging.getLogger("dramatiq.worker.WorkerThread")
+    if not any(isinstance(f, ExpectedFailures) for f in worker_logger.filters):
+        worker_logger.addFilter(ExpectedFailures())
     return broker

@@ -47,6 +47,21 @@ def retry_transient(max_retries: int):
     return retry_when
 
 
+class ExpectedFailures(logging.Filter):
+    """Logs a job's :class:`CrawlError` (a 404, a timeout, not an image) as one warning line.
+
+    Dramatiq logs every exception an actor raises as an error with a traceback; for a URL list
+    where one line in ten is dead that buries real faults. Attach to Dramatiq's worker logger.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], CrawlError):
+            record.msg = f"{record.msg} ({record.exc_info[1].reason})"
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.exc_info = record.exc_text = None
+        return True
+
+
 class RecordFailures(Middleware):
     """Hands every message that failed for good to an actor that records the job's error.
 

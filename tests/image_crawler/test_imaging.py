@@ -9,7 +9,7 @@ import zlib
 
 import numpy as np
 import pytest
-from PIL import Image, features
+from PIL import Image, ImageCms, features
 
 from image_crawler.errors import ImageError, NotAnImage, TooManyPixels, TruncatedImage
 from image_crawler.imaging import GrayImage, to_grayscale
@@ -247,9 +247,9 @@ def animation(fmt: str, **params) -> bytes:
     ],
 )
 def test_animation_keeps_its_first_frame(fmt: str, params: dict) -> None:
-    to_gray = to_grayscale(animation(fmt, **params), max_pixels=MAX_PIXELS)
-    assert (to_gray.width, to_gray.height) == (6, 4)
-    _, gray = decode_png(to_gray.png)
+    result = to_grayscale(animation(fmt, **params), max_pixels=MAX_PIXELS)
+    assert (result.width, result.height) == (6, 4)
+    _, gray = decode_png(result.png)
     assert (gray[..., 0] if gray.ndim == 3 else gray).tolist() == [[85] * 6] * 4  # red: 255 // 3
 
 
@@ -301,8 +301,6 @@ def test_compress_level_is_honoured() -> None:
 
 def test_source_metadata_is_not_copied_into_the_png() -> None:
     # An sRGB (RGB) ICC profile would be invalid in a grayscale PNG.
-    from PIL import ImageCms
-
     profile = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
     data = encode(photo(20, 10, seed=9), "JPEG", icc_profile=profile)
     with Image.open(io.BytesIO(to_grayscale(data, max_pixels=MAX_PIXELS).png)) as image:
@@ -408,6 +406,8 @@ def test_truncated_webp_is_a_truncated_image() -> None:
         to_grayscale(data[: len(data) // 2], max_pixels=MAX_PIXELS)
 
 
+# Pillow warns about the corrupt structures it skips; the point here is what gets raised.
+@pytest.mark.filterwarnings("ignore::UserWarning")
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG", "GIF", "WEBP", "TIFF", "BMP", "ICO"])
 def test_damaged_bytes_only_ever_raise_image_errors(fmt: str) -> None:
     if fmt == "WEBP" and not features.check("webp"):
