@@ -5,9 +5,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import signal
-import subprocess
-import sys
 import uuid
 from urllib.parse import urlsplit, urlunsplit
 
@@ -18,6 +15,7 @@ import pytest
 from conftest import start_redis
 from support.http_server import LocalHttpServer
 from support.images import decode_png, expected_gray, png_bytes
+from support.processes import image_crawler, start_workers, stop_workers
 
 
 @pytest.fixture
@@ -34,28 +32,6 @@ def crawl_env(mongo_uri, tmp_path):
     client.close()
     redis_process.terminate()
     redis_process.wait(timeout=10)
-
-
-def start_workers(env: dict[str, str], processes: int = 2, threads: int = 4) -> subprocess.Popen:
-    """`dramatiq image_crawler.actors` in its own process group."""
-    command = [sys.executable, "-m", "dramatiq", "image_crawler.actors"]
-    command += ["--processes", str(processes), "--threads", str(threads)]
-    return subprocess.Popen(command, env=env, start_new_session=True, stderr=subprocess.DEVNULL)
-
-
-def stop_workers(workers: subprocess.Popen) -> None:
-    os.killpg(workers.pid, signal.SIGTERM)
-    try:
-        workers.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(workers.pid, signal.SIGKILL)
-        workers.wait()
-
-
-def image_crawler(env: dict[str, str], *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run the `image-crawler` console script of this environment."""
-    command = [sys.executable, "-m", "image_crawler", *args]
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def test_workers_and_enqueue_wait_give_exact_counts(crawl_env, tmp_path):

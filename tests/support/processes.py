@@ -1,0 +1,48 @@
+"""Real processes for multi-process tests: `dramatiq` CLI workers and the `image-crawler` command."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+
+def start_workers(
+    env: dict[str, str], processes: int = 2, threads: int = 4, log: Path | None = None
+) -> subprocess.Popen:
+    """`dramatiq image_crawler.actors` in its own process group (so the group can be signalled)."""
+    command = [sys.executable, "-m", "dramatiq", "image_crawler.actors"]
+    command += ["--processes", str(processes), "--threads", str(threads)]
+    output = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 - closed with the process
+    return subprocess.Popen(command, env=env, start_new_session=True, stdout=output, stderr=output)
+
+
+def signal_workers(workers: subprocess.Popen, signum: int) -> None:
+    """Send ``signum`` to the whole worker process group."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(workers.pid, signum)
+
+
+def stop_workers(workers: subprocess.Popen, timeout: float = 60) -> None:
+    """SIGTERM the worker group, and SIGKILL it if it has not stopped within ``timeout``."""
+    signal_workers(workers, signal.SIGTERM)
+    try:
+        workers.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        signal_workers(workers, signal.SIGKILL)
+        workers.wait()
+
+
+def image_crawler_command(*args: str) -> list[str]:
+    """The argv of `image-crawler ARGS` in this environment."""
+    return [sys.executable, "-m", "image_crawler", *args]
+
+
+def image_crawler(env: dict[str, str], *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run `image-crawler ARGS` to completion."""
+    return subprocess.run(
+        image_crawler_command(*args), env=env, capture_output=True, text=True, timeout=timeout
+    )
