@@ -1,0 +1,125 @@
+"""Fault injection with real processes: killed and stopped workers lose nothing and count nothing twice."""
+
+from __future__ import annotations
+
+import hashlib
+import signal
+import subprocess
+import time
+
+import pytest
+import redis
+from support.http_server import LocalHttpServer
+from support.images import png_bytes
+from support.processes import image_crawler_command, signal_workers, start_workers, stop_workers
+from test_end_to_end import crawl_env  # noqa: F401 - a fixture
+
+pytestmark = pytest.mark.slow
+
+DISTINCT, REPEATS = 900, 100
+
+
+def _url_list(server: LocalHttpServer, tmp_path) -> tuple:
+    bodies = {n: png_bytes(48 + n % 40, 32 + n % 24, seed=10_000 + n) for n in range(DISTINCT)}
+    lines = []
+    for n, body in bodies.items():
+        # A little latency per image keeps the run going long enough to interrupt it.
+        server.add(f"/img/{n}.png", body, content_type="image/png", delay=0.02)
+        lines.append(server.url(f"/img/{n}.png"))
+    lines += [server.url(f"/img/{n}.png") for n in range(0, 2 * REPEATS, 2)]
+    urls = tmp_path / "urls.txt"
+    urls.write_text("\n".join(lines) + "\n")
+    return urls, bodies
+
+
+def _wait_until(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.1)
+
+
+def _held_messages(client: redis.Redis, worker_ids: set[str]) -> int:
+    """Messages fetched but not acknowledged by these broker ids (running and prefetched)."""
+    return sum(client.scard(key) for wid in worker_ids for key in client.scan_iter(f"dramatiq:__acks__.{wid}.*"))
+
+
+def _assert_exact(db, bodies, enqueue: subprocess.Popen, output: str) -> None:
+    total = DISTINCT + REPEATS
+    assert enqueue.returncode == 0, output
+    assert output.strip().splitlines()[-1] == f"done: {total} urls — {DISTINCT} success, {REPEATS} duplicate, 0 error"
+    assert db.outcomes.count_documents({}) == total
+    assert sorted(doc["line"] for doc in db.outcomes.find({}, {"line": 1})) == list(range(1, total + 1))
+    assert db.images.count_documents({}) == DISTINCT
+    assert db["gray.files"].count_documents({}) == DISTINCT
+    assert set(db.images.distinct("_id")) == {hashlib.md5(b).hexdigest() for b in bodies.values()}
+    # The job named by each image is the one whose outcome says success.
+    winners = {doc["job"] for doc in db.images.find({}, {"job": 1})}
+    assert winners == {doc["_id"] for doc in db.outcomes.find({"outcome": "success"}, {"_id": 1})}
+
+
+def test_a_killed_worker_loses_nothing_and_its_messages_come_back(crawl_env, tmp_path):  # noqa: F811
+    env, db = crawl_env
+    client = redis.Redis.from_url(env["REDIS_URL"], decode_responses=True)
+    with LocalHttpServer() as server:
+        urls, bodies = _url_list(server, tmp_path)
+        doomed = start_workers(env, processes=1, threads=4, log=tmp_path / "doomed.log")
+        _wait_until(lambda: client.zcard("dramatiq:__heartbeats__") > 0, 60, "the first worker to start")
+        doomed_ids = set(client.zrange("dramatiq:__heartbeats__", 0, -1))
+        survivor = start_workers(env, processes=1, threads=4, log=tmp_path / "survivor.log")
+        enqueue = subprocess.Popen(
+            image_crawler_command("enqueue", str(urls), "--wait", "--timeout", "600"),
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        replacement = None
+        try:
+            _wait_until(lambda: db.outcomes.count_documents({}) >= 250, 300, "a quarter of the outcomes")
+            held = _held_messages(client, doomed_ids)
+            signal_workers(doomed, signal.SIGKILL)
+            killed_at = time.monotonic()
+            doomed.wait()
+            replacement = start_workers(env, processes=1, threads=4, log=tmp_path / "replacement.log")
+            _wait_until(lambda: _held_messages(client, doomed_ids) == 0, 300, "the dead worker's messages")
+            redelivered_after = time.monotonic() - killed_at
+            output, _ = enqueue.communicate(timeout=600)
+        finally:
+            enqueue.kill()
+            for workers in (survivor, replacement):
+                if workers is not None:
+                    stop_workers(workers)
+    print(f"\nSIGKILL: {held} messages held by the killed worker, requeued after {redelivered_after:.1f} s")
+    _assert_exact(db, bodies, enqueue, output)
+    assert held > 0, "the killed worker held no messages: the test did not test redelivery"
+
+
+def test_a_gracefully_stopped_worker_loses_nothing(crawl_env, tmp_path):  # noqa: F811
+    env, db = crawl_env
+    with LocalHttpServer() as server:
+        urls, bodies = _url_list(server, tmp_path)
+        workers = start_workers(env, processes=2, threads=4, log=tmp_path / "first.log")
+        enqueue = subprocess.Popen(
+            image_crawler_command("enqueue", str(urls), "--wait", "--timeout", "600"),
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        restarted = None
+        try:
+            _wait_until(lambda: db.outcomes.count_documents({}) >= 250, 300, "a quarter of the outcomes")
+            stopping_at = time.monotonic()
+            stop_workers(workers, timeout=120)
+            stopped_after = time.monotonic() - stopping_at
+            done_while_stopped = db.outcomes.count_documents({})
+            restarted = start_workers(env, processes=2, threads=4, log=tmp_path / "restarted.log")
+            output, _ = enqueue.communicate(timeout=600)
+        finally:
+            enqueue.kill()
+            if restarted is not None:
+                stop_workers(restarted)
+    print(f"\nSIGTERM: workers stopped in {stopped_after:.1f} s with {done_while_stopped} outcomes recorded")
+    _assert_exact(db, bodies, enqueue, output)
