@@ -13,8 +13,11 @@ import socket
 import subprocess
 import tempfile
 import time
+import uuid
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
+import pymongo
 import pytest
 
 _redis: dict[str, object] = {}
@@ -172,3 +175,19 @@ def make_pipeline(redis_url, mongo_db):
     yield make
     for pipeline in started:
         pipeline.close()
+
+
+@pytest.fixture
+def crawl_env(mongo_uri, tmp_path):
+    """Environment for worker and CLI processes: a private Redis and a fresh database at MONGO_URI."""
+    redis_process, redis_url = start_redis(tmp_path)
+    parts = urlsplit(mongo_uri)
+    database = f"e2e_{uuid.uuid4().hex[:8]}"
+    env = dict(os.environ, REDIS_URL=redis_url, MONGO_URI=urlunsplit(parts._replace(path=f"/{database}")))
+    env.update(FETCH_ALLOW_PRIVATE="1", FETCH_RETRIES="1", FETCH_TIMEOUT="5", PYTHONUNBUFFERED="1")
+    client = pymongo.MongoClient(mongo_uri, tz_aware=True)
+    yield env, client[database]
+    client.drop_database(database)
+    client.close()
+    redis_process.terminate()
+    redis_process.wait(timeout=10)

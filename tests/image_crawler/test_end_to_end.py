@@ -3,35 +3,13 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import re
-import uuid
-from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
-import pymongo
-import pytest
 
-from conftest import start_redis
 from support.http_server import LocalHttpServer
 from support.images import decode_png, expected_gray, png_bytes
 from support.processes import image_crawler, start_workers, stop_workers
-
-
-@pytest.fixture
-def crawl_env(mongo_uri, tmp_path):
-    """Environment for the processes: a private Redis and a fresh database at MONGO_URI."""
-    redis_process, redis_url = start_redis(tmp_path)
-    parts = urlsplit(mongo_uri)
-    database = f"e2e_{uuid.uuid4().hex[:8]}"
-    env = dict(os.environ, REDIS_URL=redis_url, MONGO_URI=urlunsplit(parts._replace(path=f"/{database}")))
-    env.update(FETCH_ALLOW_PRIVATE="1", FETCH_RETRIES="1", FETCH_TIMEOUT="5", PYTHONUNBUFFERED="1")
-    client = pymongo.MongoClient(mongo_uri, tz_aware=True)
-    yield env, client[database]
-    client.drop_database(database)
-    client.close()
-    redis_process.terminate()
-    redis_process.wait(timeout=10)
 
 
 def test_workers_and_enqueue_wait_give_exact_counts(crawl_env, tmp_path):

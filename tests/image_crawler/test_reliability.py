@@ -9,10 +9,10 @@ import time
 
 import pytest
 import redis
+
 from support.http_server import LocalHttpServer
 from support.images import png_bytes
 from support.processes import image_crawler_command, signal_workers, start_workers, stop_workers
-from test_end_to_end import crawl_env  # noqa: F401 - a fixture
 
 pytestmark = pytest.mark.slow
 
@@ -42,13 +42,15 @@ def _wait_until(predicate, timeout: float, what: str) -> None:
 
 def _held_messages(client: redis.Redis, worker_ids: set[str]) -> int:
     """Messages fetched but not acknowledged by these broker ids (running and prefetched)."""
-    return sum(client.scard(key) for wid in worker_ids for key in client.scan_iter(f"dramatiq:__acks__.{wid}.*"))
+    keys = [key for wid in worker_ids for key in client.scan_iter(f"dramatiq:__acks__.{wid}.*")]
+    return sum(client.scard(key) for key in keys)
 
 
 def _assert_exact(db, bodies, enqueue: subprocess.Popen, output: str) -> None:
     total = DISTINCT + REPEATS
     assert enqueue.returncode == 0, output
-    assert output.strip().splitlines()[-1] == f"done: {total} urls — {DISTINCT} success, {REPEATS} duplicate, 0 error"
+    summary = f"done: {total} urls — {DISTINCT} success, {REPEATS} duplicate, 0 error"
+    assert output.strip().splitlines()[-1] == summary
     assert db.outcomes.count_documents({}) == total
     assert sorted(doc["line"] for doc in db.outcomes.find({}, {"line": 1})) == list(range(1, total + 1))
     assert db.images.count_documents({}) == DISTINCT
@@ -59,7 +61,7 @@ def _assert_exact(db, bodies, enqueue: subprocess.Popen, output: str) -> None:
     assert winners == {doc["_id"] for doc in db.outcomes.find({"outcome": "success"}, {"_id": 1})}
 
 
-def test_a_killed_worker_loses_nothing_and_its_messages_come_back(crawl_env, tmp_path):  # noqa: F811
+def test_a_killed_worker_loses_nothing_and_its_messages_come_back(crawl_env, tmp_path):
     env, db = crawl_env
     client = redis.Redis.from_url(env["REDIS_URL"], decode_responses=True)
     with LocalHttpServer() as server:
@@ -96,7 +98,7 @@ def test_a_killed_worker_loses_nothing_and_its_messages_come_back(crawl_env, tmp
     assert held > 0, "the killed worker held no messages: the test did not test redelivery"
 
 
-def test_a_gracefully_stopped_worker_loses_nothing(crawl_env, tmp_path):  # noqa: F811
+def test_a_gracefully_stopped_worker_loses_nothing(crawl_env, tmp_path):
     env, db = crawl_env
     with LocalHttpServer() as server:
         urls, bodies = _url_list(server, tmp_path)
