@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import codecs
+import itertools
 import time
 import uuid
 from collections.abc import Iterator
@@ -19,8 +21,8 @@ from .errors import InvalidUrl
 from .fetching import check_url
 from .outcomes import Job
 
-#: Lines read between looks at how many jobs of the run are still in flight.
-_CHECK_EVERY = 1_000
+#: Lines sent to Redis in one round trip; also how often the in-flight limit is checked.
+_BATCH = 1_000
 
 
 @dataclass
@@ -41,6 +43,8 @@ class EnqueueReport:
 
 def _lines(stream: IO[bytes]) -> Iterator[tuple[int, bytes]]:
     for number, raw in enumerate(stream, start=1):
+        if number == 1:
+            raw = raw.removeprefix(codecs.BOM_UTF8)  # files saved by Windows editors
         yield number, raw.strip()
 
 
@@ -58,36 +62,40 @@ def enqueue_lines(
     jobs that end at once in an error outcome with the reason. With ``max_in_flight`` > 0, holds
     back while that many jobs of this run have no outcome yet.
     """
-    from .actors import fetch  # sets up the broker
+    from .actors import broker, fetch  # sets up the broker
 
     report = EnqueueReport(run=run or uuid.uuid4().hex[:12])
-    for number, raw in _lines(stream):
-        if not raw or raw.startswith(b"#"):
-            report.skipped += 1
-            continue
-        try:
-            text = raw.decode("utf-8")
-            job = Job.new(report.run, number, check_url(text))
-        except UnicodeDecodeError:
-            _reject(report, Job.new(report.run, number, raw.decode("utf-8", "replace")), "invalid utf-8")
-        except InvalidUrl as exc:
-            _reject(report, Job.new(report.run, number, text), exc.reason)
-        else:
-            fetch.send(job.to_message())
-            report.enqueued += 1
-        if len(report.rejections) >= _CHECK_EVERY:
-            _flush_rejections(db, report)
-        if max_in_flight and report.jobs % _CHECK_EVERY == 0:
-            _flush_rejections(db, report)
-            while report.jobs - _done(db, report.run) >= max_in_flight:
-                time.sleep(poll_interval)
-    _flush_rejections(db, report)
+    lines = _lines(stream)
+    while batch := list(itertools.islice(lines, _BATCH)):
+        # One Redis round trip per batch of lines instead of one per message.
+        with broker.pipelined():
+            for number, raw in batch:
+                if not raw or raw.startswith(b"#"):
+                    report.skipped += 1
+                    continue
+                job, reason = _parse_line(report.run, number, raw)
+                if reason is None:
+                    fetch.send(job.to_message())
+                    report.enqueued += 1
+                else:
+                    report.rejections.append(outcomes.outcome_document(job, outcomes.ERROR, reason=reason))
+                    report.rejected += 1
+        _flush_rejections(db, report)
+        while max_in_flight and report.jobs - _done(db, report.run) >= max_in_flight:
+            time.sleep(poll_interval)
     return report
 
 
-def _reject(report: EnqueueReport, job: Job, reason: str) -> None:
-    report.rejections.append(outcomes.outcome_document(job, outcomes.ERROR, reason=reason))
-    report.rejected += 1
+def _parse_line(run: str, number: int, raw: bytes) -> tuple[Job, str | None]:
+    """The job for a URL line, and why it is rejected (None: it is fine)."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return Job.new(run, number, raw.decode("utf-8", "replace")), "invalid utf-8"
+    try:
+        return Job.new(run, number, check_url(text)), None
+    except InvalidUrl as exc:
+        return Job.new(run, number, text), exc.reason
 
 
 def _flush_rejections(db: Database, report: EnqueueReport) -> None:

@@ -14,13 +14,14 @@ class ConfigError(ValueError):
     """A setting in the environment has a value we cannot use."""
 
 
-def _positive_float(value: str) -> float:
+def _seconds(value: str) -> float:
+    expected = "must be a number of seconds in (0, 3600]"
     try:
         number = float(value)
     except ValueError:
-        raise ValueError("must be a number > 0") from None
-    if not number > 0:
-        raise ValueError("must be a number > 0")
+        raise ValueError(expected) from None
+    if not 0 < number <= 3600:  # also refuses nan and inf
+        raise ValueError(expected)
     return number
 
 
@@ -85,7 +86,7 @@ class Settings:
 _PARSERS: dict[str, Callable[[str], Any]] = {
     "redis_url": _url("redis", "rediss", "unix"),
     "mongo_uri": _url("mongodb", "mongodb+srv"),
-    "fetch_timeout": _positive_float,
+    "fetch_timeout": _seconds,
     "fetch_retries": _int_in(0, 100),
     "fetch_max_bytes": _int_in(1),
     "fetch_max_redirects": _int_in(0, 100),

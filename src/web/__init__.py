@@ -1,0 +1,76 @@
+"""The web app: look at the stored images and watch the crawl.
+
+Run it with ``flask --app web run`` or ``gunicorn 'web:create_app()'``; it reads ``MONGO_URI``
+and ``REDIS_URL`` from the environment, as the pipeline does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from flask import Flask, Response
+from flask.json.provider import DefaultJSONProvider
+
+from image_crawler.config import get_settings
+
+from . import dashboard, db, errors, health, images, monitoring
+
+#: Pages and JSON load nothing from elsewhere and run only our own script files.
+CONTENT_SECURITY_POLICY = (
+    "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
+    "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+)
+
+
+def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
+    """Build the app from the environment's settings, overridden by ``test_config``.
+
+    Besides Flask's own keys the config holds ``MONGO_URI`` and ``REDIS_URL`` (from the
+    settings), ``MONGO_DATABASE`` (a ready ``Database`` object to use instead of ``MONGO_URI``),
+    ``SERVICE_TIMEOUT`` (seconds to wait for MongoDB or Redis), the histogram windows
+    ``DEFAULT_MINUTES``/``MAX_MINUTES``, and the dashboard's ``GALLERY_PAGE_SIZE``, ``MAX_PAGE``,
+    ``RECENT_ERRORS``, ``LIVE_MINUTES``, ``REFRESH_SECONDS`` and ``IDLE_REFRESH_SECONDS``.
+    """
+    app = Flask(__name__)
+    settings = get_settings()
+    app.config.from_mapping(
+        MONGO_URI=settings.mongo_uri,
+        REDIS_URL=settings.redis_url,
+        MONGO_DATABASE=None,
+        SERVICE_TIMEOUT=3.0,
+        DEFAULT_MINUTES=60,
+        MAX_MINUTES=1440,
+        GALLERY_PAGE_SIZE=24,
+        MAX_PAGE=100_000,
+        RECENT_ERRORS=15,
+        # The dashboard counts as live while the newest outcome is at most this many minutes old.
+        LIVE_MINUTES=2,
+        REFRESH_SECONDS=5,
+        IDLE_REFRESH_SECONDS=30,
+    )
+    if test_config is not None:
+        app.config.from_mapping(test_config)
+
+    db.init_app(app)
+    # After Flask-PyMongo, which installs a BSON provider: the views only write plain values.
+    app.json = _DocumentOrderJSON(app)
+    errors.init_app(app)
+    app.after_request(_security_headers)
+    for blueprint in (dashboard.bp, images.bp, monitoring.bp, health.bp):
+        app.register_blueprint(blueprint)
+    return app
+
+
+class _DocumentOrderJSON(DefaultJSONProvider):
+    """Keys in the order the views write them (``minute`` first), as the contract shows them."""
+
+    sort_keys = False
+
+
+def _security_headers(response: Response) -> Response:
+    # A view may set a narrower policy of its own (the SVG chart does).
+    response.headers.setdefault("Content-Security-Policy", CONTENT_SECURITY_POLICY)
+    response.headers.setdefault("X-Content-Type-Options", "nosniff")
+    response.headers.setdefault("Referrer-Policy", "same-origin")
+    return response

@@ -1,0 +1,151 @@
+"""The app's connections (MongoDB through Flask-PyMongo, Redis) and the reads the views need.
+
+Collections are reached only through :mod:`image_crawler.storage`'s accessors, so this module
+never spells a collection name. Every query here is served by an index that
+:func:`image_crawler.storage.ensure_indexes` creates:
+
+* per-minute counts — ``minute`` (a range scan over the window, grouped in MongoDB);
+* outcome totals and latest errors — ``outcome_ended``;
+* the gallery — ``inserted_at``;
+* one image — ``_id``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+import gridfs
+import redis
+from flask import Flask, current_app
+from flask_pymongo import PyMongo
+from gridfs.grid_file import GridOut
+from pymongo import DESCENDING
+from pymongo.database import Database
+
+from image_crawler import outcomes, storage
+from image_crawler.config import Settings
+
+_DB = "image_crawler.db"
+_REDIS = "image_crawler.redis"
+
+
+def init_app(app: Flask) -> None:
+    """Give ``app`` its MongoDB database and Redis client (neither connects before first use).
+
+    ``MONGO_DATABASE`` in the config, when set, is used as the database as is (tests and
+    embedding pass a mongomock or pymongo ``Database``); otherwise Flask-PyMongo opens
+    ``MONGO_URI`` and the database is the URI's path, as for the pipeline.
+    """
+    timeout = float(app.config["SERVICE_TIMEOUT"])
+    database = app.config.get("MONGO_DATABASE")
+    if database is None:
+        uri = app.config["MONGO_URI"]
+        mongo = PyMongo(
+            app,
+            uri,
+            tz_aware=True,
+            serverSelectionTimeoutMS=int(timeout * 1000),
+            appname="image-crawler-web",
+        )
+        assert mongo.cx is not None
+        database = mongo.cx[Settings(mongo_uri=uri).mongo_database]
+    app.extensions[_DB] = database
+    app.extensions[_REDIS] = redis.Redis.from_url(
+        app.config["REDIS_URL"], socket_connect_timeout=timeout, socket_timeout=timeout
+    )
+
+
+def get_db() -> Database:
+    """The current app's MongoDB database."""
+    database: Database = current_app.extensions[_DB]
+    return database
+
+
+def get_redis() -> redis.Redis:
+    """The current app's Redis client (the pipeline's broker)."""
+    client: redis.Redis = current_app.extensions[_REDIS]
+    return client
+
+
+def as_utc(moment: dt.datetime) -> dt.datetime:
+    """``moment`` in UTC; a naive datetime (a client without ``tz_aware``) is taken as UTC."""
+    if moment.tzinfo is None:
+        return moment.replace(tzinfo=dt.UTC)
+    return moment.astimezone(dt.UTC)
+
+
+def count_by_minute(db: Database, since: dt.datetime | None = None) -> dict[dt.datetime, dict[str, int]]:
+    """How many jobs ended in each outcome, per UTC minute from ``since`` (default: ever).
+
+    The grouping runs in MongoDB over the ``minute`` index: the answer has at most one row per
+    minute and outcome, however many outcomes there are.
+    """
+    pipeline: list[dict[str, Any]] = [
+        {"$group": {"_id": {"minute": "$minute", "outcome": "$outcome"}, "n": {"$sum": 1}}}
+    ]
+    if since is not None:
+        pipeline.insert(0, {"$match": {"minute": {"$gte": since}}})
+    counts: dict[dt.datetime, dict[str, int]] = {}
+    for row in storage.outcomes(db).aggregate(pipeline):
+        minute, outcome = row["_id"].get("minute"), row["_id"].get("outcome")
+        if not isinstance(minute, dt.datetime) or outcome not in outcomes.OUTCOMES:
+            continue
+        per_outcome = counts.setdefault(as_utc(minute), dict.fromkeys(outcomes.OUTCOMES, 0))
+        per_outcome[outcome] += int(row["n"])
+    return counts
+
+
+def outcome_totals(db: Database) -> dict[str, int]:
+    """How many jobs ended in each outcome so far (each count is an index-only scan)."""
+    ledger = storage.outcomes(db)
+    return {name: ledger.count_documents({"outcome": name}) for name in outcomes.OUTCOMES}
+
+
+def latest_minute(db: Database) -> dt.datetime | None:
+    """The UTC minute of the most recent outcome, or None before the first one."""
+    row = storage.outcomes(db).find_one({}, projection={"minute": 1}, sort=[("minute", DESCENDING)])
+    minute = None if row is None else row.get("minute")
+    return as_utc(minute) if isinstance(minute, dt.datetime) else None
+
+
+def latest_errors(db: Database, limit: int) -> list[dict[str, Any]]:
+    """The ``limit`` most recent error outcomes: ``url``, ``reason``, ``ended_at``."""
+    cursor = storage.outcomes(db).find(
+        {"outcome": outcomes.ERROR},
+        projection={"_id": 0, "url": 1, "reason": 1, "ended_at": 1},
+        sort=[("ended_at", DESCENDING)],
+        limit=limit,
+    )
+    return list(cursor)
+
+
+def count_images(db: Database) -> int:
+    """How many distinct images are stored (from collection metadata: no scan)."""
+    return storage.images(db).estimated_document_count()
+
+
+def latest_images(db: Database, *, skip: int, limit: int) -> list[dict[str, Any]]:
+    """Image documents, most recently inserted first, ``limit`` of them after ``skip``."""
+    cursor = storage.images(db).find(
+        {},
+        projection={"width": 1, "height": 1, "inserted_at": 1, "source_url": 1},
+        sort=[("inserted_at", DESCENDING)],
+        skip=skip,
+        limit=limit,
+    )
+    return list(cursor)
+
+
+def find_image(db: Database, md5: str) -> dict[str, Any] | None:
+    """The ``images`` document of ``md5``, or None."""
+    document: dict[str, Any] | None = storage.images(db).find_one({"_id": md5})
+    return document
+
+
+def open_gray_png(db: Database, md5: str) -> GridOut | None:
+    """The stored grayscale PNG of ``md5`` as a file to stream (chunks are read lazily), or None."""
+    try:
+        return storage.gray_files(db).get(md5)
+    except gridfs.NoFile:
+        return None

@@ -1,0 +1,76 @@
+"""The images blueprint: a stored grayscale PNG by MD5, and what is known about it."""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+
+from flask import Blueprint, Response, current_app, jsonify, request, url_for
+from werkzeug.exceptions import BadRequest, NotFound
+from werkzeug.wsgi import wrap_file
+
+from .db import as_utc, find_image, get_db, open_gray_png
+
+bp = Blueprint("images", __name__, url_prefix="/image")
+
+_MD5 = re.compile(r"[0-9a-fA-F]{32}")
+
+#: An image's name is the MD5 of the bytes it was made from: what it names never changes.
+_ONE_YEAR = 365 * 24 * 3600
+
+
+def _md5(name: str) -> str:
+    """``name`` as a lower-case MD5, or a 400."""
+    if not _MD5.fullmatch(name):
+        raise BadRequest("An image is named by the 32 hexadecimal digits of its MD5.")
+    return name.lower()
+
+
+@bp.get("/<path:name>")
+def png(name: str) -> Response:
+    """The grayscale PNG, streamed from GridFS, cacheable for good (strong ETag = MD5)."""
+    md5 = _md5(name)
+    stored = open_gray_png(get_db(), md5)
+    if stored is None:
+        raise NotFound(f"No image has the MD5 {md5}.")
+    response = current_app.response_class(
+        wrap_file(request.environ, stored, buffer_size=stored.chunk_size),
+        mimetype="image/png",
+        direct_passthrough=True,
+    )
+    response.content_length = stored.length
+    response.last_modified = stored.upload_date
+    response.set_etag(md5)
+    response.headers["Content-Disposition"] = f'inline; filename="{md5}.png"'
+    response.cache_control.public = True
+    response.cache_control.max_age = _ONE_YEAR
+    response.cache_control.immutable = True
+    response.make_conditional(request)  # 304 when If-None-Match names this MD5
+    return response
+
+
+@bp.get("/<path:name>.json")
+def metadata(name: str) -> Response:
+    """Width, height, insertion time, source URL and sizes of one stored image."""
+    md5 = _md5(name)
+    document = find_image(get_db(), md5)
+    if document is None:
+        raise NotFound(f"No image has the MD5 {md5}.")
+    inserted_at = document.get("inserted_at")
+    return jsonify(
+        {
+            "md5": md5,
+            "width": document.get("width"),
+            "height": document.get("height"),
+            "inserted_at": _iso(inserted_at) if isinstance(inserted_at, dt.datetime) else None,
+            "source_url": document.get("source_url"),
+            "content_type": document.get("content_type"),
+            "byte_size": document.get("byte_size"),
+            "gray_size": document.get("gray_size"),
+            "png": url_for(".png", name=md5),
+        }
+    )
+
+
+def _iso(moment: dt.datetime) -> str:
+    return as_utc(moment).isoformat(timespec="milliseconds").replace("+00:00", "Z")

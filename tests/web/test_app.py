@@ -1,0 +1,84 @@
+"""What every response has in common: security headers, and errors that are never a 500."""
+
+from __future__ import annotations
+
+import pytest
+
+from web import create_app
+
+
+@pytest.fixture
+def mongo_down_client(redis_url, dead_port):
+    """A client of an app whose MongoDB does not answer."""
+    app = create_app(
+        {
+            "MONGO_URI": f"mongodb://127.0.0.1:{dead_port}/image_crawler",
+            "REDIS_URL": redis_url,
+            "SERVICE_TIMEOUT": 0.3,
+        }
+    )
+    return app.test_client()
+
+
+def test_every_kind_of_response_has_the_security_headers(client, seed):
+    md5 = seed.image(1)
+    seed.outcome("success")
+    paths = ["/", "/monitoring", "/monitoring.json", f"/image/{md5}", f"/image/{md5}.json", "/healthz"]
+    paths += ["/static/style.css", "/static/dashboard.js", "/nowhere", "/image/nope", "/monitoring?minutes=0"]
+
+    for path in paths:
+        response = client.get(path)
+        policy = response.headers.get("Content-Security-Policy", "")
+        assert response.headers.get("X-Content-Type-Options") == "nosniff", path
+        assert "default-src 'self'" in policy or "default-src 'none'" in policy, path
+        assert "http" not in policy and "*" not in policy and "unsafe-eval" not in policy, path
+        if response.mimetype == "text/html":
+            assert "script-src 'self'" in policy and "unsafe-inline" not in policy, path
+
+
+def test_unknown_path_is_404_html_and_unknown_json_path_is_404_json(client):
+    html = client.get("/nowhere")
+    json = client.get("/nowhere.json")
+
+    assert html.status_code == 404 and html.mimetype == "text/html" and "Back to the dashboard" in html.text
+    assert json.status_code == 404 and json.get_json()["status"] == 404
+
+
+@pytest.mark.parametrize("path", ["/", "/monitoring", "/monitoring.json", "/healthz"])
+def test_wrong_method_is_405(client, path):
+    response = client.post(path)
+
+    assert response.status_code == 405
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/?minutes=%00&page=%FF",
+        "/?page=1e9",
+        "/?page=99999999999999999999999999",
+        "/monitoring?minutes=",
+        "/monitoring?minutes=60&minutes=x",
+        "/monitoring.json?minutes=ALL",
+        "/image/%00",
+        "/image/" + "a" * 5000,
+        "/image/" + "a" * 32 + ".json.json",
+        "/image/" + "%F0%9F%98%80" * 8,
+        "/static/../../etc/passwd",
+        "/static/%2e%2e/setup.cfg",
+    ],
+)
+def test_odd_input_is_never_a_500(client, path):
+    response = client.get(path)
+
+    assert response.status_code < 500, response.text
+
+
+def test_pages_say_503_while_mongo_is_down(mongo_down_client):
+    html = mongo_down_client.get("/")
+    json = mongo_down_client.get("/monitoring.json")
+    png = mongo_down_client.get("/image/0123456789abcdef0123456789abcdef")
+
+    assert html.status_code == 503 and html.mimetype == "text/html" and "try again" in html.text
+    assert json.status_code == 503 and json.get_json()["error"] == "Service Unavailable"
+    assert png.status_code == 503

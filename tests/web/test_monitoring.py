@@ -1,0 +1,162 @@
+"""GET /monitoring (pygal SVG) and /monitoring.json: outcomes per UTC minute."""
+
+from __future__ import annotations
+
+import datetime as dt
+import itertools
+import xml.etree.ElementTree as ET
+
+import pytest
+
+from web.monitoring import minute_buckets
+
+SVG = "{http://www.w3.org/2000/svg}"
+
+
+def parse_minute(text: str) -> dt.datetime:
+    return dt.datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC)
+
+
+def buckets_of(client, query: str = "") -> list[dict]:
+    response = client.get(f"/monitoring.json{query}")
+    assert response.status_code == 200 and response.mimetype == "application/json"
+    return response.get_json()["buckets"]
+
+
+def by_minutes_ago(buckets: list[dict]) -> dict[int, dict]:
+    """Buckets keyed by how many minutes before the last one they are."""
+    last = parse_minute(buckets[-1]["minute"])
+    return {(last - parse_minute(b["minute"])) // dt.timedelta(minutes=1): b for b in buckets}
+
+
+def test_outcomes_are_counted_in_the_minute_they_ended_and_empty_minutes_are_zero(client, seed):
+    seed.outcome("success", minutes_ago=5, count=3)
+    seed.outcome("duplicate", minutes_ago=5)
+    seed.outcome("error", minutes_ago=5, reason="http 404", count=2)
+    seed.outcome("success", minutes_ago=2, count=4)
+    seed.outcome("error", minutes_ago=0, reason="timeout")
+
+    buckets = buckets_of(client, "?minutes=10")
+
+    assert len(buckets) == 10
+    assert list(buckets[0]) == ["minute", "success", "duplicate", "error"]
+    minutes = [parse_minute(b["minute"]) for b in buckets]
+    assert all(b - a == dt.timedelta(minutes=1) for a, b in itertools.pairwise(minutes))
+    shift = (minutes[-1] - seed.now) // dt.timedelta(minutes=1)  # the clock may have turned meanwhile
+    assert shift in (0, 1)
+    ago = by_minutes_ago(buckets)
+    counts = {n: (b["success"], b["duplicate"], b["error"]) for n, b in ago.items()}
+    assert counts[5 + shift] == (3, 1, 2)
+    assert counts[2 + shift] == (4, 0, 0)
+    assert sum(map(sum, counts.values())) == 11
+    assert sorted(n for n, c in counts.items() if c == (0, 0, 0)) == [
+        n for n in range(10) if n not in {5 + shift, 2 + shift, 0 + shift}
+    ]
+
+
+def test_default_window_is_60_minutes_and_older_outcomes_fall_out(client, seed):
+    seed.outcome("success", minutes_ago=30)
+    seed.outcome("success", minutes_ago=90)
+
+    buckets = buckets_of(client)
+
+    assert len(buckets) == 60
+    assert sum(b["success"] for b in buckets) == 1
+
+
+def test_all_covers_every_minute_from_the_first_outcome(client, seed):
+    seed.outcome("success", minutes_ago=1500)
+    seed.outcome("error", minutes_ago=3, reason="not an image")
+
+    buckets = buckets_of(client, "?minutes=all")
+
+    assert parse_minute(buckets[0]["minute"]) == seed.now - dt.timedelta(minutes=1500)
+    assert len(buckets) >= 1501
+    assert sum(b["success"] for b in buckets) == 1 and sum(b["error"] for b in buckets) == 1
+
+
+def test_empty_database_gives_zero_buckets_or_none(client):
+    assert {(b["success"], b["duplicate"], b["error"]) for b in buckets_of(client)} == {(0, 0, 0)}
+    assert buckets_of(client, "?minutes=all") == []
+
+
+def test_outcome_from_a_clock_running_ahead_is_not_left_out(mongo_db, seed):
+    seed.outcome("success", minutes_ago=-2)
+
+    buckets = minute_buckets(mongo_db, 5, now=seed.now)
+
+    assert len(buckets) == 7 and buckets[-1].counts["success"] == 1
+
+
+@pytest.mark.parametrize("minutes", ["1", "1440", "007"])
+def test_window_bounds_are_accepted(client, minutes):
+    assert len(buckets_of(client, f"?minutes={minutes}")) == int(minutes)
+    assert client.get(f"/monitoring?minutes={minutes}").status_code == 200
+
+
+@pytest.mark.parametrize(
+    "minutes", ["0", "1441", "-1", "1.5", "abc", "1e3", " 60", "٣", "99999999999999999999", "%00"]
+)
+def test_window_out_of_bounds_is_400(client, minutes):
+    svg = client.get(f"/monitoring?minutes={minutes}")
+    json = client.get(f"/monitoring.json?minutes={minutes}")
+
+    assert svg.status_code == 400 and svg.mimetype == "text/html"
+    assert json.status_code == 400 and "1440" in json.get_json()["message"]
+
+
+def test_svg_chart_cannot_draw_everything(client):
+    assert client.get("/monitoring?minutes=all").status_code == 400
+
+
+def bars(svg: bytes) -> list[ET.Element]:
+    """The drawn bars (a <rect> with a positive height) of a pygal chart."""
+    root = ET.fromstring(svg)
+    return [
+        rect
+        for rect in root.iter(f"{SVG}rect")
+        if "rect" in (rect.get("class") or "").split() and float(rect.get("height", 0)) > 0
+    ]
+
+
+def test_svg_is_a_stacked_bar_chart_with_legend_labels_and_tooltips(client, seed):
+    seed.outcome("success", minutes_ago=3, count=5)
+    seed.outcome("duplicate", minutes_ago=3, count=2)
+    seed.outcome("error", minutes_ago=1, reason="http 500", count=3)
+
+    response = client.get("/monitoring?minutes=30")
+
+    assert response.status_code == 200 and response.mimetype == "image/svg+xml"
+    assert response.cache_control.no_cache
+    root = ET.fromstring(response.data)
+    assert root.tag == f"{SVG}svg"
+    assert len(bars(response.data)) == 3  # success and duplicate stacked in one minute, error in another
+    texts = {el.text for el in root.iter() if el.text}
+    assert {"success", "duplicate", "error"} <= texts  # the legend
+    assert any(t.startswith("Outcomes per minute (UTC)") for t in texts)
+    assert sum(1 for t in texts if len(t) == 5 and t[2] == ":") >= 5  # HH:MM minute labels
+    titles = [el.text for el in root.iter(f"{SVG}title") if el.text and "UTC —" in el.text]
+    assert sorted(t.split("— ")[1] for t in titles) == ["2 duplicate", "3 error", "5 success"]
+
+
+def test_svg_is_self_contained(client, seed):
+    seed.outcome("success")
+
+    response = client.get("/monitoring")
+
+    root = ET.fromstring(response.data)
+    assert not list(root.iter(f"{SVG}script"))
+    for element in root.iter():
+        for value in element.attrib.values():
+            assert not value.startswith(("http:", "https:", "//")), (element.tag, value)
+        if element.tag == f"{SVG}style":
+            assert "url(" not in (element.text or "") and "@import" not in (element.text or "")
+    assert "script-src" not in response.headers["Content-Security-Policy"]
+    assert response.headers["Content-Security-Policy"].startswith("default-src 'none'")
+
+
+def test_empty_database_gives_an_empty_chart(client):
+    response = client.get("/monitoring")
+
+    assert response.status_code == 200 and response.mimetype == "image/svg+xml"
+    assert bars(response.data) == []
