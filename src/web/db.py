@@ -4,7 +4,7 @@ Collections are reached only through :mod:`image_crawler.storage`'s accessors, s
 never spells a collection name. Every query here is served by an index that
 :func:`image_crawler.storage.ensure_indexes` creates:
 
-* per-minute counts — ``minute`` (a range scan over the window, grouped in MongoDB);
+* per-minute counts — ``minute_outcome`` (an index-only range scan over the window, grouped in MongoDB);
 * outcome totals and latest errors — ``outcome_ended``;
 * the gallery — ``inserted_at``;
 * one image — ``_id``.
@@ -78,7 +78,7 @@ def as_utc(moment: dt.datetime) -> dt.datetime:
 def count_by_minute(db: Database, since: dt.datetime | None = None) -> dict[dt.datetime, dict[str, int]]:
     """How many jobs ended in each outcome, per UTC minute from ``since`` (default: ever).
 
-    The grouping runs in MongoDB over the ``minute`` index: the answer has at most one row per
+    The grouping runs in MongoDB over the ``minute_outcome`` index: the answer has at most one row per
     minute and outcome, however many outcomes there are.
     """
     pipeline: list[dict[str, Any]] = [
