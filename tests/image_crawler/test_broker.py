@@ -1,0 +1,185 @@
+"""Dramatiq setup: one Redis for broker, results and group barriers; middleware in an order that matters."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from urllib.parse import urlsplit
+
+import dramatiq
+import pytest
+from dramatiq.brokers.redis import DEFAULT_HEARTBEAT_TIMEOUT, DEFAULT_MAINTENANCE_CHANCE, RedisBroker
+from dramatiq.middleware import AgeLimit, Callbacks, Pipelines, Retries, ShutdownNotifications, TimeLimit
+from dramatiq.middleware.group_callbacks import GroupCallbacks
+from dramatiq.results import Results
+from dramatiq.results.middleware import DEFAULT_RESULT_TTL
+
+from image_crawler import broker as broker_module
+from image_crawler.broker import create_broker, setup_broker
+from image_crawler.config import get_settings
+from image_crawler.middleware import RecordFailures
+
+
+@pytest.fixture
+def settings(redis_url):
+    return dataclasses.replace(get_settings(), redis_url=redis_url)
+
+
+@pytest.fixture
+def broker(settings):
+    created = create_broker(settings)
+    yield created
+    created.close()
+
+
+def _position(broker: RedisBroker, kind: type) -> int:
+    kinds = [type(middleware) for middleware in broker.middleware]
+    assert kinds.count(kind) == 1, kinds
+    return kinds.index(kind)
+
+
+def _middleware(broker: RedisBroker, kind: type):
+    return broker.middleware[_position(broker, kind)]
+
+
+def _address(client) -> tuple:
+    kwargs = client.connection_pool.connection_kwargs
+    return kwargs.get("host"), kwargs.get("port"), kwargs.get("db", 0)
+
+
+def test_the_broker_is_a_redis_broker_on_redis_url(broker, redis_url):
+    parts = urlsplit(redis_url)
+
+    assert isinstance(broker, RedisBroker)
+    assert _address(broker.client) == (parts.hostname, parts.port, 0)
+    assert broker.client.ping()
+
+
+def test_results_and_group_barriers_live_in_the_same_redis(broker):
+    results = _middleware(broker, Results)
+    groups = _middleware(broker, GroupCallbacks)
+
+    assert _address(results.backend.client) == _address(broker.client)
+    assert _address(groups.rate_limiter_backend.client) == _address(broker.client)
+
+
+def test_group_callbacks_come_before_results_so_results_are_stored_first(broker):
+    assert _position(broker, GroupCallbacks) < _position(broker, Results)
+
+
+def test_record_failures_comes_before_retries_so_it_sees_their_verdict(broker):
+    assert _position(broker, RecordFailures) < _position(broker, Retries)
+    assert _middleware(broker, RecordFailures).actor_name == "record_failure"
+
+
+def test_the_broker_has_exactly_the_pipeline_middleware(broker):
+    assert [type(middleware) for middleware in broker.middleware] == [
+        AgeLimit,
+        TimeLimit,
+        ShutdownNotifications,
+        Callbacks,
+        Pipelines,
+        GroupCallbacks,
+        Results,
+        RecordFailures,
+        Retries,
+    ]
+
+
+def test_a_dead_worker_is_noticed_within_seconds_not_minutes(broker):
+    assert broker.heartbeat_timeout == broker_module.HEARTBEAT_TIMEOUT_MS
+    assert broker.maintenance_chance == broker_module.MAINTENANCE_CHANCE
+    # Dramatiq's defaults (60 s, 1 command in 1,000 checks) strand a dead worker's messages for minutes.
+    assert broker.heartbeat_timeout <= 30_000 < DEFAULT_HEARTBEAT_TIMEOUT
+    assert broker.maintenance_chance >= 10_000 > DEFAULT_MAINTENANCE_CHANCE
+
+
+def test_results_outlive_dramatiqs_ten_minute_default(broker):
+    assert _middleware(broker, Results).result_ttl == broker_module.RESULT_TTL_MS
+    assert broker_module.RESULT_TTL_MS > DEFAULT_RESULT_TTL == 10 * 60 * 1000
+
+
+def test_retries_back_off_from_one_second(broker):
+    retries = _middleware(broker, Retries)
+
+    assert (retries.min_backoff, retries.max_backoff) == (1_000, 60_000)
+
+
+def test_each_call_creates_a_new_broker(settings, broker):
+    other = create_broker(settings)
+    try:
+        assert other is not broker
+        assert other.broker_id != broker.broker_id
+    finally:
+        other.close()
+
+
+def test_setup_broker_makes_it_the_global_broker(settings):
+    previous = dramatiq.get_broker()
+    created = setup_broker(settings)
+    try:
+        assert dramatiq.get_broker() is created
+    finally:
+        dramatiq.set_broker(previous)
+        created.close()
+
+
+def test_the_actors_are_bound_to_the_global_broker_with_follow_up_work_first():
+    from image_crawler import actors
+
+    assert dramatiq.get_broker() is actors.broker
+    fetch = actors.broker.get_actor("fetch")
+    assert (fetch.queue_name, fetch.priority) == (broker_module.FETCH_QUEUE, 100)
+    for name in ("md5", "grayscale", "collect", "record_failure"):
+        actor = actors.broker.get_actor(name)
+        assert (actor.queue_name, actor.priority) == (broker_module.PROCESS_QUEUE, 0), name
+    assert actors.md5.options["store_results"] is True
+    assert actors.grayscale.options["store_results"] is True
+
+
+# --- sending a batch in one round trip ---------------------------------------------------
+
+_QUEUE = "pipelined-test"
+
+
+@pytest.fixture
+def queued(broker):
+    broker.declare_queue(_QUEUE)
+    broker.flush(_QUEUE)
+    yield lambda: broker.client.hlen(f"{broker.namespace}:{_QUEUE}.msgs")
+    broker.flush(_QUEUE)
+
+
+def _message(n: int) -> dramatiq.Message:
+    return dramatiq.Message(queue_name=_QUEUE, actor_name="nothing", args=(n,), kwargs={}, options={})
+
+
+def test_messages_sent_in_a_pipelined_block_arrive_together_at_its_end(broker, queued):
+    with broker.pipelined():
+        for n in range(3):
+            broker.enqueue(_message(n))
+        assert queued() == 0
+
+    assert queued() == 3
+    assert broker.do_qsize(_QUEUE) == 3
+
+
+def test_a_failing_pipelined_block_sends_nothing_and_leaves_the_broker_usable(broker, queued):
+    with pytest.raises(RuntimeError), broker.pipelined():
+        broker.enqueue(_message(1))
+        raise RuntimeError("the file could not be read")
+
+    assert queued() == 0
+    broker.enqueue(_message(2))
+    assert queued() == 1
+
+
+def test_a_pipelined_block_does_not_capture_other_threads(broker, queued):
+    seen = []
+
+    with broker.pipelined():
+        other = threading.Thread(target=lambda: seen.append(broker.do_qsize(_QUEUE)))
+        other.start()
+        other.join()
+
+    assert seen == [0]

@@ -1,0 +1,350 @@
+"""The ``image-crawler`` command, as a user runs it: enqueue a list, wait for it, read the totals.
+
+MongoDB is mongomock here (no server can run on these machines): ``storage.get_database`` is
+pointed at the test's database. Redis, the broker and the worker are real.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from click.testing import CliRunner
+
+from image_crawler import outcomes, storage
+from image_crawler.broker import FETCH_QUEUE
+from image_crawler.cli import enqueue_lines, main, summary_line
+from image_crawler.config import get_settings
+from image_crawler.outcomes import Job
+from support.http_server import LocalHttpServer
+from support.images import png_bytes
+
+_ENQUEUED = re.compile(
+    r"^run (\w+): enqueued (\d+) urls \((\d+) rejected lines, (\d+) blank or comment lines skipped\)$"
+)
+
+
+@pytest.fixture
+def db(mongo_db, monkeypatch):
+    """The database the command will use."""
+    monkeypatch.setattr(storage, "get_database", lambda settings: mongo_db)
+    return mongo_db
+
+
+@pytest.fixture
+def no_workers(redis_url):
+    """The broker with nobody consuming; whatever a test leaves on its queues is thrown away."""
+    from image_crawler import actors
+
+    actors.broker.flush_all()
+    yield actors.broker
+    actors.broker.flush_all()
+
+
+@pytest.fixture
+def server():
+    with LocalHttpServer() as running:
+        yield running
+
+
+@pytest.fixture
+def run_cli():
+    runner = CliRunner()
+
+    def invoke(*args: str, input: bytes | None = None):
+        return runner.invoke(main, list(args), input=input)
+
+    return invoke
+
+
+def _enqueued(output: str) -> tuple[str, int, int, int]:
+    """Run id, enqueued, rejected and skipped from enqueue's first line of output."""
+    match = _ENQUEUED.match(output.splitlines()[0])
+    assert match, output
+    run, *numbers = match.groups()
+    return run, *map(int, numbers)
+
+
+def _queued_fetches(broker) -> int:
+    """Fetch messages waiting in Redis."""
+    return broker.client.hlen(f"{broker.namespace}:{FETCH_QUEUE}.msgs")
+
+
+def _last_line(output: str) -> str:
+    return output.rstrip("\n").splitlines()[-1]
+
+
+# --- enqueue ----------------------------------------------------------------------------
+
+
+def test_enqueue_a_file_and_wait_for_the_summary(make_pipeline, db, server, tmp_path, run_cli):
+    make_pipeline(threads=4)
+    server.add("/a.png", png_bytes(30, 20, seed=1), content_type="image/png")
+    server.add("/b.png", png_bytes(30, 20, seed=2), content_type="image/png")
+    urls = tmp_path / "urls.txt"
+    lines = [
+        "# images for the test",
+        "",
+        server.url("/a.png"),
+        server.url("/b.png"),
+        server.url("/gone"),
+        "nope",
+    ]
+    urls.write_bytes("\r\n".join(lines).encode() + b"\r\n")  # a file saved on Windows
+
+    result = run_cli("enqueue", str(urls), "--wait", "--timeout", "60")
+
+    assert result.exit_code == 0, result.output
+    run, enqueued, rejected, skipped = _enqueued(result.stdout)
+    assert (enqueued, rejected, skipped) == (3, 1, 2)
+    assert _last_line(result.stdout) == "done: 4 urls — 2 success, 0 duplicate, 2 error"
+    reasons = {entry["line"]: entry["reason"] for entry in storage.outcomes(db).find({"run": run})}
+    assert reasons == {3: None, 4: None, 5: "http 404", 6: "not an http(s) url"}
+
+
+def test_enqueue_from_stdin(make_pipeline, db, server, run_cli):
+    make_pipeline(threads=4)
+    body = png_bytes(25, 25, seed=3)
+    server.add("/one.png", body, content_type="image/png")
+    server.add("/same-bytes.png", body, content_type="image/png")
+    text = f"{server.url('/one.png')}\n\n{server.url('/same-bytes.png')}\n"
+
+    result = run_cli("enqueue", "-", "--wait", "--timeout", "60", input=text.encode())
+
+    assert result.exit_code == 0, result.output
+    assert _enqueued(result.stdout)[1:] == (2, 0, 1)
+    assert _last_line(result.stdout) == "done: 2 urls — 1 success, 1 duplicate, 0 error"
+
+
+def test_without_wait_enqueue_returns_after_sending(db, no_workers, run_cli):
+    result = run_cli("enqueue", "-", input=b"http://example.com/a.png\nhttp://example.com/b.png\n")
+
+    assert result.exit_code == 0, result.output
+    run, enqueued, rejected, skipped = _enqueued(result.stdout)
+    assert (enqueued, rejected, skipped) == (2, 0, 0)
+    assert len(result.stdout.splitlines()) == 1
+    assert _queued_fetches(no_workers) == 2
+    assert outcomes.count_outcomes(db, run) == {"success": 0, "duplicate": 0, "error": 0}
+
+
+def test_blank_and_comment_lines_are_not_jobs(db, no_workers, run_cli):
+    text = b"# header\n\n   \n\t\n  # indented comment\n#http://example.com/commented-out.png\n"
+
+    result = run_cli("enqueue", "-", "--wait", input=text)
+
+    assert result.exit_code == 0, result.output
+    run, enqueued, rejected, skipped = _enqueued(result.stdout)
+    assert (enqueued, rejected, skipped) == (0, 0, 6)
+    assert storage.outcomes(db).count_documents({"run": run}) == 0
+    assert _queued_fetches(no_workers) == 0
+
+
+def test_a_line_that_is_not_utf8_ends_in_an_error_outcome(db, no_workers, run_cli):
+    result = run_cli("enqueue", "-", "--wait", input=b"http://example.com/caf\xe9.png\n")
+
+    assert result.exit_code == 0, result.output
+    run, enqueued, rejected, _ = _enqueued(result.stdout)
+    assert (enqueued, rejected) == (0, 1)
+    assert _last_line(result.stdout) == "done: 1 urls — 0 success, 0 duplicate, 1 error"
+    entry = outcomes.get_outcome(db, f"{run}:1")
+    assert (entry["outcome"], entry["reason"]) == ("error", "invalid utf-8")
+    assert entry["url"] == "http://example.com/caf\ufffd.png"
+
+
+def test_a_100_kb_line_ends_in_error_with_its_url_truncated(db, no_workers, run_cli):
+    line = "http://example.com/" + "a" * 100_000
+
+    result = run_cli("enqueue", "-", "--wait", input=f"# a very long line\n{line}\n".encode())
+
+    assert result.exit_code == 0, result.output
+    run, enqueued, rejected, _ = _enqueued(result.stdout)
+    assert (enqueued, rejected) == (0, 1)
+    assert _last_line(result.stdout) == "done: 1 urls — 0 success, 0 duplicate, 1 error"
+    entry = outcomes.get_outcome(db, f"{run}:2")
+    assert (entry["outcome"], entry["reason"]) == ("error", "url too long")
+    assert entry["url"].startswith(line[: outcomes.MAX_STORED_URL])
+    assert entry["url"].endswith(f"({len(line)} characters)")
+    assert len(entry["url"]) < 2 * outcomes.MAX_STORED_URL
+
+
+def test_an_empty_file_enqueues_nothing_and_wait_returns_at_once(db, no_workers, tmp_path, run_cli):
+    empty = tmp_path / "empty.txt"
+    empty.write_bytes(b"")
+
+    started = time.monotonic()
+    result = run_cli("enqueue", str(empty), "--wait")
+
+    assert result.exit_code == 0, result.output
+    assert _enqueued(result.stdout)[1:] == (0, 0, 0)
+    assert _last_line(result.stdout) == "done: 0 urls — 0 success, 0 duplicate, 0 error"
+    assert time.monotonic() - started < 5
+
+
+def test_wait_with_a_timeout_and_no_workers_gives_up_with_a_clear_message(db, no_workers, run_cli):
+    started = time.monotonic()
+    result = run_cli("enqueue", "-", "--wait", "--timeout", "1", input=b"http://example.com/a.png\n")
+
+    assert result.exit_code == 1
+    assert 1 <= time.monotonic() - started < 10
+    assert result.stderr == "Error: gave up after 1 s: 1 urls still have no outcome\n"
+
+
+def test_a_missing_file_is_a_usage_error(db, run_cli, tmp_path):
+    result = run_cli("enqueue", str(tmp_path / "nowhere.txt"))
+
+    assert result.exit_code == 2
+    assert "nowhere.txt" in result.stderr
+
+
+def test_a_negative_timeout_is_a_usage_error(db, run_cli):
+    result = run_cli("enqueue", "-", "--wait", "--timeout", "-1", input=b"")
+
+    assert result.exit_code == 2
+    assert "--timeout" in result.stderr
+
+
+def test_enqueue_holds_back_while_max_in_flight_jobs_are_unfinished(db, no_workers):
+    lines = "".join(f"http://example.com/{n}.png\n" for n in range(1500)).encode()
+    reports = []
+    sender = threading.Thread(
+        target=lambda: reports.append(
+            enqueue_lines(io.BytesIO(lines), db, run="held", max_in_flight=1000, poll_interval=0.02)
+        ),
+        daemon=True,
+    )
+    sender.start()
+    deadline = time.monotonic() + 20
+    while _queued_fetches(no_workers) < 1000 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)
+
+    held_at = _queued_fetches(no_workers)
+    assert sender.is_alive()
+    assert 1000 <= held_at < 1500
+
+    ended = [Job.new("held", line, f"http://example.com/{line - 1}.png") for line in range(1, held_at + 1)]
+    outcomes.record_outcomes(
+        db, [outcomes.outcome_document(job, outcomes.ERROR, reason="x") for job in ended]
+    )
+    sender.join(timeout=20)
+
+    assert not sender.is_alive()
+    assert reports[0].enqueued == 1500
+    assert _queued_fetches(no_workers) == 1500
+
+
+def test_a_file_saved_with_a_byte_order_mark_keeps_its_first_url(db, no_workers, run_cli):
+    result = run_cli(
+        "enqueue", "-", input=b"\xef\xbb\xbfhttp://example.com/a.png\nhttp://example.com/b.png\n"
+    )
+
+    assert result.exit_code == 0, result.output
+    assert _enqueued(result.stdout)[1:] == (2, 0, 0)
+
+
+def test_a_byte_order_mark_later_in_the_file_is_not_a_url(db, no_workers, run_cli):
+    result = run_cli("enqueue", "-", "--wait", input=b"# list\n\xef\xbb\xbfhttp://example.com/a.png\n")
+
+    assert result.exit_code == 0, result.output
+    run, enqueued, rejected, _ = _enqueued(result.stdout)
+    assert (enqueued, rejected) == (0, 1)
+    assert outcomes.get_outcome(db, f"{run}:2")["reason"] == "not an http(s) url"
+
+
+# --- status -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def ledger(db):
+    def record(run, line, outcome, reason=None):
+        outcomes.record_outcome(db, Job.new(run, line, f"http://example.com/{line}"), outcome, reason=reason)
+
+    record("first", 1, outcomes.SUCCESS)
+    record("first", 2, outcomes.DUPLICATE)
+    record("first", 3, outcomes.ERROR, "http 404")
+    record("first", 4, outcomes.ERROR, "http 404")
+    record("first", 5, outcomes.ERROR, "timeout")
+    record("second", 1, outcomes.SUCCESS)
+    record("second", 2, outcomes.ERROR, "not an image")
+    return db
+
+
+def test_status_shows_totals_and_the_most_frequent_error_reasons(ledger, run_cli):
+    result = run_cli("status")
+
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0] == "done: 7 urls — 2 success, 1 duplicate, 4 error"
+    assert lines[1] == "         2  http 404"
+    assert sorted(lines[2:]) == ["         1  not an image", "         1  timeout"]
+
+
+def test_status_of_one_run(ledger, run_cli):
+    result = run_cli("status", "--run", "second")
+
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines() == [
+        "done: 2 urls — 1 success, 0 duplicate, 1 error",
+        "         1  not an image",
+    ]
+
+
+def test_status_of_an_empty_database(db, run_cli):
+    result = run_cli("status")
+
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "done: 0 urls — 0 success, 0 duplicate, 0 error\n"
+
+
+def test_summary_line_names_every_outcome():
+    assert (
+        summary_line(544, {"success": 401, "error": 44})
+        == "done: 544 urls — 401 success, 0 duplicate, 44 error"
+    )
+
+
+# --- settings ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def bad_setting(monkeypatch):
+    get_settings.cache_clear()
+    monkeypatch.setenv("FETCH_RETRIES", "x")
+    yield
+    monkeypatch.undo()
+    get_settings.cache_clear()
+
+
+@pytest.mark.parametrize("args", [("status",), ("enqueue", "-", "--wait")])
+def test_a_bad_setting_is_a_clean_error_not_a_traceback(bad_setting, db, run_cli, args):
+    result = run_cli(*args, input=b"http://example.com/a.png\n")
+
+    assert result.exit_code in (1, 2)
+    assert isinstance(result.exception, SystemExit)
+    assert result.stderr == "Error: FETCH_RETRIES='x' is invalid: must be an integer in [0, 100]\n"
+    assert result.stdout == ""
+
+
+def test_a_bad_setting_stops_the_real_command_with_one_line(tmp_path):
+    env = {**os.environ, "FETCH_RETRIES": "x"}
+
+    finished = subprocess.run(
+        [sys.executable, "-m", "image_crawler", "status"], env=env, capture_output=True, text=True, timeout=60
+    )
+
+    assert finished.returncode in (1, 2)
+    assert finished.stderr == "Error: FETCH_RETRIES='x' is invalid: must be an integer in [0, 100]\n"
+    assert finished.stdout == ""
+
+
+def test_version(run_cli):
+    result = run_cli("--version")
+
+    assert result.exit_code == 0
+    assert re.fullmatch(r".+, version \d+\.\d+\S*\n", result.stdout)

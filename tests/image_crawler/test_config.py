@@ -1,0 +1,170 @@
+"""Settings come from the environment, once, and a bad value is refused by name."""
+
+from __future__ import annotations
+
+import pytest
+
+from image_crawler.config import ConfigError, Settings, get_settings, load_settings
+
+
+def test_an_empty_environment_gives_the_documented_defaults():
+    settings = load_settings({})
+
+    assert settings == Settings()
+    assert settings.redis_url == "redis://localhost:6379/0"
+    assert settings.mongo_uri == "mongodb://localhost:27017/image_crawler"
+    assert settings.mongo_database == "image_crawler"
+    assert settings.fetch_timeout == 30.0
+    assert settings.fetch_retries == 3
+    assert settings.fetch_max_bytes == 50 * 1024 * 1024
+    assert settings.fetch_max_redirects == 5
+    assert settings.fetch_allow_private is False
+    assert settings.max_image_pixels == 50_000_000
+    assert settings.png_compress_level == 6
+    assert settings.claim_ttl == 3600
+
+
+@pytest.mark.parametrize(
+    ("variable", "raw", "field", "expected"),
+    [
+        ("REDIS_URL", "redis://cache.internal:6380/2", "redis_url", "redis://cache.internal:6380/2"),
+        ("REDIS_URL", "rediss://secure:6380/0", "redis_url", "rediss://secure:6380/0"),
+        ("REDIS_URL", "unix:///run/redis.sock", "redis_url", "unix:///run/redis.sock"),
+        ("MONGO_URI", "mongodb://db.internal:27018/crawl", "mongo_uri", "mongodb://db.internal:27018/crawl"),
+        (
+            "MONGO_URI",
+            "mongodb+srv://cluster.example.com/crawl",
+            "mongo_uri",
+            "mongodb+srv://cluster.example.com/crawl",
+        ),
+        ("FETCH_TIMEOUT", "2.5", "fetch_timeout", 2.5),
+        ("FETCH_TIMEOUT", "7", "fetch_timeout", 7.0),
+        ("FETCH_RETRIES", "0", "fetch_retries", 0),
+        ("FETCH_RETRIES", "12", "fetch_retries", 12),
+        ("FETCH_MAX_BYTES", "1048576", "fetch_max_bytes", 1_048_576),
+        ("FETCH_MAX_REDIRECTS", "0", "fetch_max_redirects", 0),
+        ("FETCH_ALLOW_PRIVATE", "1", "fetch_allow_private", True),
+        ("FETCH_ALLOW_PRIVATE", "true", "fetch_allow_private", True),
+        ("FETCH_ALLOW_PRIVATE", "0", "fetch_allow_private", False),
+        ("FETCH_ALLOW_PRIVATE", "no", "fetch_allow_private", False),
+        ("MAX_IMAGE_PIXELS", "1000", "max_image_pixels", 1000),
+        ("PNG_COMPRESS_LEVEL", "0", "png_compress_level", 0),
+        ("PNG_COMPRESS_LEVEL", "9", "png_compress_level", 9),
+        ("CLAIM_TTL", "600", "claim_ttl", 600),
+    ],
+)
+def test_each_variable_sets_its_field(variable, raw, field, expected):
+    settings = load_settings({variable: raw})
+
+    assert getattr(settings, field) == expected
+    untouched = {name: value for name, value in vars(Settings()).items() if name != field}
+    assert {name: getattr(settings, name) for name in untouched} == untouched
+
+
+def test_surrounding_whitespace_is_ignored_and_blank_means_default():
+    settings = load_settings({"FETCH_RETRIES": " 7 \n", "FETCH_TIMEOUT": "   ", "MAX_IMAGE_PIXELS": ""})
+
+    assert settings.fetch_retries == 7
+    assert settings.fetch_timeout == Settings().fetch_timeout
+    assert settings.max_image_pixels == Settings().max_image_pixels
+
+
+def test_variables_are_read_by_their_upper_case_names_only():
+    assert (
+        load_settings({"fetch_retries": "9", "FetchRetries": "9"}).fetch_retries == Settings().fetch_retries
+    )
+
+
+@pytest.mark.parametrize(
+    ("variable", "raw"),
+    [
+        ("FETCH_TIMEOUT", "abc"),
+        ("FETCH_TIMEOUT", "0"),
+        ("FETCH_TIMEOUT", "-1"),
+        ("FETCH_TIMEOUT", "nan"),
+        ("FETCH_RETRIES", "-1"),
+        ("FETCH_RETRIES", "2.5"),
+        ("FETCH_RETRIES", "101"),
+        ("FETCH_MAX_BYTES", "0"),
+        ("FETCH_MAX_REDIRECTS", "many"),
+        ("FETCH_ALLOW_PRIVATE", "maybe"),
+        ("FETCH_ALLOW_PRIVATE", "2"),
+        ("MAX_IMAGE_PIXELS", "-5"),
+        ("PNG_COMPRESS_LEVEL", "10"),
+        ("PNG_COMPRESS_LEVEL", "-1"),
+        ("CLAIM_TTL", "59"),
+        ("MONGO_URI", "http://x"),
+        ("MONGO_URI", "localhost:27017"),
+        ("REDIS_URL", "http://localhost:6379"),
+    ],
+)
+def test_an_invalid_value_is_refused_naming_the_variable_and_the_value(variable, raw):
+    with pytest.raises(ConfigError) as caught:
+        load_settings({variable: raw})
+
+    message = str(caught.value)
+    assert message.startswith(f"{variable}={raw!r} is invalid: ")
+    assert "must be" in message
+
+
+@pytest.mark.parametrize("raw", ["inf", "1e308", "3601"])
+def test_a_fetch_timeout_the_workers_cannot_turn_into_a_time_limit_is_refused(raw):
+    # actors.py turns FETCH_TIMEOUT into an integer time limit: inf used to crash every worker at import.
+    with pytest.raises(ConfigError, match=f"FETCH_TIMEOUT={raw!r}"):
+        load_settings({"FETCH_TIMEOUT": raw})
+
+
+def test_the_longest_fetch_timeout_is_an_hour():
+    assert load_settings({"FETCH_TIMEOUT": "3600"}).fetch_timeout == 3600.0
+
+
+def test_config_error_is_a_value_error():
+    assert issubclass(ConfigError, ValueError)
+
+
+@pytest.mark.parametrize(
+    ("uri", "database"),
+    [
+        ("mongodb://localhost:27017/crawl", "crawl"),
+        ("mongodb://user:secret@db1:27017,db2:27017/crawl?replicaSet=rs0&authSource=admin", "crawl"),
+        ("mongodb+srv://cluster.example.com/crawl?retryWrites=true", "crawl"),
+        ("mongodb://localhost:27017/", "image_crawler"),
+        ("mongodb://localhost:27017", "image_crawler"),
+        ("mongodb://localhost:27017/?replicaSet=rs0", "image_crawler"),
+        ("mongodb://localhost:27017?replicaSet=rs0", "image_crawler"),
+    ],
+)
+def test_the_database_is_the_path_of_the_mongo_uri(uri, database):
+    assert load_settings({"MONGO_URI": uri}).mongo_database == database
+
+
+def test_settings_are_frozen():
+    with pytest.raises(AttributeError):
+        Settings().fetch_retries = 9  # type: ignore[misc]
+
+
+def test_get_settings_reads_the_environment_once(monkeypatch):
+    get_settings.cache_clear()
+    try:
+        monkeypatch.setenv("FETCH_MAX_REDIRECTS", "7")
+        first = get_settings()
+        monkeypatch.setenv("FETCH_MAX_REDIRECTS", "9")
+
+        assert first.fetch_max_redirects == 7
+        assert get_settings() is first
+        get_settings.cache_clear()
+        assert get_settings().fetch_max_redirects == 9
+    finally:
+        monkeypatch.undo()
+        get_settings.cache_clear()
+
+
+def test_get_settings_raises_config_error_for_a_bad_environment(monkeypatch):
+    get_settings.cache_clear()
+    try:
+        monkeypatch.setenv("FETCH_RETRIES", "x")
+        with pytest.raises(ConfigError, match="FETCH_RETRIES='x'"):
+            get_settings()
+    finally:
+        monkeypatch.undo()
+        get_settings.cache_clear()

@@ -1,0 +1,269 @@
+"""Retry policy and RecordFailures: transient errors are retried, the rest end in one error outcome."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+
+import dramatiq
+import pymongo.errors
+import pytest
+import redis.exceptions
+from dramatiq.broker import MessageProxy
+from dramatiq.middleware import TimeLimitExceeded
+from dramatiq.results import ResultFailure, Results
+
+from image_crawler import errors, outcomes, storage
+from image_crawler.broker import PROCESS_QUEUE
+from image_crawler.middleware import RecordFailures, is_transient, reason_for, retry_transient
+from image_crawler.outcomes import Job
+
+# --- which failures are worth another try, and what they leave in the outcome ----------
+
+
+@pytest.mark.parametrize(
+    ("exception", "transient", "reason"),
+    [
+        (errors.HttpStatusError(404), False, "http 404"),
+        (errors.HttpStatusError(400), False, "http 400"),
+        (errors.HttpStatusError(503), True, "http 503"),
+        (errors.HttpStatusError(500), True, "http 500"),
+        (errors.HttpStatusError(429), True, "http 429"),
+        (errors.HttpStatusError(408), True, "http 408"),
+        (errors.FetchTimeout(), True, "timeout"),
+        (errors.ConnectionFailed("connection reset"), True, "connection reset"),
+        (errors.TooLarge(), False, "too large"),
+        (errors.TooManyRedirects(), False, "too many redirects"),
+        (errors.InvalidUrl("not an http(s) url"), False, "not an http(s) url"),
+        (errors.ForbiddenAddress("private address"), False, "private address"),
+        (errors.NotAnImage(), False, "not an image"),
+        (errors.TruncatedImage(), False, "truncated image"),
+        (errors.TooManyPixels("too many pixels: 1100x1000"), False, "too many pixels: 1100x1000"),
+        (errors.ClaimExpired("body expired"), False, "body expired"),
+        (errors.ResultMissing("md5 result missing"), True, "md5 result missing"),
+        (errors.StoreBusy("grayscale file being written by another worker"), True, None),
+        (redis.exceptions.ConnectionError("Connection refused"), True, "redis unavailable"),
+        (redis.exceptions.TimeoutError("Timeout reading from socket"), True, "redis unavailable"),
+        (pymongo.errors.AutoReconnect("connection closed"), True, "mongodb unavailable"),
+        (pymongo.errors.ServerSelectionTimeoutError("no servers"), True, "mongodb unavailable"),
+        (pymongo.errors.DuplicateKeyError("E11000"), False, "internal error: DuplicateKeyError"),
+        (TimeLimitExceeded(), False, "time limit exceeded"),
+        (KeyError("width"), False, "internal error: KeyError"),
+        (ValueError("boom"), False, "internal error: ValueError"),
+    ],
+    ids=lambda value: type(value).__name__ if isinstance(value, BaseException) else None,
+)
+def test_each_failure_is_classified_with_a_short_reason(exception, transient, reason):
+    assert is_transient(exception) is transient
+    if reason is not None:
+        assert reason_for(exception) == reason
+
+
+def test_the_reason_of_a_crawl_error_is_its_own_not_its_message_text():
+    error = errors.FetchError("dns lookup failed")
+
+    assert reason_for(error) == "dns lookup failed"
+    assert not is_transient(error)
+
+
+def test_retry_transient_retries_transient_errors_up_to_the_max():
+    retry_when = retry_transient(3)
+    busy = errors.StoreBusy("busy")
+
+    assert [retry_when(retries, busy) for retries in range(5)] == [True, True, True, False, False]
+
+
+def test_retry_transient_never_retries_a_permanent_error():
+    retry_when = retry_transient(3)
+
+    assert retry_when(0, errors.HttpStatusError(404)) is False
+    assert retry_when(0, KeyError("id")) is False
+
+
+def test_retry_transient_with_no_retries_gives_up_at_once():
+    assert retry_transient(0)(0, errors.FetchTimeout()) is False
+
+
+# --- RecordFailures, with a stand-in broker --------------------------------------------
+
+
+class _Recorder:
+    def __init__(self, fail: bool = False) -> None:
+        self.sent: list[tuple] = []
+        self.fail = fail
+
+    def send(self, *args):
+        if self.fail:
+            raise redis.exceptions.ConnectionError("Connection refused")
+        self.sent.append(args)
+
+
+class _Broker:
+    def __init__(self, recorder: _Recorder) -> None:
+        self.recorder = recorder
+        self.asked: list[str] = []
+
+    def get_actor(self, name: str) -> _Recorder:
+        self.asked.append(name)
+        return self.recorder
+
+
+@pytest.fixture
+def logged():
+    """Messages the middleware logs (works with ``-p no:logging`` too, unlike caplog)."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger = logging.getLogger("image_crawler.middleware")
+    logger.addHandler(handler)
+    yield lambda: "\n".join(record.getMessage() for record in records)
+    logger.removeHandler(handler)
+
+
+_JOB = Job.new("run", 3, "http://example.com/a.png").to_message()
+
+
+def _message(actor_name: str, *, failed: bool, args: tuple = (_JOB,)) -> MessageProxy:
+    proxy = MessageProxy(dramatiq.Message(PROCESS_QUEUE, actor_name, args, {}, {}))
+    if failed:
+        proxy.fail()
+    return proxy
+
+
+def test_a_message_that_failed_for_good_is_handed_on_with_its_reason():
+    broker = _Broker(_Recorder())
+
+    RecordFailures().after_process_message(
+        broker, _message("grayscale", failed=True), exception=errors.NotAnImage()
+    )
+
+    assert broker.asked == ["record_failure"]
+    assert broker.recorder.sent == [(_JOB, "not an image")]
+
+
+def test_an_internal_error_is_handed_on_too():
+    broker = _Broker(_Recorder())
+
+    RecordFailures().after_process_message(broker, _message("collect", failed=True), exception=KeyError("x"))
+
+    assert broker.recorder.sent == [(_JOB, "internal error: KeyError")]
+
+
+def test_a_message_that_will_be_retried_is_not_handed_on():
+    broker = _Broker(_Recorder())
+
+    RecordFailures().after_process_message(
+        broker, _message("fetch", failed=False), exception=errors.HttpStatusError(503)
+    )
+
+    assert broker.recorder.sent == []
+
+
+def test_a_message_that_succeeded_is_not_handed_on():
+    broker = _Broker(_Recorder())
+
+    RecordFailures().after_process_message(broker, _message("md5", failed=False), result="abc")
+
+    assert broker.recorder.sent == []
+
+
+def test_a_failure_of_the_recording_actor_itself_is_only_logged(logged):
+    broker = _Broker(_Recorder())
+    message = _message("record_failure", failed=True, args=(_JOB, "http 404"))
+
+    RecordFailures().after_process_message(
+        broker, message, exception=pymongo.errors.ServerSelectionTimeoutError("no servers")
+    )
+
+    assert broker.recorder.sent == []
+    assert "Could not record the failure of job" in logged()
+
+
+def test_a_failure_that_cannot_be_sent_is_logged_not_raised(logged):
+    broker = _Broker(_Recorder(fail=True))
+
+    RecordFailures().after_process_message(
+        broker, _message("fetch", failed=True), exception=errors.TooLarge()
+    )
+
+    assert "Could not send the failure of job" in logged()
+
+
+def test_the_recording_actor_name_is_a_parameter():
+    broker = _Broker(_Recorder())
+
+    RecordFailures("note_error").after_process_message(
+        broker, _message("fetch", failed=True), exception=errors.TooLarge()
+    )
+
+    assert broker.asked == ["note_error"]
+
+
+# --- RecordFailures in a real worker ---------------------------------------------------
+
+
+def _job() -> dict:
+    return Job.new(uuid.uuid4().hex[:12], 1, "http://example.com/a.png").to_message()
+
+
+def _settle(pipeline) -> None:
+    """Wait until the worker has nothing left to do (record_failure messages included)."""
+    pipeline.broker.join(PROCESS_QUEUE, timeout=20_000)
+    pipeline.worker.join()
+
+
+def _result_backend(broker):
+    return next(middleware.backend for middleware in broker.middleware if isinstance(middleware, Results))
+
+
+def test_a_group_member_that_fails_for_good_gives_exactly_one_error_outcome(make_pipeline):
+    from image_crawler import actors
+
+    pipeline = make_pipeline(threads=4)
+    job = _job()  # its body was never parked: both members find the claim check expired
+    members = [actors.md5.send(job), actors.grayscale.send(job)]
+
+    for member in members:
+        with pytest.raises(ResultFailure, match="body expired"):
+            member.get_result(backend=_result_backend(pipeline.broker), block=True, timeout=20_000)
+    pipeline.wait_for(job["run"], 1, timeout=20)
+    _settle(pipeline)
+
+    ledger = list(storage.outcomes(pipeline.db).find({"run": job["run"]}))
+    assert [(entry["outcome"], entry["reason"]) for entry in ledger] == [("error", "body expired")]
+    assert storage.images(pipeline.db).count_documents({}) == 0
+
+
+def test_a_collector_without_member_results_raises_a_transient_result_missing(make_pipeline):
+    from image_crawler import actors
+
+    make_pipeline(threads=1)
+    job = _job()
+    members = {"md5": uuid.uuid4().hex, "grayscale": uuid.uuid4().hex}
+
+    with pytest.raises(errors.ResultMissing) as caught:
+        actors.collect.fn(job, {"content_type": "image/png", "byte_size": 10}, members)
+
+    assert caught.value.reason == "md5 result missing"
+    assert is_transient(caught.value)
+    assert retry_transient(10)(9, caught.value) is True
+
+
+def test_a_collector_without_member_results_ends_in_error_once_retries_run_out(make_pipeline):
+    """The collector retries ResultMissing 10 times with backoff up to 120 s; the message is sent
+    as if those retries were spent (``retries=10`` in its options) to reach the final verdict now."""
+    from image_crawler import actors
+
+    pipeline = make_pipeline(threads=2)
+    job = _job()
+    members = {"md5": uuid.uuid4().hex, "grayscale": uuid.uuid4().hex}
+
+    actors.collect.send_with_options(
+        args=(job, {"content_type": "image/png", "byte_size": 10}, members), retries=10
+    )
+    pipeline.wait_for(job["run"], 1, timeout=20)
+    _settle(pipeline)
+
+    ledger = list(storage.outcomes(pipeline.db).find({"run": job["run"]}))
+    assert [(entry["outcome"], entry["reason"]) for entry in ledger] == [("error", "md5 result missing")]
+    assert outcomes.count_outcomes(pipeline.db, job["run"]) == {"success": 0, "duplicate": 0, "error": 1}

@@ -1,0 +1,232 @@
+"""The job ledger: one terminal outcome per job, the first one recorded wins."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import uuid
+
+import pytest
+
+from image_crawler import outcomes, storage
+from image_crawler.broker import PROCESS_QUEUE
+from image_crawler.outcomes import Job
+from support.images import png_bytes
+
+
+@pytest.fixture
+def db(mongo_db):
+    storage.ensure_indexes(mongo_db)
+    return mongo_db
+
+
+def _errors(run: str, lines: range, reason: str = "http 404") -> list[dict]:
+    return [
+        outcomes.outcome_document(Job.new(run, n, f"http://example.com/{n}"), outcomes.ERROR, reason=reason)
+        for n in lines
+    ]
+
+
+def test_a_job_is_identified_by_run_and_line_and_survives_a_message():
+    job = Job.new("abc123", 7, "http://example.com/a.png")
+
+    assert job.id == "abc123:7"
+    assert Job.from_message(job.to_message()) == job
+    assert job.to_message() == {
+        "id": "abc123:7",
+        "run": "abc123",
+        "line": 7,
+        "url": "http://example.com/a.png",
+    }
+
+
+def test_the_first_outcome_wins_and_a_second_is_refused(db):
+    job = Job.new("run", 1, "http://example.com/a.png")
+
+    assert outcomes.record_outcome(db, job, outcomes.SUCCESS, md5="d41d8cd98f00b204e9800998ecf8427e") is True
+    assert outcomes.record_outcome(db, job, outcomes.ERROR, reason="grayscale image expired") is False
+
+    entry = outcomes.get_outcome(db, job.id)
+    assert entry["outcome"] == "success"
+    assert entry["md5"] == "d41d8cd98f00b204e9800998ecf8427e"
+    assert entry["reason"] is None
+    assert storage.outcomes(db).count_documents({}) == 1
+
+
+def test_the_ledger_entry_describes_the_job(db):
+    job = Job.new("run", 12, "http://example.com/missing")
+
+    outcomes.record_outcome(db, job, outcomes.ERROR, reason="http 404")
+
+    entry = outcomes.get_outcome(db, "run:12")
+    assert {key: entry[key] for key in ("run", "line", "url", "outcome", "reason", "md5")} == {
+        "run": "run",
+        "line": 12,
+        "url": "http://example.com/missing",
+        "outcome": "error",
+        "reason": "http 404",
+        "md5": None,
+    }
+    assert abs(entry["ended_at"] - dt.datetime.now(dt.UTC)) < dt.timedelta(seconds=5)
+
+
+def test_a_running_job_has_no_outcome(db):
+    assert outcomes.get_outcome(db, "run:1") is None
+
+
+def test_the_minute_is_the_utc_minute_the_job_ended_in():
+    job = Job.new("run", 1, "http://example.com/a.png")
+    ended = dt.datetime(2024, 3, 9, 23, 59, 59, 999_000, tzinfo=dt.UTC)
+
+    document = outcomes.outcome_document(job, outcomes.SUCCESS, at=ended)
+
+    assert document["ended_at"] == ended
+    assert document["minute"] == dt.datetime(2024, 3, 9, 23, 59, tzinfo=dt.UTC)
+
+
+def test_a_recorded_outcome_carries_the_minute_of_its_end(db):
+    outcomes.record_outcome(db, Job.new("run", 1, "http://example.com/a.png"), outcomes.DUPLICATE)
+
+    entry = outcomes.get_outcome(db, "run:1")
+    assert entry["minute"] == entry["ended_at"].replace(second=0, microsecond=0)
+    assert entry["minute"].utcoffset() == dt.timedelta(0)
+
+
+def test_a_long_url_is_kept_truncated_with_its_length():
+    url = "http://example.com/" + "a" * 99_981  # 100,000 characters
+    document = outcomes.outcome_document(Job.new("run", 1, url), outcomes.ERROR, reason="url too long")
+
+    stored = document["url"]
+    assert stored.startswith(url[: outcomes.MAX_STORED_URL])
+    assert stored.endswith("(100000 characters)")
+    assert len(stored) < outcomes.MAX_STORED_URL + 40
+
+
+def test_a_url_at_the_limit_is_kept_as_is():
+    url = "http://example.com/" + "a" * (outcomes.MAX_STORED_URL - 19)
+
+    assert len(url) == outcomes.MAX_STORED_URL
+    assert outcomes.outcome_document(Job.new("run", 1, url), outcomes.ERROR)["url"] == url
+
+
+def test_an_unknown_outcome_name_is_rejected(db):
+    job = Job.new("run", 1, "http://example.com/a.png")
+
+    with pytest.raises(ValueError, match="unknown outcome 'failed'"):
+        outcomes.record_outcome(db, job, "failed")
+    assert outcomes.get_outcome(db, job.id) is None
+
+
+def test_record_outcomes_counts_only_the_new_ones(db):
+    assert outcomes.record_outcomes(db, _errors("run", range(1, 4))) == 3
+
+    mixed = _errors("run", range(1, 7), reason="another reason")  # lines 1-3 already have an outcome
+    assert outcomes.record_outcomes(db, mixed) == 3
+
+    assert storage.outcomes(db).count_documents({"run": "run"}) == 6
+    assert outcomes.get_outcome(db, "run:2")["reason"] == "http 404"
+    assert outcomes.get_outcome(db, "run:5")["reason"] == "another reason"
+
+
+def test_record_outcomes_of_nothing_or_only_duplicates_is_zero(db):
+    outcomes.record_outcomes(db, _errors("run", range(1, 3)))
+
+    assert outcomes.record_outcomes(db, []) == 0
+    assert outcomes.record_outcomes(db, _errors("run", range(1, 3))) == 0
+
+
+def test_count_outcomes_per_run_and_overall(db):
+    for line in range(1, 4):
+        outcomes.record_outcome(db, Job.new("first", line, "u"), outcomes.SUCCESS)
+    outcomes.record_outcome(db, Job.new("first", 4, "u"), outcomes.ERROR, reason="timeout")
+    outcomes.record_outcome(db, Job.new("second", 1, "u"), outcomes.DUPLICATE)
+    outcomes.record_outcome(db, Job.new("second", 2, "u"), outcomes.ERROR, reason="http 404")
+
+    assert outcomes.count_outcomes(db, "first") == {"success": 3, "duplicate": 0, "error": 1}
+    assert outcomes.count_outcomes(db, "second") == {"success": 0, "duplicate": 1, "error": 1}
+    assert outcomes.count_outcomes(db) == {"success": 3, "duplicate": 1, "error": 2}
+    assert outcomes.count_outcomes(db, "unknown") == {"success": 0, "duplicate": 0, "error": 0}
+
+
+# --- the ledger when messages are redelivered (a real worker, the suite's Redis) --------
+
+
+def _processed(pipeline, job: dict) -> tuple[dict, dict]:
+    """Park a body for ``job`` and run its md5 and grayscale members as fetch would; returns
+    the collector's ``meta`` and ``members`` arguments once both results are stored."""
+    from dramatiq.results import Results
+
+    from image_crawler import actors, claims
+
+    body = png_bytes(32, 24, seed=5)
+    pipeline.context.claims.put(claims.body_key(job["id"]), body)
+    digest, gray = actors.md5.send(job), actors.grayscale.send(job)
+    backend = next(m.backend for m in pipeline.broker.middleware if isinstance(m, Results))
+    assert digest.get_result(backend=backend, block=True, timeout=20_000) == hashlib.md5(body).hexdigest()
+    assert gray.get_result(backend=backend, block=True, timeout=20_000) == {"width": 32, "height": 24}
+    meta = {"content_type": "image/png", "byte_size": len(body), "final_url": job["url"]}
+    return meta, {"md5": digest.message_id, "grayscale": gray.message_id}
+
+
+def _snapshot(db, run: str) -> tuple[list, list, list]:
+    return (
+        list(storage.outcomes(db).find({"run": run})),
+        list(storage.images(db).find()),
+        list(db["gray.files"].find()),
+    )
+
+
+def test_a_collect_redelivered_after_success_changes_nothing(make_pipeline):
+    from image_crawler import actors, claims
+
+    pipeline = make_pipeline(threads=2)
+    job = Job.new(uuid.uuid4().hex[:12], 1, "http://example.com/a.png").to_message()
+    meta, members = _processed(pipeline, job)
+
+    actors.collect.fn(job, meta, members)
+    before = _snapshot(pipeline.db, job["run"])
+    assert [entry["outcome"] for entry in before[0]] == ["success"]
+    assert not pipeline.context.claims.client.exists(claims.body_key(job["id"]), claims.gray_key(job["id"]))
+
+    actors.collect.fn(job, meta, members)  # the parked PNG is gone by now: found in MongoDB instead
+    actors.collect.send(job, meta, members)  # and once more through the worker
+    pipeline.broker.join(PROCESS_QUEUE, timeout=20_000)
+    pipeline.worker.join()
+
+    assert _snapshot(pipeline.db, job["run"]) == before
+
+
+def test_a_failure_recorded_after_a_success_does_not_overwrite_it(make_pipeline):
+    from image_crawler import actors
+
+    pipeline = make_pipeline(threads=2)
+    job = Job.new(uuid.uuid4().hex[:12], 1, "http://example.com/a.png").to_message()
+    meta, members = _processed(pipeline, job)
+    actors.collect.fn(job, meta, members)
+
+    actors.record_failure.fn(job, "time limit exceeded")
+    actors.record_failure.send(job, "redis unavailable")
+    pipeline.broker.join(PROCESS_QUEUE, timeout=20_000)
+    pipeline.worker.join()
+
+    entry = outcomes.get_outcome(pipeline.db, job["id"])
+    assert (entry["outcome"], entry["reason"]) == ("success", None)
+    assert outcomes.count_outcomes(pipeline.db, job["run"]) == {"success": 1, "duplicate": 0, "error": 0}
+
+
+def test_a_redelivered_collect_of_a_duplicate_stays_a_duplicate(make_pipeline):
+    from image_crawler import actors
+
+    pipeline = make_pipeline(threads=2)
+    run = uuid.uuid4().hex[:12]
+    first = Job.new(run, 1, "http://example.com/a.png").to_message()
+    second = Job.new(run, 2, "http://mirror.example.com/a.png").to_message()
+    actors.collect.fn(first, *_processed(pipeline, first))
+    second_args = _processed(pipeline, second)
+
+    actors.collect.fn(second, *second_args)
+    actors.collect.fn(second, *second_args)
+
+    assert outcomes.get_outcome(pipeline.db, second["id"])["outcome"] == "duplicate"
+    assert outcomes.count_outcomes(pipeline.db, run) == {"success": 1, "duplicate": 1, "error": 0}
+    assert storage.images(pipeline.db).find_one()["source_url"] == "http://example.com/a.png"
