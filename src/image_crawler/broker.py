@@ -9,12 +9,15 @@ from contextlib import contextmanager
 from typing import Any
 
 import dramatiq
+import redis
 from dramatiq.brokers.redis import RedisBroker
 from dramatiq.middleware import AgeLimit, Callbacks, Pipelines, Retries, ShutdownNotifications, TimeLimit
 from dramatiq.middleware.group_callbacks import GroupCallbacks
 from dramatiq.rate_limits.backends import RedisBackend as RateLimiterBackend
 from dramatiq.results import Results
 from dramatiq.results.backends import RedisBackend as ResultBackend
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.retry import Retry
 
 from .config import Settings
 from .middleware import ExpectedFailures, RecordFailures
@@ -28,8 +31,27 @@ MAINTENANCE_CHANCE = 50_000
 #: How long results wait for the collector in the result backend (Dramatiq's default: 10 min).
 RESULT_TTL_MS = 60 * 60 * 1000
 
+#: While Redis is unreachable (a restart, a failover), every Redis call of a worker — fetching,
+#: acking, enqueueing a retry or a group callback, storing a result — waits and tries again for
+#: about this long instead of failing: a failed enqueue inside Dramatiq's after-hooks is only
+#: logged, and the message would then be acknowledged with its follow-up lost.
+REDIS_OUTAGE_BUDGET_S = 300
+
 FETCH_QUEUE = "fetch"
 PROCESS_QUEUE = "process"
+
+
+def connect_redis(url: str) -> redis.Redis:
+    """A Redis client that rides out an outage of up to ``REDIS_OUTAGE_BUDGET_S`` seconds."""
+    backoff = ExponentialWithJitterBackoff(cap=5.0, base=0.25)
+    return redis.Redis.from_url(
+        url,
+        retry=Retry(backoff, retries=REDIS_OUTAGE_BUDGET_S // 5 * 2),
+        retry_on_error=[redis.exceptions.ConnectionError, redis.exceptions.TimeoutError],
+        socket_connect_timeout=5,
+        socket_timeout=60,
+        health_check_interval=30,
+    )
 
 
 class _PipelinableScript:
@@ -77,8 +99,9 @@ def create_broker(settings: Settings) -> PipelinedRedisBroker:
     member's result before its group's callback is enqueued, and listing RecordFailures
     before Retries lets it see the verdict Retries gave a failed message.
     """
-    result_backend = ResultBackend(url=settings.redis_url)
-    rate_limiter_backend = RateLimiterBackend(url=settings.redis_url)
+    client = connect_redis(settings.redis_url)
+    result_backend = ResultBackend(client=client)
+    rate_limiter_backend = RateLimiterBackend(client=client)
     middleware = [
         AgeLimit(),
         TimeLimit(),
@@ -91,7 +114,7 @@ def create_broker(settings: Settings) -> PipelinedRedisBroker:
         Retries(min_backoff=1_000, max_backoff=60_000),
     ]
     return PipelinedRedisBroker(
-        url=settings.redis_url,
+        client=client,
         middleware=middleware,
         heartbeat_timeout=HEARTBEAT_TIMEOUT_MS,
         maintenance_chance=MAINTENANCE_CHANCE,

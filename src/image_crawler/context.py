@@ -5,10 +5,10 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 
-import redis
 from pymongo.database import Database
 
 from . import storage
+from .broker import connect_redis
 from .claims import ClaimCheck
 from .config import Settings, get_settings
 from .fetching import Fetcher
@@ -28,7 +28,7 @@ class Context:
         """Open the connections ``settings`` name (``db`` overrides MongoDB, e.g. for embedding)."""
         database = db if db is not None else storage.get_database(settings)
         storage.ensure_indexes(database)
-        client = redis.Redis.from_url(settings.redis_url)
+        client = connect_redis(settings.redis_url)
         return cls(settings, database, ClaimCheck(client, settings.claim_ttl), Fetcher(settings))
 
     def close(self) -> None:

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import signal
 import subprocess
 import time
+import uuid
+from urllib.parse import urlsplit, urlunsplit
 
+import pymongo
 import pytest
 import redis
 
@@ -30,6 +34,10 @@ def _url_list(server: LocalHttpServer, tmp_path) -> tuple:
     urls = tmp_path / "urls.txt"
     urls.write_text("\n".join(lines) + "\n")
     return urls, bodies
+
+
+def _with_database(uri: str, database: str) -> str:
+    return urlunsplit(urlsplit(uri)._replace(path=f"/{database}"))
 
 
 def _wait_until(predicate, timeout: float, what: str) -> None:
@@ -125,3 +133,54 @@ def test_a_gracefully_stopped_worker_loses_nothing(crawl_env, tmp_path):
                 stop_workers(restarted)
     print(f"\nSIGTERM: workers stopped in {stopped_after:.1f} s with {done_while_stopped} outcomes recorded")
     _assert_exact(db, bodies, enqueue, output)
+
+
+def test_a_redis_restart_mid_run_loses_nothing(mongo_uri, tmp_path):
+    from conftest import start_redis
+
+    redis_dir = tmp_path / "redis"
+    redis_dir.mkdir()
+    redis_process, redis_url = start_redis(redis_dir, appendonly=True)
+    port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
+    database = f"restart_{uuid.uuid4().hex[:8]}"
+    env = dict(os.environ, REDIS_URL=redis_url, MONGO_URI=_with_database(mongo_uri, database))
+    env.update(FETCH_ALLOW_PRIVATE="1", FETCH_RETRIES="1", FETCH_TIMEOUT="5", PYTHONUNBUFFERED="1")
+    client = pymongo.MongoClient(mongo_uri, tz_aware=True)
+    db = client[database]
+    workers = None
+    try:
+        with LocalHttpServer() as server:
+            urls, bodies = _url_list(server, tmp_path)
+            workers = start_workers(env, processes=2, threads=4, log=tmp_path / "workers.log")
+            enqueue = subprocess.Popen(
+                image_crawler_command("enqueue", str(urls), "--wait", "--timeout", "600"),
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+            try:
+                _wait_until(lambda: db.outcomes.count_documents({}) >= 250, 300, "a quarter of the outcomes")
+                redis_process.terminate()  # SIGTERM: Redis writes its append-only file and exits
+                redis_process.wait(timeout=30)
+                down_at = db.outcomes.count_documents({})
+                time.sleep(3)
+                redis_process, _ = start_redis(redis_dir, appendonly=True, port=port)
+                restarted_at = time.monotonic()
+                output, _ = enqueue.communicate(timeout=600)
+                finished_after = time.monotonic() - restarted_at
+            finally:
+                enqueue.kill()
+    finally:
+        if workers is not None:
+            stop_workers(workers)
+        redis_process.terminate()
+        redis_process.wait(timeout=30)
+    print(
+        f"\nRedis restart: down at {down_at} outcomes, run finished {finished_after:.1f} s after the restart"
+    )
+    try:
+        _assert_exact(db, bodies, enqueue, output)
+    finally:
+        client.drop_database(database)
+        client.close()
