@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import time
 from collections import Counter
 
 import numpy as np
@@ -150,3 +151,39 @@ def test_two_workers_racing_on_the_same_image_store_it_once(make_pipeline, serve
     assert pipeline.db["gray.files"].count_documents({}) == 1
     digest = hashlib.md5(body).hexdigest()
     assert np.array_equal(decode_png(_stored_png(pipeline.db, digest))[1], expected_gray(body))
+
+
+def test_mongodb_down_for_a_while_delays_outcomes_but_loses_none(make_pipeline, server, monkeypatch):
+    import pymongo.errors
+
+    from image_crawler import actors
+
+    # MongoDB is the one part with no real server here, so its outage is injected where the
+    # collector meets it: while `down`, every write raises the error a lost connection raises.
+    down = True
+    real_store, real_record = storage.store_image, outcomes.record_outcome
+
+    def unless_down(write):
+        def call(*args, **kwargs):
+            if down:
+                raise pymongo.errors.AutoReconnect("connection refused (injected)")
+            return write(*args, **kwargs)
+
+        return call
+
+    monkeypatch.setattr(actors.storage, "store_image", unless_down(real_store))
+    monkeypatch.setattr(actors.outcomes, "record_outcome", unless_down(real_record))
+    pipeline = make_pipeline()
+    for n in range(12):
+        server.add(f"/{n}.png", body=png_bytes(30, 30, seed=300 + n))
+    report = pipeline.enqueue_text("\n".join(server.url(f"/{n}.png") for n in range(12)))
+
+    time.sleep(4)  # collectors fail and back off meanwhile
+    assert storage.outcomes(pipeline.db).count_documents({}) == 0
+    assert storage.images(pipeline.db).count_documents({}) == 0
+    down = False
+    pipeline.wait_for(report.run, 12, timeout=90)
+
+    assert outcomes.count_outcomes(pipeline.db, report.run) == {"success": 12, "duplicate": 0, "error": 0}
+    ledger = storage.outcomes(pipeline.db).find({"run": report.run})
+    assert {doc["md5"] for doc in ledger} == set(storage.images(pipeline.db).distinct("_id"))
