@@ -23,6 +23,8 @@ class TransientError(CrawlError):
     """A failure that may go away on its own (network, 5xx, a store being down)."""
 
     transient = True
+    #: At most this many retries for this kind of failure, whatever the actor allows (None: no cap).
+    retry_limit: int | None = None
 
 
 # --- fetching -------------------------------------------------------------------------
@@ -112,7 +114,13 @@ class ClaimExpired(CrawlError):
 
 
 class ResultMissing(TransientError):
-    """A group member's result is not (or no longer) in the result backend."""
+    """A group member's result is not (or no longer) in the result backend.
+
+    Right after a redelivered member fired the group's callback early, the other result is
+    seconds away; a result that expired never comes back, so the wait is kept short.
+    """
+
+    retry_limit = 4
 
 
 class StoreBusy(TransientError):

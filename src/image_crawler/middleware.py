@@ -42,7 +42,10 @@ def retry_transient(max_retries: int):
     """A ``retry_when`` predicate: retry transient errors up to ``max_retries`` times, nothing else."""
 
     def retry_when(retries: int, exception: BaseException) -> bool:
-        return retries < max_retries and is_transient(exception)
+        limit = getattr(exception, "retry_limit", None)
+        return retries < (max_retries if limit is None else min(limit, max_retries)) and is_transient(
+            exception
+        )
 
     return retry_when
 

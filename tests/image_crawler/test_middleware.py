@@ -246,24 +246,29 @@ def test_a_collector_without_member_results_raises_a_transient_result_missing(ma
 
     assert caught.value.reason == "md5 result missing"
     assert is_transient(caught.value)
-    assert retry_transient(10)(9, caught.value) is True
+    assert retry_transient(10)(3, caught.value) is True
 
 
 def test_a_collector_without_member_results_ends_in_error_once_retries_run_out(make_pipeline):
-    """The collector retries ResultMissing 10 times with backoff up to 120 s; the message is sent
-    as if those retries were spent (``retries=10`` in its options) to reach the final verdict now."""
+    """An expired result never comes back: after a few short retries the job ends in a clear error."""
     from image_crawler import actors
 
     pipeline = make_pipeline(threads=2)
     job = _job()
     members = {"md5": uuid.uuid4().hex, "grayscale": uuid.uuid4().hex}
 
-    actors.collect.send_with_options(
-        args=(job, {"content_type": "image/png", "byte_size": 10}, members), retries=10
-    )
-    pipeline.wait_for(job["run"], 1, timeout=20)
+    actors.collect.send(job, {"content_type": "image/png", "byte_size": 10}, members)
+    pipeline.wait_for(job["run"], 1, timeout=60)
     _settle(pipeline)
 
     ledger = list(storage.outcomes(pipeline.db).find({"run": job["run"]}))
     assert [(entry["outcome"], entry["reason"]) for entry in ledger] == [("error", "md5 result missing")]
     assert outcomes.count_outcomes(pipeline.db, job["run"]) == {"success": 0, "duplicate": 0, "error": 1}
+
+
+def test_a_missing_result_is_retried_only_briefly():
+    retry_when = retry_transient(10)
+    missing = errors.ResultMissing("md5 result missing")
+    assert [retry_when(n, missing) for n in range(6)] == [True] * 4 + [False] * 2
+    busy = errors.StoreBusy("busy")
+    assert retry_when(9, busy) and not retry_when(10, busy)
