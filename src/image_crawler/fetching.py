@@ -256,6 +256,7 @@ class Fetcher:
                     raise TooLarge()
             if time.monotonic() > deadline:
                 raise FetchTimeout()
+        decoder.finish()
         return Download(bytes(body), response.headers.get("content-type"), str(response.url))
 
     def _check_destination(self, request: httpx.Request) -> None:
@@ -301,8 +302,9 @@ class _BodyDecoder:
     def __init__(self, content_encoding: str) -> None:
         encoding = content_encoding.strip().lower()
         self.is_identity = encoding in ("", "identity")
+        self._gzip = encoding in ("gzip", "x-gzip")
         self._decompressor: Any = None
-        if encoding in ("gzip", "x-gzip"):
+        if self._gzip:
             self._decompressor = zlib.decompressobj(16 + zlib.MAX_WBITS)
         elif encoding != "deflate" and not self.is_identity:
             raise FetchError("unsupported content encoding")
@@ -322,11 +324,21 @@ class _BodyDecoder:
                 if piece:
                     yield piece
                 data = self._decompressor.unconsumed_tail
+                if self._gzip and self._decompressor.eof and self._decompressor.unused_data.strip(b"\0"):
+                    # A gzip body may hold several members, one after the other (RFC 1952).
+                    data = self._decompressor.unused_data + data
+                    self._decompressor = zlib.decompressobj(16 + zlib.MAX_WBITS)
+                    continue
                 # A full step may leave output pending even when all input was consumed.
                 if not data and len(piece) < _DECODE_STEP:
                     return
         except zlib.error:
             raise FetchError("bad content encoding") from None
+
+    def finish(self) -> None:
+        """Check that the encoded body ended where its encoding says it ends."""
+        if self._decompressor is not None and not self._decompressor.eof:
+            raise ConnectionFailed("truncated body")
 
 
 def _has_zlib_header(data: bytes) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import socket
 import time
 import tracemalloc
@@ -494,3 +495,22 @@ def test_fetch_refuses_an_invalid_url_without_sending_anything(make_fetcher: Mak
 
     assert isinstance(error, InvalidUrl)
     assert internet.requested == []
+
+
+def test_a_gzip_body_of_several_members_is_decoded_whole(server: LocalHttpServer, make_fetcher: MakeFetcher):
+    body = bytes(range(256)) * 40
+    encoded = gzip.compress(body[:5000]) + gzip.compress(body[5000:])
+    server.add("/multi-member", body=encoded, headers={"Content-Encoding": "gzip"})
+
+    assert make_fetcher().fetch(server.url("/multi-member")).content == body
+
+
+def test_a_gzip_body_cut_short_is_an_error_not_a_shorter_image(
+    server: LocalHttpServer, make_fetcher: MakeFetcher
+):
+    cut = gzip.compress(bytes(range(256)) * 40)[:-200]
+    server.add("/cut-gzip", body=cut, headers={"Content-Encoding": "gzip"})
+
+    with pytest.raises(ConnectionFailed) as caught:
+        make_fetcher().fetch(server.url("/cut-gzip"))
+    assert caught.value.reason == "truncated body"
