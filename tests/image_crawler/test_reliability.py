@@ -40,6 +40,12 @@ def _with_database(uri: str, database: str) -> str:
     return urlunsplit(urlsplit(uri)._replace(path=f"/{database}"))
 
 
+def _start_enqueue(env: dict[str, str], urls) -> subprocess.Popen:
+    """`image-crawler enqueue URLS --wait` in the background, its output captured."""
+    command = image_crawler_command("enqueue", str(urls), "--wait", "--timeout", "600")
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
 def _wait_until(predicate, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -78,13 +84,7 @@ def test_a_killed_worker_loses_nothing_and_its_messages_come_back(crawl_env, tmp
         _wait_until(lambda: client.zcard("dramatiq:__heartbeats__") > 0, 60, "the first worker to start")
         doomed_ids = set(client.zrange("dramatiq:__heartbeats__", 0, -1))
         survivor = start_workers(env, processes=1, threads=4, log=tmp_path / "survivor.log")
-        enqueue = subprocess.Popen(
-            image_crawler_command("enqueue", str(urls), "--wait", "--timeout", "600"),
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
+        enqueue = _start_enqueue(env, urls)
         replacement = None
         try:
             _wait_until(lambda: db.outcomes.count_documents({}) >= 250, 300, "a quarter of the outcomes")
@@ -111,13 +111,7 @@ def test_a_gracefully_stopped_worker_loses_nothing(crawl_env, tmp_path):
     with LocalHttpServer() as server:
         urls, bodies = _url_list(server, tmp_path)
         workers = start_workers(env, processes=2, threads=4, log=tmp_path / "first.log")
-        enqueue = subprocess.Popen(
-            image_crawler_command("enqueue", str(urls), "--wait", "--timeout", "600"),
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
+        enqueue = _start_enqueue(env, urls)
         restarted = None
         try:
             _wait_until(lambda: db.outcomes.count_documents({}) >= 250, 300, "a quarter of the outcomes")
@@ -152,13 +146,7 @@ def test_a_redis_restart_mid_run_loses_nothing(mongo_uri, tmp_path):
         with LocalHttpServer() as server:
             urls, bodies = _url_list(server, tmp_path)
             workers = start_workers(env, processes=2, threads=4, log=tmp_path / "workers.log")
-            enqueue = subprocess.Popen(
-                image_crawler_command("enqueue", str(urls), "--wait", "--timeout", "600"),
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
+            enqueue = _start_enqueue(env, urls)
             try:
                 _wait_until(lambda: db.outcomes.count_documents({}) >= 250, 300, "a quarter of the outcomes")
                 redis_process.terminate()  # SIGTERM: Redis writes its append-only file and exits
