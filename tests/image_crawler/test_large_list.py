@@ -9,7 +9,6 @@ the rate is not asserted (DESIGN's target is 20,000 URLs/s), it depends on the m
 
 from __future__ import annotations
 
-import os
 import subprocess
 import time
 from pathlib import Path
@@ -17,8 +16,9 @@ from pathlib import Path
 import pytest
 import redis
 
-from conftest import free_port
+from support.hostile import ProcessTreeMemory
 from support.processes import image_crawler_command
+from support.services import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -39,25 +39,24 @@ def _enqueue(env: dict[str, str], urls: Path, output: Path, timeout: float) -> t
     """Run `enqueue URLS --max-in-flight 0`; its output, wall time (s) and peak RSS (bytes)."""
     command = image_crawler_command("enqueue", str(urls), "--max-in-flight", "0")
     started = time.perf_counter()
-    with output.open("wb") as out:
-        process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
-    pid = 0
-    try:
-        # wait4, unlike Popen.wait, also returns the child's resource usage: ru_maxrss is its peak.
-        while not (reaped := os.wait4(process.pid, os.WNOHANG))[0]:
-            if time.perf_counter() - started > timeout:
-                pytest.fail(f"enqueue of {urls.name} did not end within {timeout} s")
-            time.sleep(0.05)
-        pid, status, usage = reaped
-    finally:
-        if not pid:
+    # The kernel's high-water mark of the process (VmHWM), not wait4's ru_maxrss: that one also
+    # counts the memory of the forked test process before exec, hundreds of MB late in a run.
+    with (
+        output.open("wb") as out,
+        ProcessTreeMemory(
+            (process := subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)).pid
+        ) as memory,
+    ):
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+            pytest.fail(f"enqueue of {urls.name} did not end within {timeout} s")
     elapsed = time.perf_counter() - started
-    process.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
     text = output.read_text()
     assert process.returncode == 0, text
-    return text, elapsed, usage.ru_maxrss * 1024  # kB on Linux
+    return text, elapsed, memory.peak
 
 
 def _messages(client: redis.Redis) -> tuple[int, int]:

@@ -17,6 +17,7 @@ import redis
 from support.http_server import LocalHttpServer
 from support.images import png_bytes
 from support.processes import image_crawler_command, signal_workers, start_workers, stop_workers
+from support.services import start_redis
 
 pytestmark = pytest.mark.slow
 
@@ -130,8 +131,6 @@ def test_a_gracefully_stopped_worker_loses_nothing(crawl_env, tmp_path):
 
 
 def test_a_redis_restart_mid_run_loses_nothing(mongo_uri, tmp_path):
-    from conftest import start_redis
-
     redis_dir = tmp_path / "redis"
     redis_dir.mkdir()
     redis_process, redis_url = start_redis(redis_dir, appendonly=True)
