@@ -72,8 +72,9 @@ class Settings:
     fetch_max_redirects: int = 5
     fetch_allow_private: bool = False
     max_image_pixels: int = 50_000_000
-    #: zlib level of the stored grayscale PNGs (0 = none, 9 = smallest).
-    png_compress_level: int = 6
+    #: zlib level of the stored grayscale PNGs (0 = none, 9 = smallest). Measured on photos (make bench):
+    #: level 1 encodes 3.8× faster than 6 for 16 % more bytes; 9 is no smaller than 6.
+    png_compress_level: int = 1
     #: Seconds a downloaded body (and its PNG) may wait in Redis for the next task.
     claim_ttl: int = 3600
 

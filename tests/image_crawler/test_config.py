@@ -20,7 +20,7 @@ def test_an_empty_environment_gives_the_documented_defaults():
     assert settings.fetch_max_redirects == 5
     assert settings.fetch_allow_private is False
     assert settings.max_image_pixels == 50_000_000
-    assert settings.png_compress_level == 6
+    assert settings.png_compress_level == 1
     assert settings.claim_ttl == 3600
 
 

@@ -1,0 +1,1 @@
+"""Benchmarks of image-crawler (``make bench``); see README.md in this folder."""

@@ -1,0 +1,282 @@
+"""The processes a benchmark run needs, each in its own process group, and a sampler watching them.
+
+Everything started here is stopped by its own process group id (never by name), so a run
+cannot touch anyone else's redis-server, shim or workers on the machine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+
+REPO = Path(__file__).resolve().parent.parent
+#: Where DESIGN.md §7 says the MongoDB stand-in lives.
+MONGO_SHIM = REPO.parent / "shared" / "tools" / "mongo-shim"
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _wait_for_port(port: int, process: subprocess.Popen, what: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{what} exited with code {process.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"{what} did not listen on port {port} within {timeout:g} s")
+
+
+def stop_group(process: subprocess.Popen, timeout: float = 30.0) -> None:
+    """Stop ``process`` (started with ``start_new_session``) with SIGTERM, then SIGKILL its whole group.
+
+    Only the leader gets SIGTERM: the dramatiq CLI forwards it to its workers itself, and a worker
+    that receives a second one exits at once, skipping its shutdown hooks.
+    """
+    if process.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    # Children that outlived their leader (none expected) go with the group.
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+
+
+def start_redis(directory: Path) -> tuple[subprocess.Popen, str]:
+    """A private redis-server on a free port, data in ``directory`` and not persisted."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise RuntimeError("redis-server is not on PATH (apt-get install redis-server)")
+    port = free_port()
+    args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(directory)]
+    args += ["--save", "", "--appendonly", "no", "--logfile", str(directory / "redis.log")]
+    process = subprocess.Popen(args, start_new_session=True, stdout=subprocess.DEVNULL)
+    _wait_for_port(port, process, "redis-server")
+    return process, f"redis://127.0.0.1:{port}/0"
+
+
+def start_mongo_shim(directory: Path) -> tuple[subprocess.Popen, str]:
+    """The mongomock-backed MongoDB stand-in on a free port; returns it and its base URI."""
+    if not MONGO_SHIM.exists():
+        raise RuntimeError(f"no MONGO_URI set and no mongo shim at {MONGO_SHIM}")
+    port = free_port()
+    log = open(directory / "mongo-shim.log", "wb")  # noqa: SIM115 - lives as long as the shim
+    process = subprocess.Popen(
+        [str(MONGO_SHIM), "--port", str(port)], start_new_session=True, stdout=log, stderr=log
+    )
+    _wait_for_port(port, process, "mongo-shim", timeout=180)
+    return process, f"mongodb://127.0.0.1:{port}"
+
+
+def start_image_server(directory: Path) -> tuple[subprocess.Popen, int]:
+    """benchmarks/server.py serving ``directory``; returns it and its port."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "benchmarks.server", str(directory)],
+        cwd=REPO,
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout is not None
+    line = process.stdout.readline()
+    if not line.startswith("port "):
+        stop_group(process)
+        raise RuntimeError(f"the image server did not start: {line!r}")
+    return process, int(line.split()[1])
+
+
+def listening_pid(uri: str) -> int | None:
+    """The pid of the local process listening on the first host of a ``mongodb://`` URI, if it is local."""
+    host_port = uri.split("://", 1)[-1].split("/", 1)[0].split(",", 1)[0].rsplit("@", 1)[-1]
+    host, _, port = host_port.rpartition(":") if ":" in host_port else (host_port, "", "27017")
+    if host not in ("127.0.0.1", "localhost", "::1", "[::1]"):
+        return None
+    try:
+        for connection in psutil.net_connections(kind="tcp"):
+            if connection.status == psutil.CONN_LISTEN and connection.laddr.port == int(port):
+                return connection.pid
+    except (psutil.Error, ValueError):
+        pass
+    return None
+
+
+def is_mongo_shim(pid: int) -> bool:
+    """Whether ``pid`` is the mongomock-backed shim rather than a real mongod."""
+    try:
+        return any("mongo_shim" in part for part in psutil.Process(pid).cmdline())
+    except psutil.Error:
+        return False
+
+
+@dataclass
+class ProcessStats:
+    """What the sampler saw of one process."""
+
+    role: str
+    pid: int
+    peak_rss: int = 0
+    cpu_start: float | None = None
+    cpu_end: float | None = None
+    #: The CPU time of the last sample, for a process that ended before the measurement did.
+    cpu_last: float | None = None
+
+    @property
+    def cpu(self) -> float:
+        """CPU seconds (user + system) from :meth:`Sampler.mark_start` to :meth:`Sampler.mark_end`."""
+        end = self.cpu_end if self.cpu_end is not None else self.cpu_last
+        if self.cpu_start is None or end is None:
+            return 0.0
+        return end - self.cpu_start
+
+
+def _cpu(process: psutil.Process) -> float:
+    times = process.cpu_times()
+    return float(times.user + times.system)
+
+
+@dataclass
+class Sampler:
+    """Samples RSS (peak) and CPU time of a changing set of processes from a background thread.
+
+    ``watch`` maps a role to a callable returning the pids playing it now (worker processes
+    come and go with their parent, so the set is looked up on every sample).
+    """
+
+    watch: dict[str, Callable[[], Iterable[int]]]
+    interval: float = 0.2
+    stats: dict[int, ProcessStats] = field(default_factory=dict)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _thread: threading.Thread | None = None
+    _phase: str = "before"
+    _system: list[float] = field(default_factory=list)
+
+    def __enter__(self) -> Sampler:
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def mark_start(self) -> None:
+        """Take the CPU baseline of every watched process now."""
+        with self._lock:
+            self._phase = "during"
+            self._sample(set_start=True)
+            self._system = [_system_busy(), time.monotonic()]
+
+    def mark_end(self) -> None:
+        """Read the CPU time of every watched process now (call before stopping them)."""
+        with self._lock:
+            self._sample(set_end=True)
+            self._phase = "after"
+            self._system += [_system_busy(), time.monotonic()]
+
+    @property
+    def system_cpu(self) -> float:
+        """CPU seconds the whole machine (every process, ours or not) spent during the measurement."""
+        return self._system[2] - self._system[0] if len(self._system) == 4 else 0.0
+
+    @property
+    def seconds(self) -> float:
+        """How long the measurement lasted."""
+        return self._system[3] - self._system[1] if len(self._system) == 4 else 0.0
+
+    def by_role(self) -> dict[str, list[ProcessStats]]:
+        """The processes seen, grouped by role."""
+        roles: dict[str, list[ProcessStats]] = {}
+        for stat in self.stats.values():
+            roles.setdefault(stat.role, []).append(stat)
+        return roles
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            with self._lock:
+                self._sample()
+
+    def _sample(self, *, set_start: bool = False, set_end: bool = False) -> None:
+        for role, pids in self.watch.items():
+            try:
+                current = list(pids())
+            except psutil.Error:
+                continue
+            for pid in current:
+                try:
+                    process = psutil.Process(pid)
+                    rss = process.memory_info().rss
+                    cpu = _cpu(process)
+                except psutil.Error:
+                    continue
+                stat = self.stats.setdefault(pid, ProcessStats(role, pid))
+                stat.peak_rss = max(stat.peak_rss, rss)
+                if set_start or (stat.cpu_start is None and self._phase == "during"):
+                    # A process born during the measurement counts from zero.
+                    stat.cpu_start = cpu if set_start else 0.0
+                if self._phase == "during":
+                    stat.cpu_last = cpu
+                if set_end:
+                    stat.cpu_end = cpu
+
+
+def _system_busy() -> float:
+    times = psutil.cpu_times()
+    # guest time is already counted in user time; steal is time the hypervisor gave to others.
+    idle = sum(getattr(times, name, 0.0) for name in ("idle", "iowait", "guest", "guest_nice", "steal"))
+    return float(sum(times) - idle)
+
+
+def tree(pid: int) -> Callable[[], list[int]]:
+    """The pids of ``pid`` and its descendants (empty once it is gone)."""
+
+    def pids() -> list[int]:
+        try:
+            parent = psutil.Process(pid)
+            return [pid, *(child.pid for child in parent.children(recursive=True))]
+        except psutil.NoSuchProcess:
+            return []
+
+    return pids
+
+
+def children_of(pid: int) -> Callable[[], list[int]]:
+    """The pids of the descendants of ``pid``, not ``pid`` itself."""
+
+    def pids() -> list[int]:
+        try:
+            return [child.pid for child in psutil.Process(pid).children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return []
+
+    return pids
+
+
+def just(pid: int) -> Callable[[], list[int]]:
+    """``pid`` alone."""
+    return lambda: [pid]
