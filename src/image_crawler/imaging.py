@@ -94,8 +94,8 @@ def _decode(data: bytes, max_pixels: int) -> Image.Image:
         ImageOps.exif_transpose(image, in_place=True)
     except MemoryError:
         raise
-    except Exception:
-        pass  # unreadable EXIF: show the pixels as stored, as browsers do
+    except Exception:  # unreadable EXIF: show the pixels as stored, as browsers do
+        return image
     return image
 
 

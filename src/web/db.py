@@ -34,7 +34,7 @@ def init_app(app: Flask) -> None:
     """Give ``app`` its MongoDB database and Redis client (neither connects before first use).
 
     ``MONGO_DATABASE`` in the config, when set, is used as the database as is (tests and
-    embedding pass a mongomock or pymongo ``Database``); otherwise Flask-PyMongo opens
+    embedding pass any ready ``Database`` object); otherwise Flask-PyMongo opens
     ``MONGO_URI`` and the database is the URI's path, as for the pipeline.
     """
     timeout = float(app.config["SERVICE_TIMEOUT"])
