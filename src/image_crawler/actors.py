@@ -1,10 +1,15 @@
-"""The pipeline's actors: fetch → group[md5, grayscale] → collect, and record_failure.
+"""The pipeline's actors: admit → fetch → group[md5, grayscale] → collect, and the recorders.
 
 Importing this module sets up the broker, so ``dramatiq image_crawler.actors`` starts
 workers. Actors are thin: they rebuild the job from the message, call a pure function
 or a storage helper, and hand on the result. Every job ends in exactly one outcome: the
 collector records success or duplicate, and any message that fails for good is handed to
-``record_failure`` by :class:`~image_crawler.middleware.RecordFailures`.
+``record_failure`` (``record_admit_failure`` for a batch) by
+:class:`~image_crawler.middleware.RecordFailures`.
+
+``enqueue`` sends URL lines in batches (one message per :data:`ADMIT_BATCH` lines, so a
+million-line file is queued in seconds); ``admit`` turns a batch into fetch messages when a
+worker has nothing more urgent to do, so the fetch backlog stays short.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from dramatiq.results import ResultMissing as _BackendResultMissing
 from dramatiq.results import Results
 
 from . import claims, imaging, outcomes, storage
-from .broker import FETCH_QUEUE, PROCESS_QUEUE, setup_broker
+from .broker import ADMIT_QUEUE, FETCH_QUEUE, PROCESS_QUEUE, setup_broker
 from .config import get_settings
 from .context import get_context
 from .errors import ClaimExpired, ResultMissing
@@ -27,9 +32,48 @@ from .outcomes import Job
 settings = get_settings()
 broker = setup_broker(settings)
 
+#: URL lines per admit message.
+ADMIT_BATCH = 1_000
+#: How long an admitted batch is remembered, so a redelivered batch is not fetched twice.
+ADMITTED_TTL_S = 7 * 24 * 3600
+_ADMITTED_PREFIX = "image-crawler:admitted"
+
 # Work already started outranks new work: follow-up actors run on their own queue with
 # priority 0 (fetch: 100), so a worker holding both kinds of message runs them first and
-# parked bodies and results are consumed long before their TTLs.
+# parked bodies and results are consumed long before their TTLs; batches are admitted last
+# (200), when a worker has no fetch at hand.
+
+
+def admitted_key(batch: dict[str, Any]) -> str:
+    """The Redis key that marks a batch as admitted (named after its first job)."""
+    first_line = batch["lines"][0][0] if batch["lines"] else 0
+    return f"{_ADMITTED_PREFIX}:{batch['run']}:{first_line}"
+
+
+def _jobs(batch: dict[str, Any]) -> list[Job]:
+    return [Job.new(batch["run"], int(line), url) for line, url in batch["lines"]]
+
+
+@dramatiq.actor(
+    queue_name=ADMIT_QUEUE,
+    priority=200,
+    retry_when=retry_transient(20),
+    max_backoff=300_000,
+    failure_recorder="record_admit_failure",
+)
+def admit(batch: dict[str, Any]) -> None:
+    """Send a fetch message for every ``[line, url]`` of ``batch["lines"]`` of run ``batch["run"]``.
+
+    All of them in one MULTI/EXEC with the batch's admitted mark: a batch redelivered after a
+    worker died is admitted once, never half.
+    """
+    key = admitted_key(batch)
+    if broker.client.exists(key):
+        return
+    with broker.pipelined(transaction=True) as pipe:
+        for job in _jobs(batch):
+            fetch.send(job.to_message())
+        pipe.set(key, 1, ex=ADMITTED_TTL_S)
 
 
 @dramatiq.actor(
@@ -107,13 +151,34 @@ def collect(job: dict[str, Any], meta: dict[str, Any], members: dict[str, str]) 
     context.claims.drop(crawl_job.id)
 
 
-@dramatiq.actor(retry_when=retry_transient(20), max_backoff=300_000, queue_name=PROCESS_QUEUE, priority=0)
+@dramatiq.actor(
+    retry_when=retry_transient(20),
+    max_backoff=300_000,
+    queue_name=PROCESS_QUEUE,
+    priority=0,
+    failure_recorder=None,
+)
 def record_failure(job: dict[str, Any], reason: str) -> None:
     """Record the error outcome of a job whose message failed for good."""
     context = get_context()
     crawl_job = Job.from_message(job)
     outcomes.record_outcome(context.db, crawl_job, outcomes.ERROR, reason=reason)
     context.claims.drop(crawl_job.id)
+
+
+@dramatiq.actor(
+    retry_when=retry_transient(20),
+    max_backoff=300_000,
+    queue_name=PROCESS_QUEUE,
+    priority=0,
+    failure_recorder=None,
+)
+def record_admit_failure(batch: dict[str, Any], reason: str) -> None:
+    """Record an error outcome for every line of a batch that could not be admitted."""
+    context = get_context()
+    reason = f"not admitted: {reason}"
+    documents = [outcomes.outcome_document(job, outcomes.ERROR, reason=reason) for job in _jobs(batch)]
+    outcomes.record_outcomes(context.db, documents)
 
 
 def _member_result(actor: dramatiq.Actor, job: dict[str, Any], message_id: str) -> Any:

@@ -39,6 +39,8 @@ REDIS_OUTAGE_BUDGET_S = 300
 
 FETCH_QUEUE = "fetch"
 PROCESS_QUEUE = "process"
+#: Batches of URL lines from ``enqueue``, turned into fetch messages as workers have room.
+ADMIT_QUEUE = "admit"
 
 
 def connect_redis(url: str) -> redis.Redis:
@@ -80,13 +82,17 @@ class PipelinedRedisBroker(RedisBroker):
         self.scripts["dispatch"] = self._dispatch_script
 
     @contextmanager
-    def pipelined(self) -> Iterator[None]:
-        """Buffer this thread's ``enqueue`` calls made in the block and send them at its end."""
+    def pipelined(self, *, transaction: bool = False) -> Iterator[redis.client.Pipeline]:
+        """Buffer this thread's ``enqueue`` calls made in the block and send them at its end.
+
+        Yields the pipeline, so other commands can ride along; with ``transaction=True`` the
+        whole block is one MULTI/EXEC: every message and command lands, or none does.
+        """
         local = self._dispatch_script.local
-        with self.client.pipeline(transaction=False) as pipe:
+        with self.client.pipeline(transaction=transaction) as pipe:
             local.pipe = pipe
             try:
-                yield
+                yield pipe
             finally:
                 local.pipe = None
             pipe.execute()

@@ -21,9 +21,6 @@ from .errors import InvalidUrl
 from .fetching import check_url
 from .outcomes import Job
 
-#: Lines sent to Redis in one round trip; also how often the in-flight limit is checked.
-_BATCH = 1_000
-
 
 @dataclass
 class EnqueueReport:
@@ -56,33 +53,38 @@ def enqueue_lines(
     max_in_flight: int = 0,
     poll_interval: float = 0.5,
 ) -> EnqueueReport:
-    """Send one fetch message per URL line of ``stream``, streaming it line by line.
+    """Queue every URL line of ``stream`` for fetching, streaming it in batches of lines.
 
     Blank and ``#`` lines are skipped. Lines that are not http(s) URLs (or not UTF-8) become
-    jobs that end at once in an error outcome with the reason. With ``max_in_flight`` > 0, holds
-    back while that many jobs of this run have no outcome yet.
+    jobs that end at once in an error outcome with the reason. The others go to Redis in one
+    ``admit`` message per batch, which a worker turns into fetch messages. With
+    ``max_in_flight`` > 0, holds back while that many jobs of this run have no outcome yet.
     """
-    from .actors import broker, fetch  # sets up the broker
+    from .actors import ADMIT_BATCH, admit  # sets up the broker
 
     report = EnqueueReport(run=run or uuid.uuid4().hex[:12])
+    done = 0  # outcomes of the run last seen; it only grows, so it is read only when it matters
     lines = _lines(stream)
-    while batch := list(itertools.islice(lines, _BATCH)):
-        # One Redis round trip per batch of lines instead of one per message.
-        with broker.pipelined():
-            for number, raw in batch:
-                if not raw or raw.startswith(b"#"):
-                    report.skipped += 1
-                    continue
-                job, reason = _parse_line(report.run, number, raw)
-                if reason is None:
-                    fetch.send(job.to_message())
-                    report.enqueued += 1
-                else:
-                    report.rejections.append(outcomes.outcome_document(job, outcomes.ERROR, reason=reason))
-                    report.rejected += 1
+    while batch := list(itertools.islice(lines, ADMIT_BATCH)):
+        admitted: list[tuple[int, str]] = []
+        for number, raw in batch:
+            if not raw or raw.startswith(b"#"):
+                report.skipped += 1
+                continue
+            job, reason = _parse_line(report.run, number, raw)
+            if reason is None:
+                admitted.append((number, job.url))
+            else:
+                report.rejections.append(outcomes.outcome_document(job, outcomes.ERROR, reason=reason))
+        if admitted:
+            admit.send({"run": report.run, "lines": admitted})
+            report.enqueued += len(admitted)
+        report.rejected += len(report.rejections)
         _flush_rejections(db, report)
-        while max_in_flight and report.jobs - _done(db, report.run) >= max_in_flight:
-            time.sleep(poll_interval)
+        while max_in_flight and report.jobs - done >= max_in_flight:
+            done = _done(db, report.run)
+            if report.jobs - done >= max_in_flight:
+                time.sleep(poll_interval)
     return report
 
 

@@ -73,23 +73,33 @@ class RecordFailures(Middleware):
     It must be placed before :class:`~dramatiq.middleware.Retries`: ``after_*`` hooks run
     in reverse order, so Retries has decided ``message.failed`` by the time this runs.
 
+    The recorder is sent the failed message's first argument and the reason. An actor can
+    name its own recorder with the ``failure_recorder`` option (``None``: failures of this
+    actor are only logged, as a recorder's own must be).
+
     Parameters:
-      actor_name(str): The actor sent ``(job, reason)``; its own failures are only logged.
+      actor_name(str): The default recorder, sent ``(job, reason)``; its own failures are only logged.
     """
 
     def __init__(self, actor_name: str = "record_failure") -> None:
         self.actor_name = actor_name
 
+    @property
+    def actor_options(self) -> set[str]:
+        return {"failure_recorder"}
+
     def after_process_message(self, broker, message, *, result=None, exception=None):
         if exception is None or not message.failed:
             return
         reason = reason_for(exception)
-        if message.actor_name == self.actor_name:
-            logger.error("Could not record the failure of job %r: %s", message.args[0], reason)
+        options = broker.get_actor(message.actor_name).options
+        recorder = options.get("failure_recorder", self.actor_name)
+        if recorder is None or message.actor_name == self.actor_name:
+            logger.error("Could not record the failure of %s%r: %s", message.actor_name, message.args, reason)
             return
         if not isinstance(exception, CrawlError):
             logger.error("Message %s of %s failed: %r", message.message_id, message.actor_name, exception)
         try:
-            broker.get_actor(self.actor_name).send(message.args[0], reason)
+            broker.get_actor(recorder).send(message.args[0], reason)
         except Exception:  # a lost outcome must at least be visible in the log
-            logger.exception("Could not send the failure of job %r", message.args[0])
+            logger.exception("Could not send the failure of %s%r", message.actor_name, message.args)

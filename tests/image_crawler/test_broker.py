@@ -124,15 +124,17 @@ def test_setup_broker_makes_it_the_global_broker(settings):
         created.close()
 
 
-def test_the_actors_are_bound_to_the_global_broker_with_follow_up_work_first():
+def test_the_actors_are_bound_to_the_global_broker_with_follow_up_work_first_and_new_work_last():
     from image_crawler import actors
 
     assert dramatiq.get_broker() is actors.broker
     fetch = actors.broker.get_actor("fetch")
     assert (fetch.queue_name, fetch.priority) == (broker_module.FETCH_QUEUE, 100)
-    for name in ("md5", "grayscale", "collect", "record_failure"):
+    for name in ("md5", "grayscale", "collect", "record_failure", "record_admit_failure"):
         actor = actors.broker.get_actor(name)
         assert (actor.queue_name, actor.priority) == (broker_module.PROCESS_QUEUE, 0), name
+    admit = actors.broker.get_actor("admit")
+    assert (admit.queue_name, admit.priority) == (broker_module.ADMIT_QUEUE, 200)  # new work comes last
     assert actors.md5.options["store_results"] is True
     assert actors.grayscale.options["store_results"] is True
 
@@ -183,3 +185,15 @@ def test_a_pipelined_block_does_not_capture_other_threads(broker, queued):
         other.join()
 
     assert seen == [0]
+
+
+def test_a_transactional_block_sends_its_messages_and_commands_together(broker, queued):
+    with broker.pipelined(transaction=True) as pipe:
+        broker.enqueue(_message(1))
+        broker.enqueue(_message(2))
+        pipe.set("pipelined-test:mark", 1)
+        assert queued() == 0 and not broker.client.exists("pipelined-test:mark")
+
+    assert queued() == 2
+    assert broker.client.get("pipelined-test:mark") == b"1"
+    broker.client.delete("pipelined-test:mark")

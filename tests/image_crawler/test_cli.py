@@ -14,11 +14,12 @@ import sys
 import threading
 import time
 
+import dramatiq
 import pytest
 from click.testing import CliRunner
 
 from image_crawler import outcomes, storage
-from image_crawler.broker import FETCH_QUEUE
+from image_crawler.broker import ADMIT_QUEUE
 from image_crawler.cli import enqueue_lines, main, summary_line
 from image_crawler.config import get_settings
 from image_crawler.outcomes import Job
@@ -71,9 +72,10 @@ def _enqueued(output: str) -> tuple[str, int, int, int]:
     return run, *map(int, numbers)
 
 
-def _queued_fetches(broker) -> int:
-    """Fetch messages waiting in Redis."""
-    return broker.client.hlen(f"{broker.namespace}:{FETCH_QUEUE}.msgs")
+def _queued_urls(broker) -> int:
+    """URL lines waiting in Redis, in the admit messages ``enqueue`` sent."""
+    messages = broker.client.hvals(f"{broker.namespace}:{ADMIT_QUEUE}.msgs")
+    return sum(len(dramatiq.Message.decode(data).args[0]["lines"]) for data in messages)
 
 
 def _last_line(output: str) -> str:
@@ -129,7 +131,7 @@ def test_without_wait_enqueue_returns_after_sending(db, no_workers, run_cli):
     run, enqueued, rejected, skipped = _enqueued(result.stdout)
     assert (enqueued, rejected, skipped) == (2, 0, 0)
     assert len(result.stdout.splitlines()) == 1
-    assert _queued_fetches(no_workers) == 2
+    assert _queued_urls(no_workers) == 2
     assert outcomes.count_outcomes(db, run) == {"success": 0, "duplicate": 0, "error": 0}
 
 
@@ -142,7 +144,7 @@ def test_blank_and_comment_lines_are_not_jobs(db, no_workers, run_cli):
     run, enqueued, rejected, skipped = _enqueued(result.stdout)
     assert (enqueued, rejected, skipped) == (0, 0, 6)
     assert storage.outcomes(db).count_documents({"run": run}) == 0
-    assert _queued_fetches(no_workers) == 0
+    assert _queued_urls(no_workers) == 0
 
 
 def test_a_line_that_is_not_utf8_ends_in_an_error_outcome(db, no_workers, run_cli):
@@ -220,11 +222,11 @@ def test_enqueue_holds_back_while_max_in_flight_jobs_are_unfinished(db, no_worke
     )
     sender.start()
     deadline = time.monotonic() + 20
-    while _queued_fetches(no_workers) < 1000 and time.monotonic() < deadline:
+    while _queued_urls(no_workers) < 1000 and time.monotonic() < deadline:
         time.sleep(0.05)
     time.sleep(0.5)
 
-    held_at = _queued_fetches(no_workers)
+    held_at = _queued_urls(no_workers)
     assert sender.is_alive()
     assert 1000 <= held_at < 1500
 
@@ -236,7 +238,7 @@ def test_enqueue_holds_back_while_max_in_flight_jobs_are_unfinished(db, no_worke
 
     assert not sender.is_alive()
     assert reports[0].enqueued == 1500
-    assert _queued_fetches(no_workers) == 1500
+    assert _queued_urls(no_workers) == 1500
 
 
 def test_a_file_saved_with_a_byte_order_mark_keeps_its_first_url(db, no_workers, run_cli):

@@ -1,7 +1,7 @@
 """A 1,000,000-line list: `image-crawler enqueue` streams it with flat memory; its rate is measured.
 
 `enqueue` runs as a real process against the test's own redis-server, with no workers and
-``--max-in-flight 0``, so every line becomes a fetch message left in Redis. Its peak RSS is the
+``--max-in-flight 0``, so every line is left in Redis, in admit messages of 1,000 lines. Its peak RSS is the
 kernel's account of the process (``wait4``), compared with a run of 100,000 lines: a streaming
 enqueue uses the same memory for both. Rate, RSS and Redis memory are printed (`pytest -s`);
 the rate is not asserted (DESIGN's target is 20,000 URLs/s), it depends on the machine.
@@ -13,11 +13,12 @@ import subprocess
 import time
 from pathlib import Path
 
+import dramatiq
 import pytest
 import redis
 
 from support.hostile import ProcessTreeMemory
-from support.processes import image_crawler_command
+from support.processes import image_crawler_command, start_workers, stop_workers
 from support.services import free_port
 
 pytestmark = pytest.mark.slow
@@ -59,9 +60,12 @@ def _enqueue(env: dict[str, str], urls: Path, output: Path, timeout: float) -> t
     return text, elapsed, memory.peak
 
 
-def _messages(client: redis.Redis) -> tuple[int, int]:
-    """Fetch messages stored, and fetch message ids queued."""
-    return client.hlen("dramatiq:fetch.msgs"), client.llen("dramatiq:fetch")
+def _queued(client: redis.Redis) -> tuple[int, int, int]:
+    """Admit messages stored, admit message ids queued, and distinct URL lines they carry."""
+    lines: set[int] = set()
+    for _, data in client.hscan_iter("dramatiq:admit.msgs", count=100):
+        lines.update(line for line, _ in dramatiq.Message.decode(data).args[0]["lines"])
+    return client.hlen("dramatiq:admit.msgs"), client.llen("dramatiq:admit"), len(lines)
 
 
 @pytest.mark.timeout(2400)
@@ -75,12 +79,12 @@ def test_a_million_lines_are_enqueued_with_flat_memory(crawl_env, tmp_path):
 
     small_output, small_seconds, small_rss = _enqueue(env, small, tmp_path / "100k.out", timeout=600)
     assert "enqueued 100000 urls (0 rejected lines, 0 blank or comment lines skipped)" in small_output
-    assert _messages(client) == (100_000, 100_000)
+    assert _queued(client) == (100, 100, 100_000)
     client.flushdb()
 
     output, seconds, rss = _enqueue(env, large, tmp_path / "1m.out", timeout=2000)
     redis_memory = client.info("memory")["used_memory_human"]
-    messages = _messages(client)
+    queued = _queued(client)
 
     print(
         f"\nenqueue 100,000 lines: {small_seconds:.1f} s, {100_000 / small_seconds:,.0f} URLs/s,"
@@ -89,8 +93,41 @@ def test_a_million_lines_are_enqueued_with_flat_memory(crawl_env, tmp_path):
         f" peak RSS {rss / MB:.1f} MB; Redis used_memory_human {redis_memory}"
     )
     assert "enqueued 1000000 urls (0 rejected lines, 0 blank or comment lines skipped)" in output
-    assert messages == (1_000_000, 1_000_000)
+    assert queued == (1_000, 1_000, 1_000_000)
     assert rss < MAX_ENQUEUE_RSS
     # Ten times the lines, (nearly) the same memory: nothing grows with the file.
     assert rss < 1.5 * small_rss, f"peak RSS grew from {small_rss / MB:.1f} MB to {rss / MB:.1f} MB"
     assert db.outcomes.count_documents({}) == 0  # no line was rejected, no worker ran
+
+
+@pytest.mark.timeout(900)
+def test_workers_admit_every_line_as_one_fetch_message(crawl_env, tmp_path):
+    """Workers listening only on the admit queue turn 100,000 queued lines into fetch messages."""
+    env, _ = crawl_env
+    client = redis.Redis.from_url(env["REDIS_URL"])
+    urls = tmp_path / "100k.txt"
+    _write_urls(urls, 100_000, free_port())
+    output, _, _ = _enqueue(env, urls, tmp_path / "enqueue.out", timeout=600)
+    run = output.split()[1].rstrip(":")
+
+    started = time.perf_counter()
+    workers = start_workers(env, processes=2, threads=1, queues=("admit",), log=tmp_path / "workers.log")
+    try:
+        deadline = started + 600
+        while client.hlen("dramatiq:fetch.msgs") < 100_000 or client.llen("dramatiq:admit"):
+            assert time.perf_counter() < deadline, "lines were not admitted within 600 s"
+            time.sleep(0.1)
+        seconds = time.perf_counter() - started
+    finally:
+        stop_workers(workers)
+
+    jobs = {
+        dramatiq.Message.decode(data).args[0]["id"]
+        for _, data in client.hscan_iter("dramatiq:fetch.msgs", count=1000)
+    }
+    print(
+        f"\nadmit 100,000 lines (2 worker processes × 1 thread, start-up included): {seconds:.1f} s,"
+        f" {100_000 / seconds:,.0f} URLs/s"
+    )
+    assert jobs == {f"{run}:{line}" for line in range(1, 100_001)}
+    assert client.llen("dramatiq:fetch") == 100_000

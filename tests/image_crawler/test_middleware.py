@@ -87,25 +87,26 @@ def test_retry_transient_with_no_retries_gives_up_at_once():
 # --- RecordFailures, with a stand-in broker --------------------------------------------
 
 
-class _Recorder:
-    def __init__(self, fail: bool = False) -> None:
-        self.sent: list[tuple] = []
-        self.fail = fail
-
-    def send(self, *args):
-        if self.fail:
-            raise redis.exceptions.ConnectionError("Connection refused")
-        self.sent.append(args)
-
-
 class _Broker:
-    def __init__(self, recorder: _Recorder) -> None:
-        self.recorder = recorder
-        self.asked: list[str] = []
+    """Actors by name: each has its options, and what was sent to it is noted in ``sent``."""
 
-    def get_actor(self, name: str) -> _Recorder:
-        self.asked.append(name)
-        return self.recorder
+    def __init__(self, *, unreachable: bool = False, **options: dict) -> None:
+        self.options = options
+        self.unreachable = unreachable
+        self.sent: list[tuple] = []
+
+    def get_actor(self, name: str):
+        broker = self
+
+        class _Actor:
+            options = broker.options.get(name, {})
+
+            def send(self, *args):
+                if broker.unreachable:
+                    raise redis.exceptions.ConnectionError("Connection refused")
+                broker.sent.append((name, *args))
+
+        return _Actor()
 
 
 @pytest.fixture
@@ -131,72 +132,94 @@ def _message(actor_name: str, *, failed: bool, args: tuple = (_JOB,)) -> Message
 
 
 def test_a_message_that_failed_for_good_is_handed_on_with_its_reason():
-    broker = _Broker(_Recorder())
+    broker = _Broker()
 
     RecordFailures().after_process_message(
         broker, _message("grayscale", failed=True), exception=errors.NotAnImage()
     )
 
-    assert broker.asked == ["record_failure"]
-    assert broker.recorder.sent == [(_JOB, "not an image")]
+    assert broker.sent == [("record_failure", _JOB, "not an image")]
 
 
 def test_an_internal_error_is_handed_on_too():
-    broker = _Broker(_Recorder())
+    broker = _Broker()
 
     RecordFailures().after_process_message(broker, _message("collect", failed=True), exception=KeyError("x"))
 
-    assert broker.recorder.sent == [(_JOB, "internal error: KeyError")]
+    assert broker.sent == [("record_failure", _JOB, "internal error: KeyError")]
 
 
 def test_a_message_that_will_be_retried_is_not_handed_on():
-    broker = _Broker(_Recorder())
+    broker = _Broker()
 
     RecordFailures().after_process_message(
         broker, _message("fetch", failed=False), exception=errors.HttpStatusError(503)
     )
 
-    assert broker.recorder.sent == []
+    assert broker.sent == []
 
 
 def test_a_message_that_succeeded_is_not_handed_on():
-    broker = _Broker(_Recorder())
+    broker = _Broker()
 
     RecordFailures().after_process_message(broker, _message("md5", failed=False), result="abc")
 
-    assert broker.recorder.sent == []
+    assert broker.sent == []
 
 
 def test_a_failure_of_the_recording_actor_itself_is_only_logged(logged):
-    broker = _Broker(_Recorder())
+    broker = _Broker()
     message = _message("record_failure", failed=True, args=(_JOB, "http 404"))
 
     RecordFailures().after_process_message(
         broker, message, exception=pymongo.errors.ServerSelectionTimeoutError("no servers")
     )
 
-    assert broker.recorder.sent == []
-    assert "Could not record the failure of job" in logged()
+    assert broker.sent == []
+    assert "Could not record the failure of record_failure" in logged()
 
 
 def test_a_failure_that_cannot_be_sent_is_logged_not_raised(logged):
-    broker = _Broker(_Recorder(fail=True))
+    broker = _Broker(unreachable=True)
 
     RecordFailures().after_process_message(
         broker, _message("fetch", failed=True), exception=errors.TooLarge()
     )
 
-    assert "Could not send the failure of job" in logged()
+    assert "Could not send the failure of fetch" in logged()
 
 
 def test_the_recording_actor_name_is_a_parameter():
-    broker = _Broker(_Recorder())
+    broker = _Broker()
 
     RecordFailures("note_error").after_process_message(
         broker, _message("fetch", failed=True), exception=errors.TooLarge()
     )
 
-    assert broker.asked == ["note_error"]
+    assert broker.sent == [("note_error", _JOB, "too large")]
+
+
+def test_an_actor_can_name_its_own_recorder():
+    batch = {"run": "run", "lines": [[1, "http://example.com/a.png"]]}
+    broker = _Broker(admit={"failure_recorder": "record_admit_failure"})
+
+    RecordFailures().after_process_message(
+        broker, _message("admit", failed=True, args=(batch,)), exception=KeyError("x")
+    )
+
+    assert broker.sent == [("record_admit_failure", batch, "internal error: KeyError")]
+
+
+def test_an_actor_whose_recorder_is_none_is_only_logged(logged):
+    broker = _Broker(record_admit_failure={"failure_recorder": None})
+    message = _message("record_admit_failure", failed=True, args=({"run": "r", "lines": []}, "x"))
+
+    RecordFailures().after_process_message(
+        broker, message, exception=pymongo.errors.ServerSelectionTimeoutError("no servers")
+    )
+
+    assert broker.sent == []
+    assert "Could not record the failure of record_admit_failure" in logged()
 
 
 # --- RecordFailures in a real worker ---------------------------------------------------

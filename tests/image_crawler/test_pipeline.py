@@ -187,3 +187,115 @@ def test_mongodb_down_for_a_while_delays_outcomes_but_loses_none(make_pipeline, 
     assert outcomes.count_outcomes(pipeline.db, report.run) == {"success": 12, "duplicate": 0, "error": 0}
     ledger = storage.outcomes(pipeline.db).find({"run": report.run})
     assert {doc["md5"] for doc in ledger} == set(storage.images(pipeline.db).distinct("_id"))
+
+
+# --- admission: batches of lines become fetch messages, once ------------------------------
+
+
+def _queued(broker, queue: str) -> int:
+    return broker.client.hlen(f"{broker.namespace}:{queue}.msgs")
+
+
+@pytest.fixture
+def idle_broker(redis_url):
+    """The broker with nobody consuming."""
+    from image_crawler import actors
+
+    actors.broker.flush_all()
+    yield actors.broker
+    actors.broker.flush_all()
+
+
+def test_a_batch_becomes_one_fetch_message_per_line(idle_broker):
+    import dramatiq
+
+    from image_crawler import actors
+
+    batch = {"run": "r1", "lines": [[2, "http://example.com/a.png"], [5, "http://example.com/b.png"]]}
+
+    actors.admit.fn(batch)
+
+    messages = [dramatiq.Message.decode(data) for data in idle_broker.client.hvals("dramatiq:fetch.msgs")]
+    assert sorted((m.actor_name, m.args[0]["id"], m.args[0]["url"]) for m in messages) == [
+        ("fetch", "r1:2", "http://example.com/a.png"),
+        ("fetch", "r1:5", "http://example.com/b.png"),
+    ]
+
+
+def test_a_redelivered_batch_is_admitted_only_once(idle_broker):
+    from image_crawler import actors
+
+    batch = {"run": "r2", "lines": [[n, f"http://example.com/{n}.png"] for n in range(1, 301)]}
+
+    actors.admit.fn(batch)
+    actors.admit.fn(batch)  # the same message again, as after a worker died before its ack
+
+    assert _queued(idle_broker, "fetch") == 300
+    assert idle_broker.client.ttl(actors.admitted_key(batch)) > 24 * 3600
+
+
+def test_a_batch_that_fails_midway_sends_no_fetch_at_all(idle_broker, monkeypatch):
+    from image_crawler import actors
+
+    sent = []
+
+    def send_then_fail(job):
+        if len(sent) == 3:
+            raise RuntimeError("worker interrupted")
+        sent.append(job)
+        return original(job)
+
+    original = actors.fetch.send
+    monkeypatch.setattr(actors.fetch, "send", send_then_fail)
+    batch = {"run": "r3", "lines": [[n, f"http://example.com/{n}.png"] for n in range(1, 11)]}
+
+    with pytest.raises(RuntimeError):
+        actors.admit.fn(batch)
+
+    assert len(sent) == 3
+    assert _queued(idle_broker, "fetch") == 0  # the three were in a transaction that never ran
+    assert not idle_broker.client.exists(actors.admitted_key(batch))
+    monkeypatch.undo()
+    actors.admit.fn(batch)  # so a retry admits the whole batch
+    assert _queued(idle_broker, "fetch") == 10
+
+
+def test_a_batch_that_fails_for_good_ends_every_line_in_one_error(make_pipeline, monkeypatch):
+    from image_crawler import actors
+
+    def broken(job):
+        raise RuntimeError("bug")
+
+    monkeypatch.setattr(actors.fetch, "send", broken)  # admit fails at once (not a transient error)
+    pipeline = make_pipeline(threads=2)
+    lines = [[n, f"http://example.com/{n}.png"] for n in (1, 2, 4)]
+
+    actors.admit.send({"run": "r4", "lines": lines})
+    pipeline.wait_for("r4", 3, timeout=30)
+    pipeline.broker.join("process", timeout=20_000)
+    pipeline.worker.join()
+
+    ledger = sorted(storage.outcomes(pipeline.db).find({"run": "r4"}), key=lambda doc: doc["line"])
+    assert [(doc["line"], doc["outcome"], doc["reason"]) for doc in ledger] == [
+        (line, "error", "not admitted: internal error: RuntimeError") for line in (1, 2, 4)
+    ]
+
+
+def test_enqueue_sends_one_admit_message_per_thousand_lines(idle_broker, mongo_db):
+    import io
+
+    import dramatiq
+
+    from image_crawler.cli import enqueue_lines
+
+    text = "".join(f"http://example.com/{n}.png\n" if n % 7 else "# comment\n" for n in range(1, 2_601))
+
+    report = enqueue_lines(io.BytesIO(text.encode()), mongo_db)
+
+    queued = idle_broker.client.hvals("dramatiq:admit.msgs")
+    batches = [dramatiq.Message.decode(data).args[0] for data in queued]
+    lines = sorted(line for batch in batches for line, _ in batch["lines"])
+    assert sorted(len(batch["lines"]) for batch in batches) == [514, 857, 858]  # 1,000 less comments
+    assert lines == [n for n in range(1, 2_601) if n % 7]
+    assert {batch["run"] for batch in batches} == {report.run}
+    assert (report.enqueued, report.skipped) == (len(lines), 371)

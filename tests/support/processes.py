@@ -11,11 +11,17 @@ from pathlib import Path
 
 
 def start_workers(
-    env: dict[str, str], processes: int = 2, threads: int = 4, log: Path | None = None
+    env: dict[str, str],
+    processes: int = 2,
+    threads: int = 4,
+    log: Path | None = None,
+    queues: tuple[str, ...] = (),
 ) -> subprocess.Popen:
     """`dramatiq image_crawler.actors` in its own process group (so the group can be signalled)."""
     command = [sys.executable, "-m", "dramatiq", "image_crawler.actors"]
     command += ["--processes", str(processes), "--threads", str(threads)]
+    if queues:
+        command += ["--queues", *queues]
     output = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 - closed with the process
     return subprocess.Popen(command, env=env, start_new_session=True, stdout=output, stderr=output)
 
