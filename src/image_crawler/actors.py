@@ -24,13 +24,14 @@ from dramatiq.results import Results
 from . import claims, imaging, outcomes, storage
 from .broker import ADMIT_QUEUE, FETCH_QUEUE, PROCESS_QUEUE, setup_broker
 from .config import get_settings
-from .context import get_context
+from .context import get_context, share_redis
 from .errors import ClaimExpired, ResultMissing
 from .middleware import retry_transient
 from .outcomes import Job
 
 settings = get_settings()
 broker = setup_broker(settings)
+share_redis(broker.client)  # one Redis pool per process: claim checks ride the broker's
 
 #: URL lines per admit message.
 ADMIT_BATCH = 1_000
@@ -88,7 +89,6 @@ def fetch(job: dict[str, Any]) -> None:
     context = get_context()
     crawl_job = Job.from_message(job)
     download = context.fetcher.fetch(crawl_job.url)
-    context.claims.put(claims.body_key(crawl_job.id), download.content)
     digest_message = md5.message(job)
     gray_message = grayscale.message(job)
     meta = {
@@ -99,7 +99,11 @@ def fetch(job: dict[str, Any]) -> None:
     members = {"md5": digest_message.message_id, "grayscale": gray_message.message_id}
     group = dramatiq.group([digest_message, gray_message])
     group.add_completion_callback(collect.message(job, meta, members))
-    group.run()
+    # The body and both messages go in one round trip, the body first: a member never
+    # starts before the body is parked.
+    with broker.pipelined() as pipe:
+        context.claims.put(claims.body_key(crawl_job.id), download.content, pipe=pipe)
+        group.run()
 
 
 @dramatiq.actor(store_results=True, retry_when=retry_transient(5), queue_name=PROCESS_QUEUE, priority=0)

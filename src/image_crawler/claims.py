@@ -37,9 +37,9 @@ class ClaimCheck:
         self.client = client
         self.ttl = ttl
 
-    def put(self, key: str, data: bytes) -> None:
-        """Park ``data`` under ``key``."""
-        self.client.set(key, data, ex=self.ttl)
+    def put(self, key: str, data: bytes, *, pipe: redis.client.Pipeline | None = None) -> None:
+        """Park ``data`` under ``key`` (on ``pipe``: when that pipeline is sent)."""
+        (pipe if pipe is not None else self.client).set(key, data, ex=self.ttl)
 
     def get(self, key: str, what: str) -> bytes:
         """The bytes under ``key``; ClaimExpired (reason ``<what> expired``) if they are gone."""

@@ -82,9 +82,9 @@ def enqueue_lines(
         report.rejected += len(report.rejections)
         _flush_rejections(db, report)
         while max_in_flight and report.jobs - done >= max_in_flight:
-            done = _done(db, report.run)
+            done, pause = _poll_done(db, report.run, poll_interval)
             if report.jobs - done >= max_in_flight:
-                time.sleep(poll_interval)
+                time.sleep(pause)
     return report
 
 
@@ -105,8 +105,20 @@ def _flush_rejections(db: Database, report: EnqueueReport) -> None:
     report.rejections.clear()
 
 
+#: Polls of the run's progress leave MongoDB idle at least this many times as long as they take:
+#: counting the outcomes of a run grows with the run, and a poll must not load the server.
+_POLL_IDLE_FACTOR = 20
+
+
 def _done(db: Database, run: str) -> int:
     return storage.outcomes(db).count_documents({"run": run})
+
+
+def _poll_done(db: Database, run: str, poll_interval: float) -> tuple[int, float]:
+    """Outcomes of ``run`` so far, and how long to wait before asking again."""
+    started = time.monotonic()
+    done = _done(db, run)
+    return done, max(poll_interval, _POLL_IDLE_FACTOR * (time.monotonic() - started))
 
 
 def wait_for_run(
@@ -117,14 +129,17 @@ def wait_for_run(
     with click.progressbar(length=jobs, label="crawling", show_pos=True, show_eta=True) as bar:
         done = 0
         while True:
-            now_done = _done(db, run)
+            now_done, pause = _poll_done(db, run, poll_interval)
             bar.update(now_done - done)
             done = now_done
             if done >= jobs:
                 return True
-            if deadline is not None and time.monotonic() >= deadline:
-                return False
-            time.sleep(poll_interval)
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                pause = min(pause, left)
+            time.sleep(pause)
 
 
 def summary_line(total: int, counts: dict[str, int]) -> str:

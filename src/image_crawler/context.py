@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 
+import redis
 from pymongo.database import Database
 
 from . import storage
@@ -22,23 +23,41 @@ class Context:
     db: Database
     claims: ClaimCheck
     fetcher: Fetcher
+    owns_redis: bool = True
 
     @classmethod
-    def create(cls, settings: Settings, db: Database | None = None) -> Context:
-        """Open the connections ``settings`` name (``db`` overrides MongoDB, e.g. for embedding)."""
+    def create(
+        cls, settings: Settings, db: Database | None = None, redis_client: redis.Redis | None = None
+    ) -> Context:
+        """Open the connections ``settings`` name.
+
+        ``db`` overrides MongoDB (e.g. for embedding); ``redis_client`` is a client to share
+        (the broker's: one Redis pool per process), which :meth:`close` leaves open.
+        """
         database = db if db is not None else storage.get_database(settings)
         storage.ensure_indexes(database)
-        client = connect_redis(settings.redis_url)
-        return cls(settings, database, ClaimCheck(client, settings.claim_ttl), Fetcher(settings))
+        client = redis_client if redis_client is not None else connect_redis(settings.redis_url)
+        claim_check = ClaimCheck(client, settings.claim_ttl)
+        return cls(settings, database, claim_check, Fetcher(settings), owns_redis=redis_client is None)
 
     def close(self) -> None:
-        """Release the HTTP client and the Redis pool."""
+        """Release the HTTP client and the Redis pool (unless it is shared)."""
         self.fetcher.close()
-        self.claims.client.close()
+        if self.owns_redis:
+            self.claims.client.close()
 
 
 _lock = threading.Lock()
 _current: Context | None = None
+
+
+_shared_redis: redis.Redis | None = None
+
+
+def share_redis(client: redis.Redis | None) -> None:
+    """Make contexts created from now on use ``client`` (the broker's) for claim checks."""
+    global _shared_redis
+    _shared_redis = client
 
 
 def get_context() -> Context:
@@ -47,7 +66,7 @@ def get_context() -> Context:
     if _current is None:
         with _lock:
             if _current is None:
-                _current = Context.create(get_settings())
+                _current = Context.create(get_settings(), redis_client=_shared_redis)
     return _current
 
 

@@ -350,3 +350,18 @@ def test_version(run_cli):
 
     assert result.exit_code == 0
     assert re.fullmatch(r".+, version \d+\.\d+\S*\n", result.stdout)
+
+
+def test_progress_polls_leave_mongodb_idle_twenty_times_as_long_as_a_count_takes(db, monkeypatch):
+    from image_crawler import cli
+
+    class SlowLedger:
+        def count_documents(self, query):
+            time.sleep(0.05)  # a run large enough that counting it takes 50 ms
+            return 7
+
+    assert cli._poll_done(db, "quick", poll_interval=0.5) == (0, 0.5)
+    monkeypatch.setattr(storage, "outcomes", lambda database: SlowLedger())
+    done, pause = cli._poll_done(db, "large", poll_interval=0.5)
+    assert done == 7
+    assert 1.0 <= pause < 2.0

@@ -1,0 +1,50 @@
+"""The per-process context: one MongoDB client, one Redis pool (the broker's), one HTTP client."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import redis
+
+from image_crawler import context as context_module
+from image_crawler.config import get_settings
+from image_crawler.context import Context
+
+
+def test_the_workers_claim_checks_use_the_brokers_redis_pool(redis_url):
+    from image_crawler import actors
+
+    assert context_module._shared_redis is actors.broker.client
+
+
+def _connections(observer: redis.Redis, name: str) -> int:
+    """Connections the Redis server has from clients called ``name``."""
+    return sum(1 for client in observer.client_list() if client["name"] == name)
+
+
+def test_a_shared_redis_client_stays_open_when_the_context_closes(redis_url, mongo_db):
+    settings = dataclasses.replace(get_settings(), redis_url=redis_url)
+    observer = redis.Redis.from_url(redis_url)
+    client = redis.Redis.from_url(redis_url, client_name="shared-by-test")
+    client.ping()
+
+    context = Context.create(settings, db=mongo_db, redis_client=client)
+    context.claims.put("image-crawler:claim:body:ctx-test", b"abc")
+    context.close()
+
+    assert context.claims.client is client
+    assert _connections(observer, "shared-by-test") == 1  # still connected, nothing else opened
+    assert client.getdel("image-crawler:claim:body:ctx-test") == b"abc"
+
+
+def test_a_context_opens_and_closes_its_own_redis_pool_otherwise(redis_url, mongo_db):
+    settings = dataclasses.replace(get_settings(), redis_url=redis_url)
+    observer = redis.Redis.from_url(redis_url)
+
+    context = Context.create(settings, db=mongo_db)
+    context.claims.client.client_setname("context-own")
+    assert _connections(observer, "context-own") == 1
+    context.close()
+
+    assert context.owns_redis
+    assert _connections(observer, "context-own") == 0
