@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import dramatiq
 import redis
-from dramatiq.brokers.redis import RedisBroker
+from dramatiq.brokers.redis import RedisBroker, _RedisConsumer
 from dramatiq.middleware import AgeLimit, Callbacks, Pipelines, Retries, ShutdownNotifications, TimeLimit
 from dramatiq.middleware.group_callbacks import GroupCallbacks
 from dramatiq.rate_limits.backends import RedisBackend as RateLimiterBackend
@@ -36,6 +37,9 @@ RESULT_TTL_MS = 60 * 60 * 1000
 #: about this long instead of failing: a failed enqueue inside Dramatiq's after-hooks is only
 #: logged, and the message would then be acknowledged with its follow-up lost.
 REDIS_OUTAGE_BUDGET_S = 300
+
+#: How often a consumer looks for messages of its own that it lost track of (see below).
+ORPHAN_SWEEP_S = 10.0
 
 FETCH_QUEUE = "fetch"
 PROCESS_QUEUE = "process"
@@ -67,8 +71,67 @@ class _PipelinableScript:
         return self.script(keys=keys, args=args, client=client or getattr(self.local, "pipe", None))
 
 
+class _OrphanRequeueingConsumer(_RedisConsumer):
+    """A Redis consumer that puts back messages it fetched but never received.
+
+    Dramatiq's fetch script moves message ids to this worker's ack set and returns the
+    messages. When Redis runs that and then goes away before the reply arrives (a restart),
+    the client retries and gets the next messages: the first ones stay in the ack set of a
+    worker that is alive, so maintenance never requeues them, and their jobs never end.
+    Every ``ORPHAN_SWEEP_S`` the consumer compares its ack set with the messages it holds
+    (prefetched, or handed to a worker thread and not yet acked); ids it did not hold in two
+    sweeps in a row are requeued.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._handed_out: dict[str, str] = {}  # message id → redis message id, until acked
+        self._unheld: set[str] = set()
+        self._next_sweep = time.monotonic() + ORPHAN_SWEEP_S
+
+    def __next__(self):
+        if time.monotonic() >= self._next_sweep:
+            self._next_sweep = time.monotonic() + ORPHAN_SWEEP_S
+            self._requeue_orphans()
+        message = super().__next__()
+        if message is not None:
+            self._handed_out[message.message_id] = message.options["redis_message_id"]
+        return message
+
+    def ack(self, message):
+        try:
+            super().ack(message)
+        finally:
+            self._handed_out.pop(message.message_id, None)
+
+    def nack(self, message):
+        try:
+            super().nack(message)
+        finally:
+            self._handed_out.pop(message.message_id, None)
+
+    def _requeue_orphans(self) -> None:
+        # Worker threads ack concurrently: take what is held *before* reading the ack set, so
+        # an id acked in between is simply absent from the set.
+        held = set(self._handed_out.values())
+        held.update(
+            dramatiq.Message.decode(data).options["redis_message_id"] for data in self.message_cache if data
+        )
+        acks = f"{self.broker.namespace}:__acks__.{self.broker.broker_id}.{self.queue_name}"
+        unheld = {member.decode() for member in self.broker.client.smembers(acks)} - held
+        orphans, self._unheld = unheld & self._unheld, unheld
+        if orphans:
+            logging.getLogger(__name__).warning(
+                "Requeueing %d message(s) of queue %r whose fetch reply was lost.",
+                len(orphans),
+                self.queue_name,
+            )
+            self.broker.do_requeue(self.queue_name, *orphans)
+
+
 class PipelinedRedisBroker(RedisBroker):
-    """A :class:`RedisBroker` that can send a batch of messages in one Redis round trip.
+    """A :class:`RedisBroker` that can send a batch of messages in one Redis round trip,
+    and whose consumers recover messages whose fetch reply was lost.
 
     Every message still goes through Dramatiq's own ``enqueue`` (middleware hooks, ids, the
     Lua dispatch script); inside :meth:`pipelined` the calling thread's script calls are
@@ -80,6 +143,10 @@ class PipelinedRedisBroker(RedisBroker):
         super().__init__(**options)
         self._dispatch_script = _PipelinableScript(self.scripts["dispatch"])
         self.scripts["dispatch"] = self._dispatch_script
+
+    @property
+    def consumer_class(self):
+        return _OrphanRequeueingConsumer
 
     @contextmanager
     def pipelined(self, *, transaction: bool = False) -> Iterator[redis.client.Pipeline]:

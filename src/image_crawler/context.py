@@ -49,8 +49,6 @@ class Context:
 
 _lock = threading.Lock()
 _current: Context | None = None
-
-
 _shared_redis: redis.Redis | None = None
 
 

@@ -197,3 +197,51 @@ def test_a_transactional_block_sends_its_messages_and_commands_together(broker, 
     assert queued() == 2
     assert broker.client.get("pipelined-test:mark") == b"1"
     broker.client.delete("pipelined-test:mark")
+
+
+# --- a fetch whose reply was lost ---------------------------------------------------------
+
+
+@pytest.fixture
+def sweep_every_call(monkeypatch):
+    monkeypatch.setattr(broker_module, "ORPHAN_SWEEP_S", 0.0)
+
+
+def _drain(consumer, *, ack: bool, calls: int = 20) -> list[int]:
+    """What ``calls`` calls of the consumer hand out (acked at once when ``ack``)."""
+    received = []
+    for _ in range(calls):
+        message = next(consumer)
+        if message is not None:
+            received.append(message.args[0])
+            if ack:
+                consumer.ack(message)
+    return received
+
+
+def test_messages_whose_fetch_reply_was_lost_are_requeued(broker, queued, sweep_every_call):
+    for n in range(3):
+        broker.enqueue(_message(n))
+    broker.do_fetch(_QUEUE, 2)  # Redis ran a fetch, and its reply never reached anybody
+    acks = f"{broker.namespace}:__acks__.{broker.broker_id}.{_QUEUE}"
+    assert broker.client.scard(acks) == 2
+
+    consumer = broker.consume(_QUEUE, prefetch=10, timeout=10)
+    received = _drain(consumer, ack=True)
+
+    assert sorted(received) == [0, 1, 2]  # each exactly once
+    assert broker.client.scard(acks) == 0
+    assert queued() == 0  # every message acked and gone
+
+
+def test_messages_a_consumer_holds_are_never_requeued(broker, queued, sweep_every_call):
+    for n in range(3):
+        broker.enqueue(_message(n))
+
+    consumer = broker.consume(_QUEUE, prefetch=10, timeout=10)
+    received = _drain(consumer, ack=False)  # handed out, still being worked on
+
+    assert sorted(received) == [0, 1, 2]
+    assert broker.client.llen(f"{broker.namespace}:{_QUEUE}") == 0  # nothing put back
+    acks = f"{broker.namespace}:__acks__.{broker.broker_id}.{_QUEUE}"
+    assert broker.client.scard(acks) == 3
