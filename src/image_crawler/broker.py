@@ -47,6 +47,10 @@ PROCESS_QUEUE = "process"
 ADMIT_QUEUE = "admit"
 
 
+#: Group barriers live as long as results: a group's members end within that time or not at all.
+BARRIER_TTL_MS = RESULT_TTL_MS
+
+
 def connect_redis(url: str) -> redis.Redis:
     """A Redis client that rides out an outage of up to ``REDIS_OUTAGE_BUDGET_S`` seconds."""
     backoff = ExponentialWithJitterBackoff(cap=5.0, base=0.25)
@@ -69,6 +73,31 @@ class _PipelinableScript:
 
     def __call__(self, keys=None, args=None, client=None):
         return self.script(keys=keys, args=args, client=client or getattr(self.local, "pipe", None))
+
+
+class AtomicBarrierBackend(RateLimiterBackend):
+    """Dramatiq's Redis rate-limiter backend, with ``decr`` in one Lua call.
+
+    A group's completion barrier calls ``decr`` each time a member ends; the parent class
+    runs it as a WATCH / GET / MULTI…EXEC transaction: three round trips, twice per image.
+    The script does the same thing atomically in one.
+    """
+
+    _DECR = """
+    local value = tonumber(redis.call("get", KEYS[1]) or "0") - tonumber(ARGV[1])
+    if value < tonumber(ARGV[2]) then
+        return 0
+    end
+    redis.call("set", KEYS[1], value, "PX", ARGV[3])
+    return 1
+    """
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self._decr = self.client.register_script(self._DECR)
+
+    def decr(self, key: str, amount: int, minimum: int, ttl: int) -> bool:
+        return bool(self._decr(keys=[key], args=[amount, minimum, ttl]))
 
 
 class _OrphanRequeueingConsumer(_RedisConsumer):
@@ -174,14 +203,14 @@ def create_broker(settings: Settings) -> PipelinedRedisBroker:
     """
     client = connect_redis(settings.redis_url)
     result_backend = ResultBackend(client=client)
-    rate_limiter_backend = RateLimiterBackend(client=client)
+    rate_limiter_backend = AtomicBarrierBackend(client=client)
     middleware = [
         AgeLimit(),
         TimeLimit(),
         ShutdownNotifications(),
         Callbacks(),
         Pipelines(),
-        GroupCallbacks(rate_limiter_backend),
+        GroupCallbacks(rate_limiter_backend, barrier_ttl=BARRIER_TTL_MS),
         Results(backend=result_backend, result_ttl=RESULT_TTL_MS),
         RecordFailures(),
         Retries(min_backoff=1_000, max_backoff=60_000),

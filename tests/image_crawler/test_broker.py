@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import uuid
 from urllib.parse import urlsplit
 
 import dramatiq
@@ -245,3 +246,46 @@ def test_messages_a_consumer_holds_are_never_requeued(broker, queued, sweep_ever
     assert broker.client.llen(f"{broker.namespace}:{_QUEUE}") == 0  # nothing put back
     acks = f"{broker.namespace}:__acks__.{broker.broker_id}.{_QUEUE}"
     assert broker.client.scard(acks) == 3
+
+
+# --- group barriers in one round trip -------------------------------------------------------
+
+
+def test_a_group_barrier_clears_when_its_last_member_ends(broker):
+    from dramatiq.rate_limits import Barrier
+
+    backend = _middleware(broker, GroupCallbacks).rate_limiter_backend
+    barrier = Barrier(backend, f"barrier-test-{uuid.uuid4().hex}", ttl=60_000)
+
+    assert barrier.create(3)
+    assert [barrier.wait(block=False) for _ in range(3)] == [False, False, True]
+    assert 0 < broker.client.pttl(barrier.key) <= 60_000
+
+
+@pytest.mark.parametrize(
+    ("stored", "amount", "minimum", "expected", "left"),
+    [
+        (b"5", 2, 1, True, b"3"),
+        (b"2", 1, 1, True, b"1"),
+        (b"1", 1, 1, False, b"1"),  # would go under the minimum: refused, nothing written
+        (None, 1, 1, False, None),  # a barrier that expired or never was
+        (None, 1, -5, True, b"-1"),
+    ],
+)
+def test_the_barrier_backend_decrements_like_dramatiqs(broker, stored, amount, minimum, expected, left):
+    from dramatiq.rate_limits.backends import RedisBackend
+
+    key = f"decr-test-{uuid.uuid4().hex}"
+    ours = _middleware(broker, GroupCallbacks).rate_limiter_backend
+    for backend in (ours, RedisBackend(client=broker.client)):
+        if stored is None:
+            broker.client.delete(key)
+        else:
+            broker.client.set(key, stored)
+        assert backend.decr(key, amount, minimum, 60_000) is expected, type(backend).__name__
+        assert broker.client.get(key) == left, type(backend).__name__
+    broker.client.delete(key)
+
+
+def test_group_barriers_expire_with_the_results(broker):
+    assert _middleware(broker, GroupCallbacks).barrier_ttl == broker_module.RESULT_TTL_MS
