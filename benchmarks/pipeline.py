@@ -120,7 +120,7 @@ def run_pipeline(
     work.mkdir()
     stage_dir = work / "stages"
     env = dict(env, MONGO_URI=_database_uri(env["MONGO_URI"], database), BENCH_STAGE_DIR=str(stage_dir))
-    module = "image_crawler.actors" if args.plain else "benchmarks.instrumented_actors"
+    module = args.actors or ("image_crawler.actors" if args.plain else "benchmarks.instrumented_actors")
     command = [sys.executable, "-m", "dramatiq", module, "--path", str(REPO)]
     command += ["--processes", str(args.processes), "--threads", str(args.threads)]
     log_path = work / "workers.log"
@@ -136,7 +136,7 @@ def run_pipeline(
     redis_client = redis.Redis.from_url(env["REDIS_URL"])
     redis_client.flushall()  # nothing left from an earlier repetition
     try:
-        if args.plain:
+        if args.plain or args.actors:
             booted = lambda: log_path.read_bytes().count(b"Worker process is ready") >= args.processes  # noqa: E731
         else:
             booted = lambda: len(list(stage_dir.glob("ready-*"))) >= args.processes  # noqa: E731
@@ -712,6 +712,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="run `dramatiq image_crawler.actors` itself (no timing middleware, so no per-stage table)",
     )
+    parser.add_argument(
+        "--actors",
+        default=None,
+        help="run `dramatiq MODULE` instead (e.g. benchmarks.variants, see BENCH_VARIANT; no stage table)",
+    )
     parser.add_argument("--cache-dir", type=Path, default=None, help="where generated images are cached")
     parser.add_argument(
         "--tiny",
@@ -773,8 +778,11 @@ def main(argv: list[str] | None = None) -> None:
             f"{statistics.mean(sizes) / 1024:.0f} kB mean) served by benchmarks/server.py"
         )
         print(f"storage: {mongo_note}")
+        module = args.actors or ("image_crawler.actors" if args.plain else "benchmarks.instrumented_actors")
+        if module == "benchmarks.variants":
+            module += f" (BENCH_VARIANT={os.environ.get('BENCH_VARIANT', 'md5-in-fetch')})"
         print(
-            f"pipeline: dramatiq {'image_crawler' if args.plain else 'benchmarks.instrumented'}_actors "
+            f"pipeline: dramatiq {module} "
             f"--processes {args.processes} --threads "
             f"{args.threads}; Redis {redis_url}; ceiling: {args.processes} processes × "
             f"{args.ceiling_threads} threads; PNG_COMPRESS_LEVEL={settings.png_compress_level}, "

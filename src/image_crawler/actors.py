@@ -9,7 +9,7 @@ collector records success or duplicate, and any message that fails for good is h
 
 ``enqueue`` sends URL lines in batches (one message per :data:`ADMIT_BATCH` lines, so a
 million-line file is queued in seconds); ``admit`` turns a batch into fetch messages when a
-worker has nothing more urgent to do, so the fetch backlog stays short.
+worker has nothing more urgent to do, so most of a long list waits as compact batches.
 """
 
 from __future__ import annotations
