@@ -119,9 +119,9 @@ def store_gray_png(db: Database, md5: str, png: bytes) -> None:
     Raises :class:`StoreBusy` while another worker is writing the same file.
     """
     files = gray_files(db)
-    if files.exists(md5):
-        return
     try:
+        # No existence check first: callers come here for images not stored yet, and a file
+        # that is there already makes put() fail on its first chunk, before writing anything.
         files.put(png, _id=md5, filename=f"{md5}.png", contentType="image/png")
         return
     except FileExists:
