@@ -65,13 +65,20 @@ def _jobs(batch: dict[str, Any]) -> list[Job]:
 def admit(batch: dict[str, Any]) -> None:
     """Send a fetch message for every ``[line, url]`` of ``batch["lines"]`` of run ``batch["run"]``.
 
-    All of them in one MULTI/EXEC with the batch's admitted mark: a batch redelivered after a
-    worker died is admitted once, never half.
+    All of them in one MULTI/EXEC with the batch's admitted mark, which the transaction WATCHes:
+    a batch redelivered after a worker died, or delivered twice at once, is admitted once; a
+    transaction whose reply was lost is not sent again but retried as a message, and finds
+    the mark if it ran.
     """
     key = admitted_key(batch)
     if broker.client.exists(key):
         return
     with broker.pipelined(transaction=True) as pipe:
+        pipe.watch(key)
+        if pipe.exists(key):
+            pipe.unwatch()
+            return
+        pipe.multi()
         for job in _jobs(batch):
             fetch.send(job.to_message())
         pipe.set(key, 1, ex=ADMITTED_TTL_S)
@@ -99,8 +106,9 @@ def fetch(job: dict[str, Any]) -> None:
     members = {"md5": digest_message.message_id, "grayscale": gray_message.message_id}
     group = dramatiq.group([digest_message, gray_message])
     group.add_completion_callback(collect.message(job, meta, members))
-    # The body and both messages go in one round trip, the body first: a member never
-    # starts before the body is parked.
+    # The body and both messages go in one pipeline, the body first: a member never starts
+    # before the body is parked. (Resent if its reply is lost: members may then run twice,
+    # which the barrier and the collector tolerate.)
     with broker.pipelined() as pipe:
         context.claims.put(claims.body_key(crawl_job.id), download.content, pipe=pipe)
         group.run()

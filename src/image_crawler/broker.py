@@ -47,7 +47,9 @@ PROCESS_QUEUE = "process"
 ADMIT_QUEUE = "admit"
 
 
-#: Group barriers live as long as results: a group's members end within that time or not at all.
+#: Group barriers live as long as results (and claim checks). A member ending after its barrier
+#: expired finds it cleared and sends the collector early, which then ends the job in
+#: ``md5 result missing``: the same fate as a result that expired.
 BARRIER_TTL_MS = RESULT_TTL_MS
 
 
@@ -110,11 +112,17 @@ class _OrphanRequeueingConsumer(_RedisConsumer):
     Every ``ORPHAN_SWEEP_S`` the consumer compares its ack set with the messages it holds
     (prefetched, or handed to a worker thread and not yet acked); ids it did not hold in two
     sweeps in a row are requeued.
+
+    When Dramatiq replaces a consumer (after a connection error it could not ride out), the new
+    one does not know what the old one handed out: those messages may run a second time, which
+    every actor of the pipeline tolerates; the ones the old consumer had prefetched or was
+    holding for a delay come back instead of staying stuck.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._handed_out: dict[str, str] = {}  # message id → redis message id, until acked
+        self._handed_out: set[str] = set()  # redis message ids given to worker threads, not yet acked
+        self._lock = threading.Lock()  # worker threads ack; the consumer thread sweeps
         self._unheld: set[str] = set()
         self._next_sweep = time.monotonic() + ORPHAN_SWEEP_S
 
@@ -124,38 +132,42 @@ class _OrphanRequeueingConsumer(_RedisConsumer):
             self._requeue_orphans()
         message = super().__next__()
         if message is not None:
-            self._handed_out[message.message_id] = message.options["redis_message_id"]
+            with self._lock:
+                self._handed_out.add(message.options["redis_message_id"])
         return message
 
     def ack(self, message):
-        try:
-            super().ack(message)
-        finally:
-            self._handed_out.pop(message.message_id, None)
+        super().ack(message)  # a failed ack raises and is tried again: the message stays held
+        self._release(message)
 
     def nack(self, message):
-        try:
-            super().nack(message)
-        finally:
-            self._handed_out.pop(message.message_id, None)
+        super().nack(message)
+        self._release(message)
+
+    def _release(self, message) -> None:
+        with self._lock:
+            self._handed_out.discard(message.options["redis_message_id"])
 
     def _requeue_orphans(self) -> None:
-        # Worker threads ack concurrently: take what is held *before* reading the ack set, so
-        # an id acked in between is simply absent from the set.
-        held = set(self._handed_out.values())
+        # Take what is held *before* reading the ack set: an id acked in between is simply absent.
+        with self._lock:
+            held = set(self._handed_out)
         held.update(
             dramatiq.Message.decode(data).options["redis_message_id"] for data in self.message_cache if data
         )
         acks = f"{self.broker.namespace}:__acks__.{self.broker.broker_id}.{self.queue_name}"
-        unheld = {member.decode() for member in self.broker.client.smembers(acks)} - held
-        orphans, self._unheld = unheld & self._unheld, unheld
-        if orphans:
-            logging.getLogger(__name__).warning(
-                "Requeueing %d message(s) of queue %r whose fetch reply was lost.",
-                len(orphans),
-                self.queue_name,
-            )
-            self.broker.do_requeue(self.queue_name, *orphans)
+        try:
+            unheld = {member.decode() for member in self.broker.client.smembers(acks)} - held
+            orphans, self._unheld = unheld & self._unheld, unheld
+            if orphans:
+                logging.getLogger(__name__).warning(
+                    "Requeueing %d message(s) of queue %r whose fetch reply was lost.",
+                    len(orphans),
+                    self.queue_name,
+                )
+                self.broker.do_requeue(self.queue_name, *orphans)
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+            self._unheld = set()  # Redis is away: look again at the next sweep
 
 
 class PipelinedRedisBroker(RedisBroker):
@@ -182,7 +194,9 @@ class PipelinedRedisBroker(RedisBroker):
         """Buffer this thread's ``enqueue`` calls made in the block and send them at its end.
 
         Yields the pipeline, so other commands can ride along; with ``transaction=True`` the
-        whole block is one MULTI/EXEC: every message and command lands, or none does.
+        block is sent as one MULTI/EXEC, which no other client sees half done (Redis does not
+        roll back a command that fails inside it). A pipeline that loses its connection is sent
+        again, unless it WATCHes a key: then it raises ``WatchError``.
         """
         local = self._dispatch_script.local
         with self.client.pipeline(transaction=transaction) as pipe:

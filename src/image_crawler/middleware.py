@@ -15,6 +15,8 @@ logger = logging.getLogger(__name__)
 _UNAVAILABLE: tuple[tuple[type[BaseException], str], ...] = (
     (redis.exceptions.ConnectionError, "redis unavailable"),
     (redis.exceptions.TimeoutError, "redis unavailable"),
+    # A transaction whose watched key changed, or whose connection was lost while watching.
+    (redis.exceptions.WatchError, "redis unavailable"),
     (pymongo.errors.ConnectionFailure, "mongodb unavailable"),
 )
 

@@ -188,7 +188,12 @@ def test_a_pipelined_block_does_not_capture_other_threads(broker, queued):
     assert seen == [0]
 
 
+def _multi_calls(broker) -> int:
+    return broker.client.info("commandstats").get("cmdstat_multi", {}).get("calls", 0)
+
+
 def test_a_transactional_block_sends_its_messages_and_commands_together(broker, queued):
+    multis = _multi_calls(broker)
     with broker.pipelined(transaction=True) as pipe:
         broker.enqueue(_message(1))
         broker.enqueue(_message(2))
@@ -197,6 +202,7 @@ def test_a_transactional_block_sends_its_messages_and_commands_together(broker, 
 
     assert queued() == 2
     assert broker.client.get("pipelined-test:mark") == b"1"
+    assert _multi_calls(broker) == multis + 1  # in one MULTI/EXEC
     broker.client.delete("pipelined-test:mark")
 
 

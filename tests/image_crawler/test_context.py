@@ -11,10 +11,17 @@ from image_crawler.config import get_settings
 from image_crawler.context import Context
 
 
-def test_the_workers_claim_checks_use_the_brokers_redis_pool(redis_url):
-    from image_crawler import actors
+def test_the_workers_claim_checks_use_the_brokers_redis_pool(redis_url, mongo_db, monkeypatch):
+    from image_crawler import actors, storage
 
-    assert context_module._shared_redis is actors.broker.client
+    monkeypatch.setattr(storage, "get_database", lambda settings: mongo_db)
+    previous = context_module.set_context(None)
+    try:
+        context = context_module.get_context()  # as the first actor of a worker process creates it
+        assert context.claims.client is actors.broker.client
+        assert not context.owns_redis
+    finally:
+        context_module.set_context(previous)
 
 
 def _connections(observer: redis.Redis, name: str) -> int:

@@ -44,6 +44,7 @@ from image_crawler.outcomes import Job
         (errors.StoreBusy("grayscale file being written by another worker"), True, None),
         (redis.exceptions.ConnectionError("Connection refused"), True, "redis unavailable"),
         (redis.exceptions.TimeoutError("Timeout reading from socket"), True, "redis unavailable"),
+        (redis.exceptions.WatchError("Watched variable changed."), True, "redis unavailable"),
         (pymongo.errors.AutoReconnect("connection closed"), True, "mongodb unavailable"),
         (pymongo.errors.ServerSelectionTimeoutError("no servers"), True, "mongodb unavailable"),
         (pymongo.errors.DuplicateKeyError("E11000"), False, "internal error: DuplicateKeyError"),

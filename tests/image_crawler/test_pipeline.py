@@ -227,11 +227,26 @@ def test_a_redelivered_batch_is_admitted_only_once(idle_broker):
 
     batch = {"run": "r2", "lines": [[n, f"http://example.com/{n}.png"] for n in range(1, 301)]}
 
+    multis = idle_broker.client.info("commandstats").get("cmdstat_multi", {}).get("calls", 0)
     actors.admit.fn(batch)
     actors.admit.fn(batch)  # the same message again, as after a worker died before its ack
 
+    assert idle_broker.client.info("commandstats")["cmdstat_multi"]["calls"] == multis + 1
     assert _queued(idle_broker, "fetch") == 300
     assert idle_broker.client.ttl(actors.admitted_key(batch)) > 24 * 3600
+
+
+def test_a_batch_admitted_meanwhile_by_another_worker_is_not_admitted_again(idle_broker, monkeypatch):
+    from image_crawler import actors
+
+    batch = {"run": "r5", "lines": [[n, f"http://example.com/{n}.png"] for n in range(1, 11)]}
+    actors.admit.fn(batch)  # another worker's delivery of the same batch
+    # This delivery looked before that one set the mark; the check under WATCH sees it.
+    monkeypatch.setattr(idle_broker.client, "exists", lambda key: 0)
+
+    actors.admit.fn(batch)
+
+    assert _queued(idle_broker, "fetch") == 10
 
 
 def test_a_batch_that_fails_midway_sends_no_fetch_at_all(idle_broker, monkeypatch):
@@ -253,7 +268,7 @@ def test_a_batch_that_fails_midway_sends_no_fetch_at_all(idle_broker, monkeypatc
         actors.admit.fn(batch)
 
     assert len(sent) == 3
-    assert _queued(idle_broker, "fetch") == 0  # the three were in a transaction that never ran
+    assert _queued(idle_broker, "fetch") == 0  # the three were queued on a pipeline never sent
     assert not idle_broker.client.exists(actors.admitted_key(batch))
     monkeypatch.undo()
     actors.admit.fn(batch)  # so a retry admits the whole batch
