@@ -171,7 +171,7 @@ class _OrphanRequeueingConsumer(_RedisConsumer):
 
 
 class PipelinedRedisBroker(RedisBroker):
-    """A :class:`RedisBroker` that can send a batch of messages in one Redis round trip,
+    """A :class:`RedisBroker` that can send a batch of messages in one Redis pipeline,
     and whose consumers recover messages whose fetch reply was lost.
 
     Every message still goes through Dramatiq's own ``enqueue`` (middleware hooks, ids, the
