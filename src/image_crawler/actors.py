@@ -8,8 +8,9 @@ collector records success or duplicate, and any message that fails for good is h
 :class:`~image_crawler.middleware.RecordFailures`.
 
 ``enqueue`` sends URL lines in batches (one message per :data:`ADMIT_BATCH` lines, so a
-million-line file is queued in seconds); ``admit`` turns a batch into fetch messages when a
-worker has nothing more urgent to do, so most of a long list waits as compact batches.
+million-line file is queued in seconds); ``admit`` turns a batch into fetch messages. What
+bounds the fetch backlog is ``enqueue --max-in-flight``, not admission: idle workers admit
+every batch they are given at once.
 """
 
 from __future__ import annotations
@@ -41,8 +42,8 @@ _ADMITTED_PREFIX = "image-crawler:admitted"
 
 # Work already started outranks new work: follow-up actors run on their own queue with
 # priority 0 (fetch: 100), so a worker holding both kinds of message runs them first and
-# parked bodies and results are consumed long before their TTLs; batches are admitted last
-# (200), when a worker has no fetch at hand.
+# parked bodies and results are consumed long before their TTLs; a worker holding a batch
+# and other work admits the batch last (200).
 
 
 def admitted_key(batch: dict[str, Any]) -> str:
