@@ -55,6 +55,13 @@ def _record(png: bytes, meta: dict[str, Any], crawl_job: Job, digest: str, size:
     outcomes.record_outcome(context.db, crawl_job, outcome, md5=digest)
 
 
+def _grayscale(body: bytes) -> imaging.GrayImage:
+    settings = get_context().settings
+    return imaging.to_grayscale(
+        body, max_pixels=settings.max_image_pixels, compress_level=settings.png_compress_level
+    )
+
+
 @dramatiq.actor(queue_name=PROCESS_QUEUE, priority=0, retry_when=retry_transient(5))
 def grayscale_size(job: dict[str, Any]) -> dict[str, int]:
     """``actors.grayscale`` without a stored result: the size goes to collect in the message."""
@@ -92,11 +99,7 @@ elif VARIANT == "two-tasks":
         context = get_context()
         crawl_job = Job.from_message(job)
         body = context.claims.get(claims.body_key(crawl_job.id), "body")
-        gray = imaging.to_grayscale(
-            body,
-            max_pixels=context.settings.max_image_pixels,
-            compress_level=context.settings.png_compress_level,
-        )
+        gray = _grayscale(body)
         size = {"width": gray.width, "height": gray.height}
         _record(gray.png, meta, crawl_job, hashlib.md5(body).hexdigest(), size)
         context.claims.drop(crawl_job.id)
@@ -119,11 +122,7 @@ elif VARIANT == "one-task":
         crawl_job = Job.from_message(job)
         download = context.fetcher.fetch(crawl_job.url)
         digest = hashlib.md5(download.content).hexdigest()
-        gray = imaging.to_grayscale(
-            download.content,
-            max_pixels=context.settings.max_image_pixels,
-            compress_level=context.settings.png_compress_level,
-        )
+        gray = _grayscale(download.content)
         meta = {"content_type": download.content_type, "byte_size": len(download.content)}
         _record(gray.png, meta, crawl_job, digest, {"width": gray.width, "height": gray.height})
 

@@ -164,13 +164,17 @@ def collect(job: dict[str, Any], meta: dict[str, Any], members: dict[str, str]) 
     context.claims.drop(crawl_job.id)
 
 
-@dramatiq.actor(
-    retry_when=retry_transient(20),
-    max_backoff=300_000,
-    queue_name=PROCESS_QUEUE,
-    priority=0,
-    failure_recorder=None,
-)
+#: Recorders outlast a long MongoDB outage, and their own failures are only logged.
+_RECORDER_OPTIONS: dict[str, Any] = {
+    "retry_when": retry_transient(20),
+    "max_backoff": 300_000,
+    "queue_name": PROCESS_QUEUE,
+    "priority": 0,
+    "failure_recorder": None,
+}
+
+
+@dramatiq.actor(**_RECORDER_OPTIONS)
 def record_failure(job: dict[str, Any], reason: str) -> None:
     """Record the error outcome of a job whose message failed for good."""
     context = get_context()
@@ -179,13 +183,7 @@ def record_failure(job: dict[str, Any], reason: str) -> None:
     context.claims.drop(crawl_job.id)
 
 
-@dramatiq.actor(
-    retry_when=retry_transient(20),
-    max_backoff=300_000,
-    queue_name=PROCESS_QUEUE,
-    priority=0,
-    failure_recorder=None,
-)
+@dramatiq.actor(**_RECORDER_OPTIONS)
 def record_admit_failure(batch: dict[str, Any], reason: str) -> None:
     """Record an error outcome for every line of a batch that could not be admitted."""
     context = get_context()
