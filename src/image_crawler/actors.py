@@ -1,44 +1,72 @@
-"""The pipeline's actors: admit → fetch → group[md5, grayscale] → collect, and the recorders.
+"""The pipeline's actors: admit → fetch(batch) → group[md5, grayscale] → collect, and the recorders.
 
 Importing this module sets up the broker, so ``dramatiq image_crawler.actors`` starts
-workers. Actors are thin: they rebuild the job from the message, call a pure function
-or a storage helper, and hand on the result. Every job ends in exactly one outcome: the
-collector records success or duplicate, and any message that fails for good is handed to
-``record_failure`` (``record_admit_failure`` for a batch) by
-:class:`~image_crawler.middleware.RecordFailures`.
+workers. The unit of a message is a *batch* of up to ``BATCH_SIZE`` URL lines of one run;
+every line keeps its own fate inside it (docs/architecture.md, "Batches"):
 
-``enqueue`` sends URL lines in batches (one message per :data:`ADMIT_BATCH` lines, so a
-million-line file is queued in seconds); ``admit`` turns a batch into fetch messages. What
-bounds the fetch backlog is ``enqueue --max-in-flight``, not admission: idle workers admit
-every batch they are given at once.
+* ``admit`` cuts a batch of ``enqueue`` (:data:`ADMIT_BATCH` lines) into fetch batches, once.
+* ``fetch`` downloads its lines concurrently, ends permanent failures at once, sends each
+  transient failure again alone (with backoff, up to ``FETCH_RETRIES``), parks the bodies of
+  the others under a claim made for this execution, and runs ``group([md5, grayscale])`` on
+  that *parcel* with ``collect`` as completion callback.
+* ``md5`` returns the digests of the parcel's bodies; ``grayscale`` parks their PNGs and
+  returns sizes or, per line, why the body is not an image.
+* ``collect`` stores the new images, records every outcome of the parcel, and deletes what
+  it read from Redis.
+
+Every line ends in exactly one outcome. Any message that fails for good is handed to
+``record_failure`` (``record_admit_failure`` for an admission batch) by
+:class:`~image_crawler.middleware.RecordFailures`; a message whose worker died running it is
+split, run alone or ended by :func:`after_worker_death` through
+:class:`~image_crawler.middleware.CrashGuard`.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
+import math
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import as_completed
 from typing import Any
 
 import dramatiq
+from dramatiq.common import compute_backoff
 from dramatiq.results import ResultMissing as _BackendResultMissing
 from dramatiq.results import Results
 
 from . import claims, imaging, outcomes, storage
-from .broker import ADMIT_QUEUE, FETCH_QUEUE, PROCESS_QUEUE, setup_broker
+from .broker import ADMIT_QUEUE, FETCH_QUEUE, HEARTBEAT_TIMEOUT_MS, PROCESS_QUEUE, setup_broker
+from .claims import BODIES, PNGS
 from .config import get_settings
-from .context import get_context, share_redis
-from .errors import ClaimExpired, ResultMissing
-from .middleware import retry_transient
+from .context import Context, get_context
+from .context import share_redis as _share_redis
+from .errors import CrawlError, FetchTimeout, ResultMissing
+from .fetching import Download
+from .middleware import Verdict, WorkerShape, reason_for, retry_transient
 from .outcomes import Job
+
+logger = logging.getLogger(__name__)
 
 settings = get_settings()
 broker = setup_broker(settings)
-share_redis(broker.client)  # one Redis pool per process: claim checks ride the broker's
+_share_redis(broker.client)  # one Redis pool per process: claim checks ride the broker's
 
 #: URL lines per admit message.
 ADMIT_BATCH = 1_000
 #: How long an admitted batch is remembered, so a redelivered batch is not fetched twice.
 ADMITTED_TTL_S = 7 * 24 * 3600
 _ADMITTED_PREFIX = "image-crawler:admitted"
+#: When a run's last lines are too few to give every worker thread full batches, they are cut
+#: into about this many batches per thread, so no thread idles while another holds a long batch.
+BATCHES_PER_THREAD = 4
+#: Most bytes of bodies or PNGs read from (or parked in) Redis in one round trip: a batch of
+#: large images moves a few at a time.
+MOVE_BYTES = 16 * 1024 * 1024
+#: Backoff of a URL's transient failures (ms): 2 s, 4 s, 8 s… with jitter, at most 5 minutes.
+RETRY_MIN_BACKOFF_MS = 2_000
+RETRY_MAX_BACKOFF_MS = 300_000
 
 # Work already started outranks new work: follow-up actors run on their own queue with
 # priority 0 (fetch: 100), so a worker holding both kinds of message runs them first and
@@ -52,8 +80,33 @@ def admitted_key(batch: dict[str, Any]) -> str:
     return f"{_ADMITTED_PREFIX}:{batch['run']}:{first_line}"
 
 
-def _jobs(batch: dict[str, Any]) -> list[Job]:
-    return [Job.new(batch["run"], int(line), url) for line, url in batch["lines"]]
+def jobs_of(batch: dict[str, Any]) -> list[Job]:
+    """The jobs of any message of the pipeline (its ``run`` and ``[line, url, …]`` lines)."""
+    return [Job.new(batch["run"], int(line[0]), line[1]) for line in batch["lines"]]
+
+
+def fetch_batch_size(lines: int, *, last: bool, threads: int, batch_size: int) -> int:
+    """Lines per fetch message for an admission batch of ``lines`` lines.
+
+    ``batch_size`` except for the last batch of a run, which is cut finer when it is too short
+    to give each of ``threads`` worker threads :data:`BATCHES_PER_THREAD` full batches.
+    """
+    if not last:
+        return batch_size
+    return max(1, min(batch_size, math.ceil(lines / (max(1, threads) * BATCHES_PER_THREAD))))
+
+
+def _worker_threads() -> int:
+    """Worker threads of the whole cluster: live worker processes × this process's threads."""
+    shape = next((m for m in broker.middleware if isinstance(m, WorkerShape)), None)
+    now_ms = int(time.time() * 1000)
+    live = broker.client.zcount(f"{broker.namespace}:__heartbeats__", now_ms - HEARTBEAT_TIMEOUT_MS, "+inf")
+    return max(1, int(live)) * (shape.threads if shape is not None else 8)  # type: ignore[arg-type]
+
+
+def _cut(lines: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(lines), size):
+        yield lines[start : start + size]
 
 
 @dramatiq.actor(
@@ -64,7 +117,7 @@ def _jobs(batch: dict[str, Any]) -> list[Job]:
     failure_recorder="record_admit_failure",
 )
 def admit(batch: dict[str, Any]) -> None:
-    """Send a fetch message for every ``[line, url]`` of ``batch["lines"]`` of run ``batch["run"]``.
+    """Send fetch messages for the ``[line, url]`` lines of ``batch["lines"]`` of run ``batch["run"]``.
 
     All of them in one MULTI/EXEC with the batch's admitted mark, which the transaction WATCHes:
     a batch redelivered after a worker died, or delivered twice at once, is admitted once; a
@@ -74,94 +127,272 @@ def admit(batch: dict[str, Any]) -> None:
     key = admitted_key(batch)
     if broker.client.exists(key):
         return
+    lines = batch["lines"]
+    size = fetch_batch_size(
+        len(lines), last=bool(batch.get("last")), threads=_worker_threads(), batch_size=settings.batch_size
+    )
     with broker.pipelined(transaction=True) as pipe:
         pipe.watch(key)
         if pipe.exists(key):
             pipe.unwatch()
             return
         pipe.multi()
-        for job in _jobs(batch):
-            fetch.send(job.to_message())
+        for part in _cut(lines, size):
+            fetch.send({"run": batch["run"], "lines": [[line, url, 0] for line, url in part]})
         pipe.set(key, 1, ex=ADMITTED_TTL_S)
+
+
+def after_worker_death(message: dramatiq.Message, deaths: int) -> Verdict:
+    """What to do with a pipeline message delivered again after ``deaths`` workers died running it.
+
+    A batch is split: each line not finished yet goes on alone, in a fetch message of its own
+    that remembers the deaths (and so runs alone, as its follow-ups do). A single line runs
+    alone, until it has killed ``MAX_DELIVERIES`` workers: then it ends in an error.
+    """
+    batch = message.args[0]
+    deaths += int(batch.get("deaths", 0))
+    if deaths == 0:
+        return Verdict.RUN
+    context = get_context()
+    jobs = _unfinished(context, jobs_of(batch))
+    if not jobs:
+        return Verdict.HANDLED
+    if len(jobs) > 1:
+        logger.warning("%s: its worker died running it; its %d lines go on one by one.", message, len(jobs))
+        with broker.pipelined():
+            for job in jobs:
+                fetch.send({"run": job.run, "lines": [[job.line, job.url, 0]], "deaths": deaths})
+        return Verdict.HANDLED
+    if deaths >= context.settings.max_deliveries:
+        reason = f"worker crashed while processing it ({deaths} times)"
+        document = outcomes.outcome_document(jobs[0], outcomes.ERROR, reason=reason)
+        outcomes.record_outcomes(context.db, [document])
+        if "claim" in batch:
+            context.claims.drop(batch["claim"])
+        return Verdict.HANDLED
+    return Verdict.RUN_ALONE
+
+
+#: The options every actor that handles URL lines shares.
+_GUARDED: dict[str, Any] = {"on_crash": after_worker_death}
 
 
 @dramatiq.actor(
     queue_name=FETCH_QUEUE,
     priority=100,
-    retry_when=retry_transient(settings.fetch_retries),
-    # A drip just under the read timeout can stretch a download to 2 × FETCH_TIMEOUT.
+    # A whole fetch fails only when Redis or MongoDB does (a URL's own failures end or retry
+    # that URL): retried like the recorders, through a long outage.
+    retry_when=retry_transient(20),
+    max_backoff=300_000,
+    # Every download of a batch ends within 2 × FETCH_TIMEOUT of the batch's start (see fetch).
     time_limit=int(2 * settings.fetch_timeout * 1000) + 60_000,
+    **_GUARDED,
 )
-def fetch(job: dict[str, Any]) -> None:
-    """Download the job's URL, park the body, and start md5 and grayscale on it."""
+def fetch(batch: dict[str, Any]) -> None:
+    """Download the batch's ``[line, url, attempts]`` lines at once; start md5 and grayscale on the bodies."""
     context = get_context()
-    crawl_job = Job.from_message(job)
-    download = context.fetcher.fetch(crawl_job.url)
-    digest_message = md5.message(job)
-    gray_message = grayscale.message(job)
-    meta = {
-        "content_type": download.content_type,
-        "byte_size": len(download.content),
-        "final_url": download.final_url,
-    }
-    members = {"md5": digest_message.message_id, "grayscale": gray_message.message_id}
-    group = dramatiq.group([digest_message, gray_message])
-    group.add_completion_callback(collect.message(job, meta, members))
-    # The body and both messages go in one pipeline, the body first: a member never starts
-    # before the body is parked. (Resent if its reply is lost: members may then run twice,
-    # which the barrier and the collector tolerate.)
+    attempts = {int(line[0]): int(line[2]) if len(line) > 2 else 0 for line in batch["lines"]}
+    jobs = _unfinished(context, jobs_of(batch))
+    if not jobs:
+        return
+    # A download starts within FETCH_TIMEOUT of the batch's start or not at all, and ends by
+    # that cutoff at the latest: a read may stretch it to twice its time (fetching.py), so a
+    # batch ends within 2 × FETCH_TIMEOUT however long the queue of downloads in this process.
+    cutoff = time.monotonic() + context.settings.fetch_timeout
+    futures = {context.downloads.submit(_download, context, job.url, cutoff): job for job in jobs}
+    claim = claims.new_claim()
+    parcel: dict[str, Any] = {"run": batch["run"], "claim": claim, "lines": [], "sizes": []}
+    if batch.get("deaths"):
+        parcel["deaths"] = batch["deaths"]
+    meta: list[list[Any]] = []
+    pending: dict[int, bytes] = {}  # bodies not parked yet
+    failed: list[dict[str, Any]] = []
+    again: list[tuple[Job, int, int]] = []  # (job, attempts, delay ms)
+    for future in as_completed(futures):
+        job = futures[future]
+        tries = attempts[job.line]
+        try:
+            download: Download = future.result()
+        except _CutShort:  # the batch ran out of time, not the server: not an attempt
+            again.append((job, tries, 0))
+            continue
+        except CrawlError as exc:
+            if exc.transient and tries < context.settings.fetch_retries:
+                _, delay = compute_backoff(
+                    tries, factor=RETRY_MIN_BACKOFF_MS, max_backoff=RETRY_MAX_BACKOFF_MS
+                )
+                again.append((job, tries + 1, delay))
+            else:
+                failed.append(outcomes.outcome_document(job, outcomes.ERROR, reason=exc.reason))
+            continue
+        except Exception as exc:
+            logger.exception("Downloading %s failed unexpectedly", job.url)
+            failed.append(outcomes.outcome_document(job, outcomes.ERROR, reason=reason_for(exc)))
+            continue
+        index = len(parcel["lines"])
+        parcel["lines"].append([job.line, job.url])
+        parcel["sizes"].append(len(download.content))
+        meta.append([download.content_type, len(download.content), download.final_url])
+        pending[index] = download.content
+        if sum(len(body) for body in pending.values()) >= MOVE_BYTES:
+            context.claims.put(claim, BODIES, pending)
+            pending = {}
+    outcomes.record_outcomes(context.db, failed)
     with broker.pipelined() as pipe:
-        context.claims.put(claims.body_key(crawl_job.id), download.content, pipe=pipe)
-        group.run()
+        # The bodies go first on the pipeline: a member never starts before they are parked.
+        context.claims.put(claim, BODIES, pending, pipe=pipe)
+        for job, tries, delay in again:
+            retry = {"run": job.run, "lines": [[job.line, job.url, tries]]}
+            if batch.get("deaths"):
+                retry["deaths"] = batch["deaths"]
+            fetch.send_with_options(args=(retry,), delay=delay or None)
+        if parcel["lines"]:
+            digests, grays = md5.message(parcel), grayscale.message(parcel)
+            group = dramatiq.group([digests, grays])
+            members = {"md5": digests.message_id, "grayscale": grays.message_id}
+            group.add_completion_callback(collect.message(parcel, meta, members))
+            group.run()
 
 
-@dramatiq.actor(store_results=True, retry_when=retry_transient(5), queue_name=PROCESS_QUEUE, priority=0)
-def md5(job: dict[str, Any]) -> str:
-    """MD5 hex of the downloaded bytes."""
-    context = get_context()
-    body = context.claims.get(claims.body_key(job["id"]), "body")
-    return hashlib.md5(body).hexdigest()
+class _CutShort(Exception):
+    """A download that its batch's cutoff left without its full ``FETCH_TIMEOUT``: not its fault."""
 
 
-@dramatiq.actor(store_results=True, retry_when=retry_transient(5), queue_name=PROCESS_QUEUE, priority=0)
-def grayscale(job: dict[str, Any]) -> dict[str, int]:
-    """Decode the body, park its grayscale PNG, and return the upright width and height."""
-    context = get_context()
-    body = context.claims.get(claims.body_key(job["id"]), "body")
-    gray = imaging.to_grayscale(
-        body,
-        max_pixels=context.settings.max_image_pixels,
-        compress_level=context.settings.png_compress_level,
-    )
-    context.claims.put(claims.gray_key(job["id"]), gray.png)
-    return {"width": gray.width, "height": gray.height}
-
-
-@dramatiq.actor(retry_when=retry_transient(10), max_backoff=120_000, queue_name=PROCESS_QUEUE, priority=0)
-def collect(job: dict[str, Any], meta: dict[str, Any], members: dict[str, str]) -> None:
-    """Pull md5 and grayscale results, store the image once, and record success or duplicate."""
-    context = get_context()
-    crawl_job = Job.from_message(job)
-    digest: str = _member_result(md5, job, members["md5"])
-    size: dict[str, int] = _member_result(grayscale, job, members["grayscale"])
-    record = storage.ImageRecord(
-        md5=digest,
-        width=size["width"],
-        height=size["height"],
-        source_url=crawl_job.url,
-        content_type=meta.get("content_type"),
-        byte_size=meta["byte_size"],
-    )
+def _download(context: Context, url: str, cutoff: float) -> Download:
+    """Download ``url`` by ``FETCH_TIMEOUT`` from now or ``cutoff``, whichever comes first."""
+    timeout = context.settings.fetch_timeout
+    started = time.monotonic()
+    if started >= cutoff:
+        raise _CutShort()
     try:
-        png: bytes | None = context.claims.get(claims.gray_key(crawl_job.id), "grayscale image")
-    except ClaimExpired:
-        if not storage.has_image(context.db, digest):
-            raise
-        png = None
-    stored_now = storage.store_image(context.db, record, png, job_id=crawl_job.id)
-    outcome = outcomes.SUCCESS if stored_now else outcomes.DUPLICATE
-    outcomes.record_outcome(context.db, crawl_job, outcome, md5=digest)
-    context.claims.drop(crawl_job.id)
+        return context.fetcher.fetch(url, deadline=cutoff)
+    except FetchTimeout:
+        # Lost more than a tenth of its time waiting for a turn: try it again, as if never tried.
+        # (A URL sent on alone starts at once, so its own timeouts always count.)
+        if started + timeout - cutoff > timeout / 10:
+            raise _CutShort() from None
+        raise
+
+
+def _unfinished(context: Context, jobs: list[Job]) -> list[Job]:
+    """The jobs that have no outcome yet (a redelivered or repeated message skips the others)."""
+    done = outcomes.finished(context.db, [job.id for job in jobs])
+    return [job for job in jobs if job.id not in done]
+
+
+def _bodies(context: Context, parcel: dict[str, Any]) -> Iterator[tuple[int, bytes]]:
+    """The parcel's bodies in order, read a few megabytes at a time."""
+    sizes = parcel["sizes"]
+    for indexes in claims.chunks(range(len(sizes)), sizes, MOVE_BYTES):
+        yield from context.claims.get(parcel["claim"], BODIES, indexes, "body").items()
+
+
+@dramatiq.actor(
+    store_results=True, retry_when=retry_transient(5), queue_name=PROCESS_QUEUE, priority=0, **_GUARDED
+)
+def md5(parcel: dict[str, Any]) -> list[str]:
+    """MD5 hex of each downloaded body of the parcel."""
+    context = get_context()
+    return [hashlib.md5(body).hexdigest() for _, body in _bodies(context, parcel)]
+
+
+@dramatiq.actor(
+    store_results=True, retry_when=retry_transient(5), queue_name=PROCESS_QUEUE, priority=0, **_GUARDED
+)
+def grayscale(parcel: dict[str, Any]) -> list[dict[str, Any]]:
+    """Decode each body, park its grayscale PNG; per body its upright size, or why it is no image."""
+    context = get_context()
+    results: list[dict[str, Any]] = []
+    pending: dict[int, bytes] = {}
+    for index, body in _bodies(context, parcel):
+        try:
+            gray = imaging.to_grayscale(
+                body,
+                max_pixels=context.settings.max_image_pixels,
+                compress_level=context.settings.png_compress_level,
+                budget=context.decode_budget,
+            )
+        except CrawlError as exc:
+            results.append({"error": exc.reason})
+            continue
+        except Exception as exc:  # one body must not fail the others
+            logger.exception("Decoding %s failed unexpectedly", parcel["lines"][index][1])
+            results.append({"error": reason_for(exc)})
+            continue
+        results.append({"width": gray.width, "height": gray.height, "png": len(gray.png)})
+        pending[index] = gray.png
+        if sum(len(png) for png in pending.values()) >= MOVE_BYTES:
+            context.claims.put(parcel["claim"], PNGS, pending)
+            pending = {}
+    context.claims.put(parcel["claim"], PNGS, pending)
+    return results
+
+
+@dramatiq.actor(
+    retry_when=retry_transient(10), max_backoff=120_000, queue_name=PROCESS_QUEUE, priority=0, **_GUARDED
+)
+def collect(parcel: dict[str, Any], meta: list[list[Any]], members: dict[str, str]) -> None:
+    """Pull md5 and grayscale results, store each new image once, and record every outcome of the parcel."""
+    context = get_context()
+    jobs = jobs_of(parcel)
+    done = outcomes.finished(context.db, [job.id for job in jobs])
+    if len(done) < len(jobs):
+        digests: list[str] = _member_result(md5, parcel, members["md5"])
+        grays: list[dict[str, Any]] = _member_result(grayscale, parcel, members["grayscale"])
+        _store_and_record(context, parcel, meta, jobs, done, digests, grays)
+    backend = _result_backend()
+    with broker.client.pipeline(transaction=False) as pipe:
+        context.claims.drop(parcel["claim"], pipe=pipe)
+        for actor in (md5, grayscale):
+            pipe.delete(backend.build_message_key(_member(actor, parcel, members[actor.actor_name])))
+        pipe.execute()
+
+
+def _store_and_record(
+    context: Context,
+    parcel: dict[str, Any],
+    meta: list[list[Any]],
+    jobs: list[Job],
+    done: set[str],
+    digests: list[str],
+    grays: list[dict[str, Any]],
+) -> None:
+    """Store the parcel's new images (PNG first), then record the outcomes of its unfinished jobs."""
+    documents: list[dict[str, Any]] = []
+    images: list[tuple[int, Job, str]] = []  # (index, job, md5) of the bodies that are images
+    for index, job in enumerate(jobs):
+        if job.id in done:
+            continue
+        if "error" in grays[index]:
+            documents.append(outcomes.outcome_document(job, outcomes.ERROR, reason=grays[index]["error"]))
+        else:
+            images.append((index, job, digests[index]))
+    winners = storage.image_jobs(context.db, [digest for _, _, digest in images])
+    new: dict[str, tuple[int, Job]] = {}  # one job per MD5 not stored yet stores it
+    for index, job, digest in images:
+        if digest not in winners and digest not in new:
+            new[digest] = (index, job)
+    sizes = [grays[index].get("png", 0) for index in range(len(jobs))]
+    for indexes in claims.chunks([index for index, _ in new.values()], sizes, MOVE_BYTES):
+        pngs = context.claims.get(parcel["claim"], PNGS, indexes, "grayscale image")
+        records = []
+        for index in indexes:
+            job, gray = jobs[index], grays[index]
+            content_type, byte_size, _ = meta[index]
+            record = storage.ImageRecord(
+                md5=digests[index],
+                width=gray["width"],
+                height=gray["height"],
+                source_url=job.url,
+                content_type=content_type,
+                byte_size=byte_size,
+            )
+            records.append((record, pngs[index], job.id))
+        winners.update(storage.store_new_images(context.db, records))
+    for _, job, digest in images:
+        outcome = outcomes.SUCCESS if winners.get(digest) == job.id else outcomes.DUPLICATE
+        documents.append(outcomes.outcome_document(job, outcome, md5=digest))
+    outcomes.record_outcomes(context.db, documents)
 
 
 #: Recorders outlast a long MongoDB outage, and their own failures are only logged.
@@ -175,29 +406,30 @@ _RECORDER_OPTIONS: dict[str, Any] = {
 
 
 @dramatiq.actor(**_RECORDER_OPTIONS)
-def record_failure(job: dict[str, Any], reason: str) -> None:
-    """Record the error outcome of a job whose message failed for good."""
+def record_failure(batch: dict[str, Any], reason: str) -> None:
+    """Record the error outcome of every line of a message that failed for good."""
     context = get_context()
-    crawl_job = Job.from_message(job)
-    outcomes.record_outcome(context.db, crawl_job, outcomes.ERROR, reason=reason)
-    context.claims.drop(crawl_job.id)
+    documents = [outcomes.outcome_document(job, outcomes.ERROR, reason=reason) for job in jobs_of(batch)]
+    outcomes.record_outcomes(context.db, documents)
+    if "claim" in batch:
+        context.claims.drop(batch["claim"])
 
 
 @dramatiq.actor(**_RECORDER_OPTIONS)
 def record_admit_failure(batch: dict[str, Any], reason: str) -> None:
     """Record an error outcome for every line of a batch that could not be admitted."""
-    context = get_context()
-    reason = f"not admitted: {reason}"
-    documents = [outcomes.outcome_document(job, outcomes.ERROR, reason=reason) for job in _jobs(batch)]
-    outcomes.record_outcomes(context.db, documents)
+    record_failure.fn(batch, f"not admitted: {reason}")
 
 
-def _member_result(actor: dramatiq.Actor, job: dict[str, Any], message_id: str) -> Any:
+def _member(actor: dramatiq.Actor, parcel: dict[str, Any], message_id: str) -> dramatiq.Message:
     # Result keys are derived from queue, actor and message id; rebuilding the message with
     # the member's id finds its result without carrying whole messages around.
-    message = actor.message(job).copy(message_id=message_id)
+    return actor.message(parcel).copy(message_id=message_id)
+
+
+def _member_result(actor: dramatiq.Actor, parcel: dict[str, Any], message_id: str) -> Any:
     try:
-        return message.get_result(backend=_result_backend())
+        return _member(actor, parcel, message_id).get_result(backend=_result_backend())
     except _BackendResultMissing:
         raise ResultMissing(f"{actor.actor_name} result missing") from None
 

@@ -13,7 +13,6 @@ import dramatiq
 import redis
 from dramatiq.brokers.redis import RedisBroker, _RedisConsumer
 from dramatiq.middleware import AgeLimit, Callbacks, Pipelines, Retries, ShutdownNotifications, TimeLimit
-from dramatiq.middleware.group_callbacks import GroupCallbacks
 from dramatiq.rate_limits.backends import RedisBackend as RateLimiterBackend
 from dramatiq.results import Results
 from dramatiq.results.backends import RedisBackend as ResultBackend
@@ -21,7 +20,7 @@ from redis.backoff import ExponentialWithJitterBackoff
 from redis.retry import Retry
 
 from .config import Settings
-from .middleware import ExpectedFailures, RecordFailures
+from .middleware import CrashGuard, DistinctGroupCallbacks, ExpectedFailures, RecordFailures, WorkerShape
 
 #: A worker that has not been heard from for this long is presumed dead and its messages
 #: (running and prefetched) are put back on their queues. Dramatiq's default is 60 s.
@@ -47,9 +46,10 @@ PROCESS_QUEUE = "process"
 ADMIT_QUEUE = "admit"
 
 
-#: Group barriers live as long as results (and claim checks). A member ending after its barrier
-#: expired finds it cleared and sends the collector early, which then ends the job in
-#: ``md5 result missing``: the same fate as a result that expired.
+#: Group barriers live as long as results (and claim checks) when their group never completes;
+#: a completed group's barrier is deleted when it fires. A member ending after its barrier
+#: expired fires the collector, which then ends its jobs in ``md5 result missing``: the same
+#: fate as a result that expired.
 BARRIER_TTL_MS = RESULT_TTL_MS
 
 
@@ -75,31 +75,6 @@ class _PipelinableScript:
 
     def __call__(self, keys=None, args=None, client=None):
         return self.script(keys=keys, args=args, client=client or getattr(self.local, "pipe", None))
-
-
-class AtomicBarrierBackend(RateLimiterBackend):
-    """Dramatiq's Redis rate-limiter backend, with ``decr`` in one Lua call.
-
-    A group's completion barrier calls ``decr`` each time a member ends; the parent class
-    runs it as a WATCH / GET / MULTI…EXEC transaction: three round trips, twice per image.
-    The script does the same thing atomically in one.
-    """
-
-    _DECR = """
-    local value = tonumber(redis.call("get", KEYS[1]) or "0") - tonumber(ARGV[1])
-    if value < tonumber(ARGV[2]) then
-        return 0
-    end
-    redis.call("set", KEYS[1], value, "PX", ARGV[3])
-    return 1
-    """
-
-    def __init__(self, **options: Any) -> None:
-        super().__init__(**options)
-        self._decr = self.client.register_script(self._DECR)
-
-    def decr(self, key: str, amount: int, minimum: int, ttl: int) -> bool:
-        return bool(self._decr(keys=[key], args=[amount, minimum, ttl]))
 
 
 class _OrphanRequeueingConsumer(_RedisConsumer):
@@ -211,23 +186,27 @@ class PipelinedRedisBroker(RedisBroker):
 def create_broker(settings: Settings) -> PipelinedRedisBroker:
     """A Redis broker for ``REDIS_URL`` with the pipeline's middleware, in an order that matters.
 
-    ``after_*`` hooks run last-to-first, so listing GroupCallbacks before Results stores a
-    member's result before its group's callback is enqueued, and listing RecordFailures
-    before Retries lets it see the verdict Retries gave a failed message.
+    ``before_*`` hooks run first-to-last and ``after_*`` hooks last-to-first, so: CrashGuard
+    before TimeLimit does not count waiting for a turn as running, and drops its mark only
+    after every other hook is done; listing the group callbacks before Results stores a
+    member's result before its group's callback is enqueued; listing RecordFailures before
+    Retries lets it see the verdict Retries gave a failed message.
     """
     client = connect_redis(settings.redis_url)
     result_backend = ResultBackend(client=client)
-    rate_limiter_backend = AtomicBarrierBackend(client=client)
+    rate_limiter_backend = RateLimiterBackend(client=client)
     middleware = [
         AgeLimit(),
+        CrashGuard(client),
         TimeLimit(),
         ShutdownNotifications(),
         Callbacks(),
         Pipelines(),
-        GroupCallbacks(rate_limiter_backend, barrier_ttl=BARRIER_TTL_MS),
+        DistinctGroupCallbacks(rate_limiter_backend, barrier_ttl=BARRIER_TTL_MS),
         Results(backend=result_backend, result_ttl=RESULT_TTL_MS),
         RecordFailures(),
         Retries(min_backoff=1_000, max_backoff=60_000),
+        WorkerShape(),
     ]
     return PipelinedRedisBroker(
         client=client,

@@ -1,12 +1,18 @@
 """Claim checks: bytes parked in Redis between tasks, so messages stay small.
 
-Dramatiq's JSON encoder cannot carry bytes, and base64 bodies would bloat every
-queue; the fetch task parks the body under a key derived from the job id, the
-next tasks read it, and the collector drops it. Keys expire on their own if a
-job ends early.
+Dramatiq's JSON encoder cannot carry bytes, and base64 bodies would bloat every queue. Each
+execution of ``fetch`` parks the bodies of its batch in one Redis hash named after a claim id
+made fresh for that execution, field ``i`` holding the ``i``-th body of the parcel it sends on;
+``grayscale`` parks the PNGs in a second hash of the same id, and ``collect`` deletes both.
+Because the id is new on every execution, a fetch redelivered after it had sent its group
+parks its bodies elsewhere and can never change what the first group's members read
+(docs/architecture.md, "Claims"). Keys expire on their own if a batch ends early.
 """
 
 from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import redis
 
@@ -14,19 +20,37 @@ from .errors import ClaimExpired
 
 _PREFIX = "image-crawler:claim"
 
+#: What a claim holds: the downloaded bodies, and the grayscale PNGs made from them.
+BODIES = "body"
+PNGS = "gray"
 
-def body_key(job_id: str) -> str:
-    """Where the downloaded body of a job waits."""
-    return f"{_PREFIX}:body:{job_id}"
+
+def new_claim() -> str:
+    """A claim id no other execution will ever use."""
+    return uuid.uuid4().hex
 
 
-def gray_key(job_id: str) -> str:
-    """Where the grayscale PNG of a job waits for the collector."""
-    return f"{_PREFIX}:gray:{job_id}"
+def claim_key(claim: str, kind: str) -> str:
+    """The Redis hash holding the ``kind`` (:data:`BODIES` or :data:`PNGS`) of a claim."""
+    return f"{_PREFIX}:{claim}:{kind}"
+
+
+def chunks(indexes: Iterable[int], sizes: Sequence[int], limit: int) -> Iterator[list[int]]:
+    """``indexes`` in runs whose ``sizes`` add up to at most ``limit`` bytes (a larger one alone)."""
+    run: list[int] = []
+    total = 0
+    for index in indexes:
+        if run and total + sizes[index] > limit:
+            yield run
+            run, total = [], 0
+        run.append(index)
+        total += sizes[index]
+    if run:
+        yield run
 
 
 class ClaimCheck:
-    """Parks and returns bytes in Redis with a TTL.
+    """Parks and returns bytes in Redis hashes with a TTL.
 
     Parameters:
       client(redis.Redis): The Redis client (its pool is shared by all threads).
@@ -37,17 +61,33 @@ class ClaimCheck:
         self.client = client
         self.ttl = ttl
 
-    def put(self, key: str, data: bytes, *, pipe: redis.client.Pipeline | None = None) -> None:
-        """Park ``data`` under ``key`` (on ``pipe``: when that pipeline is sent)."""
-        (pipe if pipe is not None else self.client).set(key, data, ex=self.ttl)
+    def put(
+        self,
+        claim: str,
+        kind: str,
+        items: Mapping[int, bytes],
+        *,
+        pipe: redis.client.Pipeline | None = None,
+    ) -> None:
+        """Park ``items`` (index → bytes) in the claim's ``kind`` (on ``pipe``: when it is sent)."""
+        if not items:
+            return
+        key = claim_key(claim, kind)
+        target = pipe if pipe is not None else self.client.pipeline(transaction=False)
+        target.hset(key, mapping={str(index): data for index, data in items.items()})
+        target.expire(key, self.ttl)
+        if pipe is None:
+            target.execute()
 
-    def get(self, key: str, what: str) -> bytes:
-        """The bytes under ``key``; ClaimExpired (reason ``<what> expired``) if they are gone."""
-        data = self.client.get(key)
-        if data is None:
+    def get(self, claim: str, kind: str, indexes: Sequence[int], what: str) -> dict[int, bytes]:
+        """The bytes parked under ``indexes``; ClaimExpired (``<what> expired``) if any is gone."""
+        if not indexes:
+            return {}
+        values = self.client.hmget(claim_key(claim, kind), [str(index) for index in indexes])
+        if any(value is None for value in values):  # type: ignore[union-attr]
             raise ClaimExpired(f"{what} expired")
-        return bytes(data)  # type: ignore[arg-type]
+        return {index: bytes(value) for index, value in zip(indexes, values, strict=True)}  # type: ignore[arg-type]
 
-    def drop(self, job_id: str) -> None:
-        """Forget everything parked for a job."""
-        self.client.delete(body_key(job_id), gray_key(job_id))
+    def drop(self, claim: str, *, pipe: redis.client.Pipeline | None = None) -> None:
+        """Forget everything parked under a claim."""
+        (pipe if pipe is not None else self.client).delete(claim_key(claim, BODIES), claim_key(claim, PNGS))

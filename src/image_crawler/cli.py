@@ -65,7 +65,10 @@ def enqueue_lines(
     report = EnqueueReport(run=run or uuid.uuid4().hex[:12])
     done = 0  # outcomes of the run last seen; it only grows, so it is read only when it matters
     lines = _lines(stream)
-    while batch := list(itertools.islice(lines, ADMIT_BATCH)):
+    batch = list(itertools.islice(lines, ADMIT_BATCH))
+    while batch:
+        # One batch read ahead: the last one is marked, so admission can cut it finer.
+        following = list(itertools.islice(lines, ADMIT_BATCH))
         admitted: list[tuple[int, str]] = []
         for number, raw in batch:
             if not raw or raw.startswith(b"#"):
@@ -77,7 +80,10 @@ def enqueue_lines(
             else:
                 report.rejections.append(outcomes.outcome_document(job, outcomes.ERROR, reason=reason))
         if admitted:
-            admit.send({"run": report.run, "lines": admitted})
+            message: dict[str, Any] = {"run": report.run, "lines": admitted}
+            if not following:
+                message["last"] = True
+            admit.send(message)
             report.enqueued += len(admitted)
         report.rejected += len(report.rejections)
         _flush_rejections(db, report)
@@ -85,6 +91,7 @@ def enqueue_lines(
             done, pause = _poll_done(db, report.run, poll_interval)
             if report.jobs - done >= max_in_flight:
                 time.sleep(pause)
+        batch = following
     return report
 
 

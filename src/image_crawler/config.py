@@ -77,6 +77,15 @@ class Settings:
     png_compress_level: int = 1
     #: Seconds a downloaded body (and its PNG) may wait in Redis for the next task.
     claim_ttl: int = 3600
+    #: Most URL lines in one fetch message (1: one image per message). Fewer when a list is
+    #: too short to give every worker thread a batch of this size.
+    batch_size: int = 32
+    #: Downloads one worker process runs at once, over all the batches its threads fetch.
+    fetch_concurrency: int = 32
+    #: Deliveries of a message whose worker died while running it, before its URL ends in error.
+    max_deliveries: int = 3
+    #: Megabytes of decoded pixels one worker process may hold at once; a larger image runs alone.
+    decode_memory_mb: int = 1024
 
     @property
     def mongo_database(self) -> str:
@@ -95,6 +104,10 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "max_image_pixels": _int_in(1),
     "png_compress_level": _int_in(0, 9),
     "claim_ttl": _int_in(60),
+    "batch_size": _int_in(1, 1000),
+    "fetch_concurrency": _int_in(1, 1000),
+    "max_deliveries": _int_in(1, 100),
+    "decode_memory_mb": _int_in(16),
 }
 
 

@@ -1,9 +1,11 @@
-"""The per-process resources actors use: one MongoDB client, one Redis pool, one HTTP client."""
+"""The per-process resources actors use: one MongoDB client, one Redis pool, one HTTP client,
+the threads that run downloads, and the budget of decoded pixels."""
 
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 import redis
 from pymongo.database import Database
@@ -13,6 +15,7 @@ from .broker import connect_redis
 from .claims import ClaimCheck
 from .config import Settings, get_settings
 from .fetching import Fetcher
+from .imaging import DecodeBudget
 
 
 @dataclass
@@ -24,6 +27,14 @@ class Context:
     claims: ClaimCheck
     fetcher: Fetcher
     owns_redis: bool = True
+    #: Runs the downloads of every batch this process fetches: ``FETCH_CONCURRENCY`` at once.
+    downloads: ThreadPoolExecutor = field(init=False)
+    #: Bytes of decoded pixels this process's threads may hold at once (``DECODE_MEMORY_MB``).
+    decode_budget: DecodeBudget = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.downloads = ThreadPoolExecutor(self.settings.fetch_concurrency, thread_name_prefix="download")
+        self.decode_budget = DecodeBudget(self.settings.decode_memory_mb * 1024 * 1024)
 
     @classmethod
     def create(
@@ -41,7 +52,8 @@ class Context:
         return cls(settings, database, claim_check, Fetcher(settings), owns_redis=redis_client is None)
 
     def close(self) -> None:
-        """Release the HTTP client and the Redis pool (unless it is shared)."""
+        """Release the download threads, the HTTP client and the Redis pool (unless it is shared)."""
+        self.downloads.shutdown(wait=True, cancel_futures=True)
         self.fetcher.close()
         if self.owns_redis:
             self.claims.client.close()

@@ -68,8 +68,8 @@ _SCHEMES = {"http": 80, "https": 443}
 _DECODE_STEP = 64 * 1024
 #: Compressed bytes allowed per allowed decoded byte: stops a stream that inflates to nothing.
 _RAW_BYTES_FACTOR = 2
-#: Pool of one worker process, shared by its threads.
-_POOL_LIMITS = httpx.Limits(max_connections=100, max_keepalive_connections=20, keepalive_expiry=15.0)
+#: Seconds an idle keep-alive connection is kept for the next request to its host.
+_KEEPALIVE_EXPIRY = 15.0
 #: Where an IPv6-only network with DNS64 maps the IPv4 internet (RFC 6052).
 _NAT64_PREFIX = ipaddress.IPv6Network("64:ff9b::/96")
 
@@ -173,7 +173,13 @@ class Fetcher:
         self._resolve = resolver or _resolve
         self._client = httpx.Client(
             transport=transport,
-            limits=_POOL_LIMITS,
+            # One client per worker process, shared by its downloads: as many connections as
+            # downloads may run at once, all of them kept alive between requests.
+            limits=httpx.Limits(
+                max_connections=settings.fetch_concurrency,
+                max_keepalive_connections=settings.fetch_concurrency,
+                keepalive_expiry=_KEEPALIVE_EXPIRY,
+            ),
             timeout=httpx.Timeout(settings.fetch_timeout),
             headers={
                 "User-Agent": _user_agent(),
@@ -188,10 +194,15 @@ class Fetcher:
             event_hooks={"request": [self._check_destination]},
         )
 
-    def fetch(self, url: str) -> Download:
-        """Download ``url``; raise a :class:`~image_crawler.errors.FetchError` subclass on any failure."""
+    def fetch(self, url: str, *, deadline: float | None = None) -> Download:
+        """Download ``url``; raise a :class:`~image_crawler.errors.FetchError` subclass on any failure.
+
+        ``deadline`` (a ``time.monotonic()`` value) ends the download sooner than ``fetch_timeout``
+        would, with :class:`~image_crawler.errors.FetchTimeout`.
+        """
         url = check_url(url)
-        deadline = time.monotonic() + self._settings.fetch_timeout
+        budget = time.monotonic() + self._settings.fetch_timeout
+        deadline = budget if deadline is None else min(deadline, budget)
         try:
             response = self._send(url, deadline)
             try:

@@ -11,15 +11,20 @@ that callers must never have to know about.
 
 from __future__ import annotations
 
+import contextlib
 import io
+import math
+import threading
+from collections import deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageMode, ImageOps
 
 from .errors import NotAnImage, TooManyPixels, TruncatedImage
 
-__all__ = ["GrayImage", "to_grayscale"]
+__all__ = ["DecodeBudget", "GrayImage", "estimated_decode_bytes", "to_grayscale"]
 
 # Pillow's matrix conversion computes ``(UINT8)(m0*r + m1*g + m2*b + m3 + 0.5)`` in float
 # (libImaging/Matrix.c): the ``+ 0.5`` rounds, and an offset of -0.5 turns that rounding
@@ -42,7 +47,9 @@ class GrayImage:
     height: int
 
 
-def to_grayscale(data: bytes, *, max_pixels: int, compress_level: int = 6) -> GrayImage:
+def to_grayscale(
+    data: bytes, *, max_pixels: int, compress_level: int = 6, budget: DecodeBudget | None = None
+) -> GrayImage:
     """Decode ``data`` and return its exact grayscale PNG (mode ``L``, or ``LA`` when it has transparency).
 
     Only the first frame of an animation is kept, and the EXIF orientation is applied.
@@ -51,17 +58,107 @@ def to_grayscale(data: bytes, *, max_pixels: int, compress_level: int = 6) -> Gr
     :class:`TooManyPixels` — read from the header, before any pixel is decoded — when it
     has more than ``max_pixels`` pixels (or more than Pillow's own ``Image.MAX_IMAGE_PIXELS``
     guard, which we read but never change). ``compress_level`` is zlib's, 0 (none) to 9.
+    With a ``budget``, the image's :func:`estimated_decode_bytes` are reserved from it once
+    the header is read and accepted, and held until the PNG is encoded.
     """
     if not 0 <= compress_level <= 9:
         raise ValueError(f"compress_level must be 0..9, not {compress_level}")
-    # Passing the decoded image straight on, unnamed, lets _grayscale free each
-    # intermediate full-size copy as soon as the next one exists.
-    gray = _grayscale(_decode(data, max_pixels))
-    return GrayImage(png=_encode_png(gray, compress_level), width=gray.width, height=gray.height)
+    with contextlib.ExitStack() as reservation:
+
+        def reserve(header: Image.Image) -> None:
+            if budget is not None:
+                reservation.enter_context(budget.reserve(estimated_decode_bytes(header)))
+
+        # Passing the decoded image straight on, unnamed, lets _grayscale free each
+        # intermediate full-size copy as soon as the next one exists.
+        gray = _grayscale(_decode(data, max_pixels, before_load=reserve))
+        result = GrayImage(png=_encode_png(gray, compress_level), width=gray.width, height=gray.height)
+        del gray  # released with the reservation, not after it
+    return result
 
 
-def _decode(data: bytes, max_pixels: int) -> Image.Image:
-    """Open ``data``, refuse it by its header size, then load its first frame, upright."""
+class DecodeBudget:
+    """Bytes of decoded pixels that may be held at once by one process's threads.
+
+    Each conversion reserves its :func:`estimated_decode_bytes` before decoding and waits
+    while the reservations of others leave too little room, so eight threads meeting eight
+    large images take turns instead of holding all eight at once. Reservations are granted
+    in the order they were asked for: a large image is never starved by a stream of small
+    ones (the small ones wait behind it). One larger than the whole limit waits until nothing
+    else is reserved, then runs alone. Waiting is the budget's only answer, never an error.
+
+    :param limit_bytes: the most bytes reserved at once (at least 1).
+    """
+
+    def __init__(self, limit_bytes: int) -> None:
+        if limit_bytes < 1:
+            raise ValueError(f"limit_bytes must be at least 1, not {limit_bytes}")
+        self.limit_bytes = limit_bytes
+        self._reserved = 0
+        self._holders = 0
+        self._queue: deque[object] = deque()  # one token per waiting reservation, oldest first
+        self._changed = threading.Condition()
+
+    @property
+    def reserved_bytes(self) -> int:
+        """Bytes reserved right now."""
+        return self._reserved
+
+    @property
+    def waiting(self) -> int:
+        """Reservations waiting for room right now."""
+        return len(self._queue)
+
+    @contextlib.contextmanager
+    def reserve(self, nbytes: int) -> Iterator[None]:
+        """Hold ``nbytes`` of the budget for the ``with`` block, once it is this request's turn and it fits."""
+        if nbytes < 0:
+            raise ValueError(f"nbytes must not be negative, not {nbytes}")
+        turn = object()
+        with self._changed:
+            self._queue.append(turn)
+            try:
+                self._changed.wait_for(lambda: self._queue[0] is turn and self._fits(nbytes))
+            finally:
+                # Also when the wait is interrupted (Dramatiq's time limit raises inside the
+                # thread): a token left at the head would stop everyone behind it.
+                self._queue.remove(turn)
+                self._changed.notify_all()
+            self._reserved += nbytes
+            self._holders += 1
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._reserved -= nbytes
+                self._holders -= 1
+                self._changed.notify_all()
+
+    def _fits(self, nbytes: int) -> bool:
+        return self._holders == 0 or self._reserved + nbytes <= self.limit_bytes
+
+
+def estimated_decode_bytes(image: Image.Image) -> int:
+    """Bytes :func:`to_grayscale` holds at its peak for ``image``, from its header alone (no pixel is loaded).
+
+    The decoded source is ``width × height × bands × bytes per band``; loading, converting
+    and encoding it peaks at a measured multiple of that, which depends on the mode and on
+    whether a transparency key makes the result LA (:data:`_PEAK_FACTORS`).
+    """
+    layout = ImageMode.getmode(image.mode)
+    decoded = image.width * image.height * len(layout.bands) * np.dtype(layout.typestr).itemsize
+    factor = _PEAK_FACTORS.get((image.mode, image.has_transparency_data), _UNMEASURED_FACTOR)
+    return math.ceil(decoded * factor)
+
+
+#: Peak bytes of a whole conversion per byte of the decoded source, by (mode, transparency).
+_PEAK_FACTORS: dict[tuple[str, bool], float] = {}
+#: Modes not measured are assumed to cost as much as the costliest that was.
+_UNMEASURED_FACTOR = max(_PEAK_FACTORS.values(), default=20.0)
+
+
+def _decode(data: bytes, max_pixels: int, before_load: Callable[[Image.Image], None]) -> Image.Image:
+    """Open ``data``, refuse it by its header size, call ``before_load``, then load its first frame, upright."""
     if not data:
         raise NotAnImage("empty body")
     try:
@@ -77,6 +174,7 @@ def _decode(data: bytes, max_pixels: int) -> Image.Image:
         # A decoder recognised its signature, then could not parse what follows.
         raise TruncatedImage("corrupt image") from exc
     _refuse_oversized(image.size, max_pixels)
+    before_load(image)
     try:
         image.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -149,20 +247,28 @@ def _deep_gray(image: Image.Image) -> Image.Image:
 
     Integers keep their top byte (``v >> 8``): Pillow's ``convert("L")`` would clip
     everything above 255 to white. Floats are clipped to 0..255 (truncated, NaN → 0).
+    No full-size array wider than the source's own is made: numpy would build ``v >> 8``,
+    or a mask of 0s and 255s, in int64 (8 bytes a pixel) unless told otherwise.
     """
     if image.mode == "F":
         return image.convert("L")
     values = np.asarray(image)  # uint16 of either byte order, or int32 for mode I
-    shifted = values >> 8
+    gray = np.empty(values.shape, dtype=np.uint8)
     if image.mode == "I":
+        shifted = values >> 8
         np.clip(shifted, 0, 255, out=shifted)  # 32-bit data can exceed 16 bits, or be negative
-    gray = Image.fromarray(shifted.astype(np.uint8))
-    del shifted
+        gray[...] = shifted
+        del shifted
+    else:
+        # Shifted in buffered chunks straight into uint8: no full-size uint16 result.
+        np.right_shift(values, 8, out=gray, casting="unsafe")
     key = image.info.get("transparency")
     if not isinstance(key, int):
-        return gray
-    alpha = Image.fromarray(np.where(values == key, 0, 255).astype(np.uint8))
-    return Image.merge("LA", (gray, alpha))
+        return Image.fromarray(gray)
+    alpha = np.not_equal(values, key).view(np.uint8)  # the bool mask itself, as 0s and 1s
+    alpha *= 255
+    del values
+    return Image.merge("LA", (Image.fromarray(gray), Image.fromarray(alpha)))
 
 
 def _encode_png(image: Image.Image, compress_level: int) -> bytes:

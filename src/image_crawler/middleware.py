@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import enum
 import logging
+import threading
 
 import pymongo.errors
 import redis.exceptions
-from dramatiq.middleware import Middleware, TimeLimitExceeded
+from dramatiq import Message
+from dramatiq.middleware import Middleware, SkipMessage, TimeLimitExceeded
+from dramatiq.middleware.group_callbacks import GroupCallbacks
 
 from .errors import CrawlError
 
@@ -105,3 +109,180 @@ class RecordFailures(Middleware):
             broker.get_actor(recorder).send(message.args[0], reason)
         except Exception:  # a lost outcome must at least be visible in the log
             logger.exception("Could not send the failure of %s%r", message.actor_name, message.args)
+
+
+class DistinctGroupCallbacks(GroupCallbacks):
+    """Group completion callbacks whose barrier counts distinct members, and goes when it fires.
+
+    Dramatiq's barrier is a counter that each member completion decrements: a member
+    redelivered after it completed (its worker died before the ack) counts twice, and the
+    callback fires while another member is still running. Here a completion adds the member's
+    message id to a set next to the barrier; the callbacks fire once the set holds as many
+    ids as the group has members, and both keys are deleted then, so Redis keeps nothing of
+    a finished group. A member that completes after its barrier is gone (fired, or expired)
+    fires the callbacks again: callbacks must be idempotent, as ``collect`` is.
+
+    ``group.run()`` still creates the barrier through this middleware's rate-limiter backend
+    (a ``SET NX`` of the member count under the group's completion id).
+
+    Parameters:
+      rate_limiter_backend(RedisBackend): Dramatiq's Redis rate-limiter backend; its client runs the script.
+      barrier_ttl(int): Milliseconds a barrier lives if its group never completes.
+    """
+
+    _ARRIVE = """
+    local parties = redis.call("get", KEYS[1])
+    if not parties then
+        return 1
+    end
+    redis.call("sadd", KEYS[2], ARGV[1])
+    if redis.call("scard", KEYS[2]) >= tonumber(parties) then
+        redis.call("del", KEYS[1], KEYS[2])
+        return 1
+    end
+    redis.call("pexpire", KEYS[2], ARGV[2])
+    return 0
+    """
+
+    def __init__(self, rate_limiter_backend, *, barrier_ttl: int) -> None:
+        super().__init__(rate_limiter_backend, barrier_ttl=barrier_ttl)
+        self._arrive = rate_limiter_backend.client.register_script(self._ARRIVE)
+
+    def after_process_message(self, broker, message, *, result=None, exception=None):
+        if exception is not None:
+            return
+        group_id = message.options.get("group_completion_uuid")
+        callbacks = message.options.get("group_completion_callbacks")
+        if not (group_id and callbacks):
+            return
+        keys = [group_id, f"{group_id}@members"]
+        if self._arrive(keys=keys, args=[message.message_id, self.barrier_ttl]):
+            for callback in callbacks:
+                broker.enqueue(Message(**callback))
+
+
+class Verdict(enum.Enum):
+    """What :class:`CrashGuard` does with a message, as its actor's ``on_crash`` handler decides."""
+
+    #: Run it as usual.
+    RUN = "run"
+    #: Run it while no other guarded message runs in this process.
+    RUN_ALONE = "run alone"
+    #: The handler dealt with it (split it, or recorded its end): skip it.
+    HANDLED = "handled"
+
+
+class _Turns:
+    """A process-wide lock many messages share and one message can hold alone (writers first)."""
+
+    def __init__(self) -> None:
+        self._condition = threading.Condition()
+        self._sharing = 0
+        self._alone = False
+        self._waiting_alone = 0
+
+    def acquire(self, alone: bool) -> None:
+        with self._condition:
+            if alone:
+                self._waiting_alone += 1
+                self._condition.wait_for(lambda: not self._alone and self._sharing == 0)
+                self._waiting_alone -= 1
+                self._alone = True
+            else:
+                self._condition.wait_for(lambda: not self._alone and self._waiting_alone == 0)
+                self._sharing += 1
+
+    def release(self, alone: bool) -> None:
+        with self._condition:
+            if alone:
+                self._alone = False
+            else:
+                self._sharing -= 1
+            self._condition.notify_all()
+
+
+class CrashGuard(Middleware):
+    """Counts the deliveries of a message whose worker died while running it.
+
+    Dramatiq retries on exceptions only: a message that kills its worker process (a decoder
+    crash, the kernel's OOM killer) comes back after the heartbeat timeout, forever. Each
+    message of an actor with an ``on_crash`` handler marks itself running in Redis for as long
+    as it runs; a delivery that finds marks left by earlier ones knows how many times a worker
+    died running it. The handler is called with that number (0 on a first delivery) and gives
+    a :class:`Verdict`. A message run alone waits for the guarded messages running in its
+    process to end, and they for it, so a worker that dies then died of that message alone:
+    innocents running next to a culprit are suspected once, never condemned.
+
+    It must come before :class:`~dramatiq.middleware.TimeLimit` (waiting to run alone is not
+    running), and its after-hooks run last: the mark goes only when everything else is done.
+
+    Parameters:
+      client(redis.Redis): Where the marks live.
+      ttl(int): Seconds a mark outlives its message's start (longer than any redelivery takes).
+    """
+
+    _ARRIVE = """
+    local deliveries = redis.call("incr", KEYS[1])
+    redis.call("expire", KEYS[1], ARGV[1])
+    return deliveries - 1
+    """
+
+    def __init__(self, client, *, ttl: int = 24 * 3600) -> None:
+        self.client = client
+        self.ttl = ttl
+        self._arrive = client.register_script(self._ARRIVE)
+        self._turns = _Turns()
+        self._local = threading.local()
+
+    @property
+    def actor_options(self) -> set[str]:
+        return {"on_crash"}
+
+    @staticmethod
+    def mark_key(message_id: str) -> str:
+        """Where a running message keeps the count of its unfinished deliveries."""
+        return f"image-crawler:running:{message_id}"
+
+    def before_process_message(self, broker, message):
+        handler = broker.get_actor(message.actor_name).options.get("on_crash")
+        if handler is None:
+            return
+        key = self.mark_key(message.message_id)
+        deaths = int(self._arrive(keys=[key], args=[self.ttl]))
+        self._local.held = (key, None)
+        verdict = handler(message, deaths)
+        if verdict is Verdict.HANDLED:
+            raise SkipMessage(f"handled after {deaths} worker deaths")
+        alone = verdict is Verdict.RUN_ALONE
+        if alone:
+            logger.warning("Running %s alone: its worker died %d time(s) running it.", message, deaths)
+        self._turns.acquire(alone)
+        self._local.held = (key, alone)
+
+    def after_process_message(self, broker, message, *, result=None, exception=None):
+        self._finish()
+
+    def after_skip_message(self, broker, message):
+        self._finish()
+
+    def _finish(self) -> None:
+        held = getattr(self._local, "held", None)
+        if held is None:
+            return
+        self._local.held = None
+        key, alone = held
+        try:
+            self.client.delete(key)
+        finally:
+            if alone is not None:
+                self._turns.release(alone)
+
+
+class WorkerShape(Middleware):
+    """Remembers how many worker threads this process runs (``--threads``), for batch sizing."""
+
+    def __init__(self, default_threads: int = 8) -> None:
+        self.threads = default_threads
+
+    def after_worker_boot(self, broker, worker):
+        self.threads = worker.worker_threads

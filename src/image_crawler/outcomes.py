@@ -9,6 +9,7 @@ collector) is a no-op: nothing is ever counted twice.
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -103,6 +104,15 @@ def record_outcomes(db: Database, documents: list[dict[str, Any]]) -> int:
         if any(error.get("code") != 11000 for error in exc.details.get("writeErrors", [])):
             raise
         return int(exc.details.get("nInserted", 0))
+
+
+def finished(db: Database, job_ids: Iterable[str]) -> set[str]:
+    """Which of ``job_ids`` have an outcome already (one query)."""
+    wanted = list(job_ids)
+    if not wanted:
+        return set()
+    found = storage.outcomes(db).find({"_id": {"$in": wanted}}, projection={"_id": 1})
+    return {document["_id"] for document in found}
 
 
 def get_outcome(db: Database, job_id: str) -> dict[str, Any] | None:

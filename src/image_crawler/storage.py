@@ -12,6 +12,7 @@ which job stored an image first (success) and which found it already there (dupl
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import cache
 
@@ -21,7 +22,7 @@ from bson import ObjectId
 from gridfs.errors import FileExists
 from pymongo.collection import Collection
 from pymongo.database import Database
-from pymongo.errors import DuplicateKeyError
+from pymongo.errors import BulkWriteError, DuplicateKeyError
 
 from .config import Settings
 from .errors import StoreBusy
@@ -145,6 +146,53 @@ def _clear_orphan_chunks(db: Database, md5: str) -> bool:
     return True
 
 
+def image_jobs(db: Database, md5s: Iterable[str]) -> dict[str, str | None]:
+    """For each of ``md5s`` already stored, the job that stored it (one query)."""
+    wanted = sorted(set(md5s))
+    if not wanted:
+        return {}
+    found = images(db).find({"_id": {"$in": wanted}}, projection={"job": 1})
+    return {document["_id"]: document.get("job") for document in found}
+
+
+def _image_document(record: ImageRecord, png: bytes, job_id: str) -> dict:
+    return {
+        "_id": record.md5,
+        "width": record.width,
+        "height": record.height,
+        "inserted_at": utcnow(),
+        "source_url": record.source_url,
+        "content_type": record.content_type,
+        "byte_size": record.byte_size,
+        "gray_size": len(png),
+        "job": job_id,
+    }
+
+
+def store_new_images(db: Database, new: Sequence[tuple[ImageRecord, bytes, str]]) -> dict[str, str | None]:
+    """Store images not stored yet, given as ``(record, png, job id)`` with distinct MD5s.
+
+    Each PNG goes to GridFS first, then all documents in one unordered ``insert_many``: a
+    document always points at a complete PNG, and its insert is the commit point. Returns,
+    for every MD5, the job that stored it: the given job, or another that won a race.
+    """
+    if not new:
+        return {}
+    for record, png, _ in new:
+        store_gray_png(db, record.md5, png)
+    documents = [_image_document(record, png, job_id) for record, png, job_id in new]
+    winners: dict[str, str | None] = {record.md5: job_id for record, _, job_id in new}
+    try:
+        images(db).insert_many(documents, ordered=False)
+    except BulkWriteError as exc:
+        errors = exc.details.get("writeErrors", [])
+        if any(error.get("code") != 11000 for error in errors):
+            raise
+        raced = [documents[error["index"]]["_id"] for error in errors]
+        winners.update(image_jobs(db, raced))
+    return winners
+
+
 def store_image(db: Database, record: ImageRecord, png: bytes | None, *, job_id: str) -> bool:
     """Store an image once; True when this job stored it, False when it was already there.
 
@@ -157,17 +205,7 @@ def store_image(db: Database, record: ImageRecord, png: bytes | None, *, job_id:
     if png is None:
         raise ValueError("the PNG is needed to store a new image")
     store_gray_png(db, record.md5, png)
-    document = {
-        "_id": record.md5,
-        "width": record.width,
-        "height": record.height,
-        "inserted_at": utcnow(),
-        "source_url": record.source_url,
-        "content_type": record.content_type,
-        "byte_size": record.byte_size,
-        "gray_size": len(png),
-        "job": job_id,
-    }
+    document = _image_document(record, png, job_id)
     try:
         images(db).insert_one(document)
     except DuplicateKeyError:

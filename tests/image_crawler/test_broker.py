@@ -11,14 +11,13 @@ import dramatiq
 import pytest
 from dramatiq.brokers.redis import DEFAULT_HEARTBEAT_TIMEOUT, DEFAULT_MAINTENANCE_CHANCE, RedisBroker
 from dramatiq.middleware import AgeLimit, Callbacks, Pipelines, Retries, ShutdownNotifications, TimeLimit
-from dramatiq.middleware.group_callbacks import GroupCallbacks
 from dramatiq.results import Results
 from dramatiq.results.middleware import DEFAULT_RESULT_TTL
 
 from image_crawler import broker as broker_module
 from image_crawler.broker import create_broker, setup_broker
 from image_crawler.config import get_settings
-from image_crawler.middleware import RecordFailures
+from image_crawler.middleware import CrashGuard, DistinctGroupCallbacks, RecordFailures, WorkerShape
 
 
 @pytest.fixture
@@ -58,14 +57,14 @@ def test_the_broker_is_a_redis_broker_on_redis_url(broker, redis_url):
 
 def test_results_and_group_barriers_live_in_the_same_redis(broker):
     results = _middleware(broker, Results)
-    groups = _middleware(broker, GroupCallbacks)
+    groups = _middleware(broker, DistinctGroupCallbacks)
 
     assert _address(results.backend.client) == _address(broker.client)
     assert _address(groups.rate_limiter_backend.client) == _address(broker.client)
 
 
 def test_group_callbacks_come_before_results_so_results_are_stored_first(broker):
-    assert _position(broker, GroupCallbacks) < _position(broker, Results)
+    assert _position(broker, DistinctGroupCallbacks) < _position(broker, Results)
 
 
 def test_record_failures_comes_before_retries_so_it_sees_their_verdict(broker):
@@ -76,15 +75,21 @@ def test_record_failures_comes_before_retries_so_it_sees_their_verdict(broker):
 def test_the_broker_has_exactly_the_pipeline_middleware(broker):
     assert [type(middleware) for middleware in broker.middleware] == [
         AgeLimit,
+        CrashGuard,
         TimeLimit,
         ShutdownNotifications,
         Callbacks,
         Pipelines,
-        GroupCallbacks,
+        DistinctGroupCallbacks,
         Results,
         RecordFailures,
         Retries,
+        WorkerShape,
     ]
+
+
+def test_the_crash_guard_waits_for_its_turn_before_the_time_limit_starts(broker):
+    assert _position(broker, CrashGuard) < _position(broker, TimeLimit)
 
 
 def test_a_dead_worker_is_noticed_within_seconds_not_minutes(broker):
@@ -254,44 +259,79 @@ def test_messages_a_consumer_holds_are_never_requeued(broker, queued, sweep_ever
     assert broker.client.scard(acks) == 3
 
 
-# --- group barriers in one round trip -------------------------------------------------------
+# --- group barriers count distinct members ---------------------------------------------------
 
 
-def test_a_group_barrier_clears_when_its_last_member_ends(broker):
-    from dramatiq.rate_limits import Barrier
+class _Recorder:
+    """A broker stand-in for the middleware's hook: records what it enqueues."""
 
-    backend = _middleware(broker, GroupCallbacks).rate_limiter_backend
-    barrier = Barrier(backend, f"barrier-test-{uuid.uuid4().hex}", ttl=60_000)
+    def __init__(self) -> None:
+        self.enqueued: list[dramatiq.Message] = []
 
-    assert barrier.create(3)
-    assert [barrier.wait(block=False) for _ in range(3)] == [False, False, True]
-    assert 0 < broker.client.pttl(barrier.key) <= 60_000
+    def enqueue(self, message):
+        self.enqueued.append(message)
 
 
-@pytest.mark.parametrize(
-    ("stored", "amount", "minimum", "expected", "left"),
-    [
-        (b"5", 2, 1, True, b"3"),
-        (b"2", 1, 1, True, b"1"),
-        (b"1", 1, 1, False, b"1"),  # would go under the minimum: refused, nothing written
-        (None, 1, 1, False, None),  # a barrier that expired or never was
-        (None, 1, -5, True, b"-1"),
-    ],
-)
-def test_the_barrier_backend_decrements_like_dramatiqs(broker, stored, amount, minimum, expected, left):
-    from dramatiq.rate_limits.backends import RedisBackend
+def _member(group_id: str, callback: dramatiq.Message) -> dramatiq.Message:
+    options = {"group_completion_uuid": group_id, "group_completion_callbacks": [callback.asdict()]}
+    return dramatiq.Message(queue_name="q", actor_name="member", args=(), kwargs={}, options=options)
 
-    key = f"decr-test-{uuid.uuid4().hex}"
-    ours = _middleware(broker, GroupCallbacks).rate_limiter_backend
-    for backend in (ours, RedisBackend(client=broker.client)):
-        if stored is None:
-            broker.client.delete(key)
-        else:
-            broker.client.set(key, stored)
-        assert backend.decr(key, amount, minimum, 60_000) is expected, type(backend).__name__
-        assert broker.client.get(key) == left, type(backend).__name__
-    broker.client.delete(key)
+
+@pytest.fixture
+def group_callbacks(broker):
+    middleware = _middleware(broker, DistinctGroupCallbacks)
+    group_id = f"group-test-{uuid.uuid4().hex}"
+    callback = dramatiq.Message(queue_name="q", actor_name="collect", args=(1,), kwargs={}, options={})
+    yield middleware, group_id, callback
+    broker.client.delete(group_id, f"{group_id}@members")
+
+
+def test_a_group_fires_once_all_its_distinct_members_completed_and_leaves_nothing(broker, group_callbacks):
+    middleware, group_id, callback = group_callbacks
+    middleware.rate_limiter_backend.add(group_id, 2, 60_000)  # what group.run() does for two members
+    first, second = _member(group_id, callback), _member(group_id, callback)
+    recorder = _Recorder()
+
+    middleware.after_process_message(recorder, first)
+    assert recorder.enqueued == []
+    middleware.after_process_message(recorder, second)
+
+    assert [message.message_id for message in recorder.enqueued] == [callback.message_id]
+    assert broker.client.exists(group_id, f"{group_id}@members") == 0
+
+
+def test_a_member_completing_twice_counts_once(broker, group_callbacks):
+    middleware, group_id, callback = group_callbacks
+    middleware.rate_limiter_backend.add(group_id, 2, 60_000)
+    member = _member(group_id, callback)
+    recorder = _Recorder()
+
+    middleware.after_process_message(recorder, member)
+    middleware.after_process_message(recorder, member)  # redelivered after it completed
+
+    assert recorder.enqueued == []
+    assert 0 < broker.client.pttl(f"{group_id}@members") <= middleware.barrier_ttl
+
+
+def test_a_failed_member_does_not_count(broker, group_callbacks):
+    middleware, group_id, callback = group_callbacks
+    middleware.rate_limiter_backend.add(group_id, 1, 60_000)
+    recorder = _Recorder()
+
+    middleware.after_process_message(recorder, _member(group_id, callback), exception=RuntimeError())
+
+    assert recorder.enqueued == []
+    assert broker.client.get(group_id) == b"1"
+
+
+def test_a_member_of_a_group_whose_barrier_is_gone_fires_the_callback(group_callbacks):
+    middleware, group_id, callback = group_callbacks  # fired already, or expired: collect is idempotent
+    recorder = _Recorder()
+
+    middleware.after_process_message(recorder, _member(group_id, callback))
+
+    assert [message.message_id for message in recorder.enqueued] == [callback.message_id]
 
 
 def test_group_barriers_expire_with_the_results(broker):
-    assert _middleware(broker, GroupCallbacks).barrier_ttl == broker_module.RESULT_TTL_MS
+    assert _middleware(broker, DistinctGroupCallbacks).barrier_ttl == broker_module.RESULT_TTL_MS

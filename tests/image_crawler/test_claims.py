@@ -1,13 +1,11 @@
-"""Claim checks: bytes parked in Redis between tasks, with a TTL, gone once the job ends."""
+"""Claim checks: bytes parked in Redis between tasks, under a claim made per execution, with a TTL."""
 
 from __future__ import annotations
-
-import uuid
 
 import pytest
 import redis
 
-from image_crawler.claims import ClaimCheck, body_key, gray_key
+from image_crawler.claims import BODIES, PNGS, ClaimCheck, chunks, claim_key, new_claim
 from image_crawler.errors import ClaimExpired
 
 
@@ -19,60 +17,62 @@ def client(redis_url):
 
 
 @pytest.fixture
-def job_id():
-    return f"{uuid.uuid4().hex[:12]}:1"
+def claims(client):
+    return ClaimCheck(client, ttl=600)
 
 
-def test_parked_bytes_come_back_unchanged(client, job_id):
-    claims = ClaimCheck(client, ttl=600)
-    body = bytes(range(256)) * 100
+def test_parked_bytes_come_back_unchanged(claims):
+    claim = new_claim()
+    bodies = {0: bytes(range(256)) * 100, 1: b"", 2: b"\x00" * 10}
 
-    claims.put(body_key(job_id), body)
+    claims.put(claim, BODIES, bodies)
 
-    assert claims.get(body_key(job_id), "body") == body
-    claims.drop(job_id)
-
-
-def test_parked_bytes_expire_after_the_ttl(client, job_id):
-    claims = ClaimCheck(client, ttl=600)
-
-    claims.put(body_key(job_id), b"body")
-
-    assert 590 <= client.ttl(body_key(job_id)) <= 600
-    claims.drop(job_id)
+    assert claims.get(claim, BODIES, [2, 0, 1], "body") == {2: bodies[2], 0: bodies[0], 1: b""}
+    assert claims.get(claim, BODIES, [1], "body") == {1: b""}
+    claims.drop(claim)
 
 
-def test_missing_bytes_raise_claim_expired_naming_what_is_gone(client, job_id):
-    claims = ClaimCheck(client, ttl=600)
+def test_parked_bytes_expire_with_the_ttl(claims, client):
+    claim = new_claim()
+    claims.put(claim, PNGS, {0: b"png"})
+
+    assert 590 <= client.ttl(claim_key(claim, PNGS)) <= 600
+    claims.drop(claim)
+
+
+def test_a_missing_item_raises_claim_expired_with_the_reason(claims):
+    claim = new_claim()
+    claims.put(claim, BODIES, {0: b"body"})
 
     with pytest.raises(ClaimExpired) as caught:
-        claims.get(gray_key(job_id), "grayscale image")
+        claims.get(claim, BODIES, [0, 1], "body")
+    assert caught.value.reason == "body expired"
+    with pytest.raises(ClaimExpired, match="grayscale image expired"):
+        claims.get(claim, PNGS, [0], "grayscale image")
+    claims.drop(claim)
 
-    assert caught.value.reason == "grayscale image expired"
-    assert caught.value.transient is False
 
+def test_drop_forgets_bodies_and_pngs_of_one_claim_only(claims, client):
+    claim, other = new_claim(), new_claim()
+    claims.put(claim, BODIES, {0: b"body"})
+    claims.put(claim, PNGS, {0: b"png"})
+    claims.put(other, BODIES, {0: b"other body"})
 
-def test_drop_forgets_the_body_and_the_png_of_a_job_only(client, job_id):
-    claims = ClaimCheck(client, ttl=600)
-    other = f"{job_id}0"
-    claims.put(body_key(job_id), b"body")
-    claims.put(gray_key(job_id), b"png")
-    claims.put(body_key(other), b"other body")
+    claims.drop(claim)
 
-    claims.drop(job_id)
-
-    assert client.exists(body_key(job_id), gray_key(job_id)) == 0
-    with pytest.raises(ClaimExpired, match="body expired"):
-        claims.get(body_key(job_id), "body")
-    assert claims.get(body_key(other), "body") == b"other body"
+    assert client.exists(claim_key(claim, BODIES), claim_key(claim, PNGS)) == 0
+    assert claims.get(other, BODIES, [0], "body") == {0: b"other body"}
     claims.drop(other)
 
 
-def test_dropping_a_job_with_nothing_parked_is_harmless(client, job_id):
-    ClaimCheck(client, ttl=600).drop(job_id)
+def test_every_execution_gets_its_own_claim():
+    made = {new_claim() for _ in range(1000)}
+    assert len(made) == 1000
+    assert claim_key("c", BODIES) != claim_key("c", PNGS)
 
 
-def test_body_and_png_of_a_job_live_under_different_keys(job_id):
-    assert body_key(job_id) != gray_key(job_id)
-    assert body_key(job_id) != body_key(f"{job_id}0")
-    assert job_id in body_key(job_id)
+def test_parcels_move_in_runs_of_bounded_size():
+    sizes = [5, 5, 5, 20, 1, 1]
+    assert list(chunks(range(6), sizes, 10)) == [[0, 1], [2], [3], [4, 5]]
+    assert list(chunks([], sizes, 10)) == []
+    assert list(chunks([3, 0], sizes, 100)) == [[3, 0]]

@@ -7,6 +7,7 @@ import dataclasses
 import redis
 
 from image_crawler import context as context_module
+from image_crawler.claims import BODIES, claim_key
 from image_crawler.config import get_settings
 from image_crawler.context import Context
 
@@ -36,12 +37,13 @@ def test_a_shared_redis_client_stays_open_when_the_context_closes(redis_url, mon
     client.ping()
 
     context = Context.create(settings, db=mongo_db, redis_client=client)
-    context.claims.put("image-crawler:claim:body:ctx-test", b"abc")
+    context.claims.put("ctx-test", BODIES, {0: b"abc"})
     context.close()
 
     assert context.claims.client is client
     assert _connections(observer, "shared-by-test") == 1  # still connected, nothing else opened
-    assert client.getdel("image-crawler:claim:body:ctx-test") == b"abc"
+    assert client.hget(claim_key("ctx-test", BODIES), "0") == b"abc"
+    client.delete(claim_key("ctx-test", BODIES))
 
 
 def test_a_context_opens_and_closes_its_own_redis_pool_otherwise(redis_url, mongo_db):

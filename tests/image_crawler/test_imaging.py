@@ -2,20 +2,27 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import io
 import struct
+import threading
 import time
 import zlib
+from collections.abc import Callable
 
 import numpy as np
 import pytest
-from PIL import Image, ImageCms, features
+from PIL import Image, ImageCms, ImageFile, features
 
 from image_crawler.errors import ImageError, NotAnImage, TooManyPixels, TruncatedImage
-from image_crawler.imaging import GrayImage, to_grayscale
+from image_crawler.imaging import DecodeBudget, GrayImage, estimated_decode_bytes, to_grayscale
 from support.images import decode_png, encode, photo
+from support.peak_memory import can_measure, conversion_peak
 
 MAX_PIXELS = 50_000_000
+
+needs_peak_rss = pytest.mark.skipif(not can_measure(), reason="peak RSS is read from Linux /proc")
 
 
 def gray_of(data: bytes, **kwargs) -> tuple[str, np.ndarray]:
@@ -207,6 +214,17 @@ def test_16_bit_with_transparency_key_keeps_alpha_as_la() -> None:
     mode, gray = gray_of(data)
     assert mode == "LA"
     assert gray[0].tolist() == [[0, 255], [0, 255], [1, 255], [117, 0], [255, 255]]
+
+
+@needs_peak_rss
+def test_16_bit_with_transparency_key_is_converted_without_wide_temporaries(tmp_path) -> None:
+    # 16 MP: the decoded source takes 2 bytes a pixel and the LA result 4; the 8-bit gray and
+    # the alpha mask take 1 each. An int64 temporary alone would take 8 more.
+    values = np.zeros((4000, 4000), dtype="<u2")
+    values[0, :3] = [1, 30000, 65535]
+    path = tmp_path / "deep.png"
+    path.write_bytes(encode(from_array(values, "I;16"), "PNG", transparency=30000))
+    assert conversion_peak(path) <= 10 * values.size
 
 
 def test_32_bit_integer_is_scaled_then_clipped() -> None:
@@ -423,3 +441,265 @@ def test_damaged_bytes_only_ever_raise_image_errors(fmt: str) -> None:
         except ImageError:
             continue
         assert decode_png(result.png)[0] in ("L", "LA")
+
+
+# --- decode memory ----------------------------------------------------------------------
+
+
+def flat_image(mode: str, side: int, fmt: str, **params) -> bytes:
+    """A ``side``² image of ``mode`` in ``fmt``: black but for a few pixels, so quick to build."""
+    image = Image.new(mode, (side, side))
+    for x in range(1, 8):
+        image.putpixel((x, 0), x if len(image.getbands()) == 1 else (x,) * len(image.getbands()))
+    if mode == "P":
+        image.putpalette(bytes(range(256)) * 3)
+    return encode(image, fmt, **params)
+
+
+#: Sources whose conversions take different paths: colour and alpha, CMYK, a palette
+#: made RGBA by its tRNS chunk, 16 bits with a key, gray as is.
+PEAK_CASES = {
+    "RGBA PNG": ("RGBA", "PNG", {}),
+    "CMYK JPEG": ("CMYK", "JPEG", {}),
+    "P PNG, tRNS": ("P", "PNG", {"transparency": 1}),
+    "I;16 PNG, tRNS key": ("I;16", "PNG", {"transparency": 30000}),
+    "L PNG": ("L", "PNG", {}),
+}
+
+
+@needs_peak_rss
+@pytest.mark.parametrize("name", list(PEAK_CASES))
+def test_the_estimate_covers_the_measured_peak(name: str, tmp_path) -> None:
+    mode, fmt, params = PEAK_CASES[name]
+    path = tmp_path / f"source.{fmt.lower()}"
+    path.write_bytes(flat_image(mode, 3000, fmt, **params))
+    with Image.open(path) as header:
+        assert header.mode == mode
+        estimate = estimated_decode_bytes(header)
+    assert estimate >= conversion_peak(path)
+
+
+def test_the_estimate_reads_the_header_only() -> None:
+    # Images cut short after their header: loading them would raise, estimating them must not.
+    data = flat_image("RGBA", 3000, "PNG")
+    with Image.open(io.BytesIO(data[: len(data) // 2])) as header:
+        assert estimated_decode_bytes(header) >= 3000 * 3000 * 4
+    with Image.open(io.BytesIO(black_bilevel_png(4000, 3000, rows=10))) as header:
+        assert estimated_decode_bytes(header) >= 4000 * 3000
+
+
+class Holder:
+    """A thread that reserves ``nbytes`` of ``budget`` and holds them until told to let go."""
+
+    def __init__(self, budget: DecodeBudget, nbytes: int) -> None:
+        self.budget = budget
+        self.nbytes = nbytes
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            with self.budget.reserve(self.nbytes):
+                self.entered.set()
+                self.release.wait()
+        except BaseException as exc:
+            self.error = exc
+
+    def holds(self) -> bool:
+        """Wait until it holds its reservation; False if it never does (a liveness guard, not a timing)."""
+        return self.entered.wait(30)
+
+    def let_go(self) -> None:
+        self.release.set()
+        self.thread.join(30)
+        assert not self.thread.is_alive()
+
+
+def wait_until(condition: Callable[[], bool], what: str) -> None:
+    """Poll ``condition`` until it holds (fails the test if it never does)."""
+    deadline = time.monotonic() + 30
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"never {what}")
+        time.sleep(0.001)
+
+
+def test_reservations_that_fit_together_are_held_at_once() -> None:
+    budget = DecodeBudget(100)
+    first, second = Holder(budget, 40), Holder(budget, 60)
+    assert first.holds() and second.holds()
+    assert budget.reserved_bytes == 100
+    first.let_go()
+    second.let_go()
+    assert budget.reserved_bytes == 0
+
+
+def test_a_reservation_waits_until_an_earlier_one_makes_room() -> None:
+    budget = DecodeBudget(100)
+    first = Holder(budget, 60)
+    assert first.holds()
+    second = Holder(budget, 60)
+    wait_until(lambda: budget.waiting == 1, "waited")
+    assert not second.entered.is_set()
+    assert budget.reserved_bytes == 60
+
+    first.let_go()
+
+    assert second.holds()
+    assert (budget.reserved_bytes, budget.waiting) == (60, 0)
+    second.let_go()
+
+
+def test_a_reservation_larger_than_the_limit_waits_for_the_others_then_runs_alone() -> None:
+    budget = DecodeBudget(100)
+    small = Holder(budget, 30)
+    assert small.holds()
+    huge = Holder(budget, 150)
+    wait_until(lambda: budget.waiting == 1, "waited")
+    # First come, first served: this one would fit beside the small one, but waits its turn.
+    late = Holder(budget, 10)
+    wait_until(lambda: budget.waiting == 2, "queued behind the huge one")
+
+    small.let_go()
+
+    assert huge.holds()
+    assert (budget.reserved_bytes, budget.waiting) == (150, 1)
+    assert not late.entered.is_set()
+    huge.let_go()
+    assert late.holds()
+    late.let_go()
+    assert budget.reserved_bytes == 0
+    assert (small.error, huge.error, late.error) == (None, None, None)
+
+
+def test_a_reservation_larger_than_the_limit_does_not_wait_when_nothing_else_is_held() -> None:
+    budget = DecodeBudget(100)
+    huge = Holder(budget, 10**12)
+    assert huge.holds()
+    huge.let_go()
+    assert budget.reserved_bytes == 0
+
+
+def test_a_reservation_is_released_when_its_block_raises() -> None:
+    budget = DecodeBudget(100)
+    with pytest.raises(RuntimeError, match="decoder died"), budget.reserve(100):
+        raise RuntimeError("decoder died")
+    assert budget.reserved_bytes == 0
+    after = Holder(budget, 100)
+    assert after.holds()
+    after.let_go()
+
+
+class Interrupted(Exception):
+    """Raised inside a waiting thread, as Dramatiq's time limit raises TimeLimitExceeded."""
+
+
+def test_a_wait_interrupted_by_a_time_limit_leaves_its_place_in_the_queue() -> None:
+    budget = DecodeBudget(100)
+    first, second = Holder(budget, 30), Holder(budget, 60)
+    assert first.holds() and second.holds()
+    interrupted = Holder(budget, 50)
+    wait_until(lambda: budget.waiting == 1, "waited")
+    # How dramatiq.middleware.TimeLimit interrupts a worker thread. It is raised once the
+    # thread runs again: woken when ``first`` lets go, with still no room for it (60 + 50 > 100).
+    raised = ctypes.pythonapi.PyThreadState_SetAsyncExc(
+        ctypes.c_ulong(interrupted.thread.ident), ctypes.py_object(Interrupted)
+    )
+    assert raised == 1
+    first.let_go()
+    interrupted.thread.join(30)
+
+    assert isinstance(interrupted.error, Interrupted)
+    assert (budget.reserved_bytes, budget.waiting) == (60, 0)
+    # Nothing is stuck behind the interrupted one.
+    after = Holder(budget, 40)
+    assert after.holds()
+    after.let_go()
+    second.let_go()
+
+
+def test_a_budget_needs_a_positive_limit() -> None:
+    with pytest.raises(ValueError, match="limit_bytes"):
+        DecodeBudget(0)
+
+
+BUDGET_SOURCES = {
+    "RGBA PNG": lambda: encode(photo(64, 48, seed=20, mode="RGBA"), "PNG"),
+    "CMYK JPEG": lambda: encode(photo(64, 48, seed=21).convert("CMYK"), "JPEG"),
+    "16-bit PNG, tRNS key": lambda: encode(
+        from_array(SIXTEEN_BIT.astype("<u2"), "I;16"), "PNG", transparency=30000
+    ),
+    "rotated JPEG": lambda: exif_jpeg(6)[0],
+}
+
+
+@pytest.mark.parametrize("name", list(BUDGET_SOURCES))
+@pytest.mark.parametrize("limit", [1, 10**9], ids=["over the limit", "within the limit"])
+def test_a_budget_changes_nothing_in_the_result(name: str, limit: int) -> None:
+    data = BUDGET_SOURCES[name]()
+    budget = DecodeBudget(limit)
+    assert to_grayscale(data, max_pixels=MAX_PIXELS, budget=budget) == to_grayscale(
+        data, max_pixels=MAX_PIXELS
+    )
+    assert budget.reserved_bytes == 0
+
+
+class RecordingBudget(DecodeBudget):
+    """A roomy budget that remembers what was asked of it."""
+
+    def __init__(self) -> None:
+        super().__init__(10**12)
+        self.requests: list[int] = []
+
+    @contextlib.contextmanager
+    def reserve(self, nbytes: int):
+        self.requests.append(nbytes)
+        with super().reserve(nbytes):
+            yield
+
+
+def test_the_estimate_is_held_from_loading_the_pixels_to_encoding_the_png(monkeypatch) -> None:
+    data = encode(photo(64, 48, seed=22, mode="RGBA"), "PNG")
+    with Image.open(io.BytesIO(data)) as header:
+        estimate = estimated_decode_bytes(header)
+    budget = RecordingBudget()
+    held_at: dict[str, int] = {}
+    load, save = ImageFile.ImageFile.load, Image.Image.save
+
+    def recording_load(image, *args, **kwargs):
+        held_at.setdefault("load", budget.reserved_bytes)
+        return load(image, *args, **kwargs)
+
+    def recording_save(image, *args, **kwargs):
+        held_at["save"] = budget.reserved_bytes
+        return save(image, *args, **kwargs)
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", recording_load)
+    monkeypatch.setattr(Image.Image, "save", recording_save)
+    to_grayscale(data, max_pixels=MAX_PIXELS, budget=budget)
+
+    assert budget.requests == [estimate]
+    assert held_at == {"load": estimate, "save": estimate}
+    assert budget.reserved_bytes == 0
+
+
+def test_an_oversized_image_is_refused_without_reserving_or_waiting() -> None:
+    budget = RecordingBudget()
+    full = Holder(budget, budget.limit_bytes)  # no room left: a reservation would wait
+    assert full.holds()
+    with pytest.raises(TooManyPixels):
+        to_grayscale(black_bilevel_png(40_000, 40_000), max_pixels=MAX_PIXELS, budget=budget)
+    assert budget.requests == [budget.limit_bytes]
+    full.let_go()
+
+
+def test_a_corrupt_image_gives_its_reservation_back() -> None:
+    budget = RecordingBudget()
+    data = encode(photo(120, 80, seed=23), "PNG")
+    with pytest.raises(TruncatedImage):
+        to_grayscale(data[: len(data) // 2], max_pixels=MAX_PIXELS, budget=budget)
+    assert len(budget.requests) == 1
+    assert budget.reserved_bytes == 0

@@ -227,7 +227,13 @@ def test_an_actor_whose_recorder_is_none_is_only_logged(logged):
 
 
 def _job() -> dict:
-    return Job.new(uuid.uuid4().hex[:12], 1, "http://example.com/a.png").to_message()
+    """A parcel of one line whose body was never parked (as md5, grayscale and collect get it)."""
+    return {
+        "run": uuid.uuid4().hex[:12],
+        "claim": uuid.uuid4().hex,
+        "lines": [[1, "http://example.com/a.png"]],
+        "sizes": [10],
+    }
 
 
 def _settle(pipeline) -> None:
@@ -266,7 +272,7 @@ def test_a_collector_without_member_results_raises_a_transient_result_missing(ma
     members = {"md5": uuid.uuid4().hex, "grayscale": uuid.uuid4().hex}
 
     with pytest.raises(errors.ResultMissing) as caught:
-        actors.collect.fn(job, {"content_type": "image/png", "byte_size": 10}, members)
+        actors.collect.fn(job, [["image/png", 10, "http://example.com/a.png"]], members)
 
     assert caught.value.reason == "md5 result missing"
     assert is_transient(caught.value)
@@ -281,7 +287,7 @@ def test_a_collector_without_member_results_ends_in_error_once_retries_run_out(m
     job = _job()
     members = {"md5": uuid.uuid4().hex, "grayscale": uuid.uuid4().hex}
 
-    actors.collect.send(job, {"content_type": "image/png", "byte_size": 10}, members)
+    actors.collect.send(job, [["image/png", 10, "http://example.com/a.png"]], members)
     pipeline.wait_for(job["run"], 1, timeout=60)
     _settle(pipeline)
 

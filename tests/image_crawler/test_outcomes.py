@@ -151,21 +151,28 @@ def test_count_outcomes_per_run_and_overall(db):
 # --- the ledger when messages are redelivered (a real worker, the suite's Redis) --------
 
 
-def _processed(pipeline, job: dict) -> tuple[dict, dict]:
-    """Park a body for ``job`` and run its md5 and grayscale members as fetch would; returns
-    the collector's ``meta`` and ``members`` arguments once both results are stored."""
+def _parcel(run: str, line: int, url: str, body: bytes) -> dict:
+    """What fetch hands md5 and grayscale for one downloaded line, under a fresh claim."""
+    from image_crawler import claims
+
+    return {"run": run, "claim": claims.new_claim(), "lines": [[line, url]], "sizes": [len(body)]}
+
+
+def _processed(pipeline, parcel: dict, body: bytes) -> tuple[dict, list, dict]:
+    """Park the parcel's body and run its md5 and grayscale members as fetch would; returns
+    the collector's arguments once both results are stored."""
     from dramatiq.results import Results
 
     from image_crawler import actors, claims
 
-    body = png_bytes(32, 24, seed=5)
-    pipeline.context.claims.put(claims.body_key(job["id"]), body)
-    digest, gray = actors.md5.send(job), actors.grayscale.send(job)
+    pipeline.context.claims.put(parcel["claim"], claims.BODIES, {0: body})
+    digest, gray = actors.md5.send(parcel), actors.grayscale.send(parcel)
     backend = next(m.backend for m in pipeline.broker.middleware if isinstance(m, Results))
-    assert digest.get_result(backend=backend, block=True, timeout=20_000) == hashlib.md5(body).hexdigest()
-    assert gray.get_result(backend=backend, block=True, timeout=20_000) == {"width": 32, "height": 24}
-    meta = {"content_type": "image/png", "byte_size": len(body), "final_url": job["url"]}
-    return meta, {"md5": digest.message_id, "grayscale": gray.message_id}
+    assert digest.get_result(backend=backend, block=True, timeout=20_000) == [hashlib.md5(body).hexdigest()]
+    sizes = gray.get_result(backend=backend, block=True, timeout=20_000)
+    assert [(size["width"], size["height"]) for size in sizes] == [(32, 24)]
+    meta = [["image/png", len(body), parcel["lines"][0][1]]]
+    return parcel, meta, {"md5": digest.message_id, "grayscale": gray.message_id}
 
 
 def _snapshot(db, run: str) -> tuple[list, list, list]:
@@ -180,38 +187,40 @@ def test_a_collect_redelivered_after_success_changes_nothing(make_pipeline):
     from image_crawler import actors, claims
 
     pipeline = make_pipeline(threads=2)
-    job = Job.new(uuid.uuid4().hex[:12], 1, "http://example.com/a.png").to_message()
-    meta, members = _processed(pipeline, job)
+    body = png_bytes(32, 24, seed=5)
+    args = _processed(pipeline, _parcel(uuid.uuid4().hex[:12], 1, "http://example.com/a.png", body), body)
+    run, claim = args[0]["run"], args[0]["claim"]
 
-    actors.collect.fn(job, meta, members)
-    before = _snapshot(pipeline.db, job["run"])
+    actors.collect.fn(*args)
+    before = _snapshot(pipeline.db, run)
     assert [entry["outcome"] for entry in before[0]] == ["success"]
-    assert not pipeline.context.claims.client.exists(claims.body_key(job["id"]), claims.gray_key(job["id"]))
+    client = pipeline.context.claims.client
+    assert not client.exists(claims.claim_key(claim, claims.BODIES), claims.claim_key(claim, claims.PNGS))
 
-    actors.collect.fn(job, meta, members)  # the parked PNG is gone by now: found in MongoDB instead
-    actors.collect.send(job, meta, members)  # and once more through the worker
+    actors.collect.fn(*args)  # the parked PNG and the results are gone by now
+    actors.collect.send(*args)  # and once more through the worker
     pipeline.broker.join(PROCESS_QUEUE, timeout=20_000)
     pipeline.worker.join()
 
-    assert _snapshot(pipeline.db, job["run"]) == before
+    assert _snapshot(pipeline.db, run) == before
 
 
 def test_a_failure_recorded_after_a_success_does_not_overwrite_it(make_pipeline):
     from image_crawler import actors
 
     pipeline = make_pipeline(threads=2)
-    job = Job.new(uuid.uuid4().hex[:12], 1, "http://example.com/a.png").to_message()
-    meta, members = _processed(pipeline, job)
-    actors.collect.fn(job, meta, members)
+    body = png_bytes(32, 24, seed=5)
+    parcel = _parcel(uuid.uuid4().hex[:12], 1, "http://example.com/a.png", body)
+    actors.collect.fn(*_processed(pipeline, parcel, body))
 
-    actors.record_failure.fn(job, "time limit exceeded")
-    actors.record_failure.send(job, "redis unavailable")
+    actors.record_failure.fn(parcel, "time limit exceeded")
+    actors.record_failure.send(parcel, "redis unavailable")
     pipeline.broker.join(PROCESS_QUEUE, timeout=20_000)
     pipeline.worker.join()
 
-    entry = outcomes.get_outcome(pipeline.db, job["id"])
+    entry = outcomes.get_outcome(pipeline.db, f"{parcel['run']}:1")
     assert (entry["outcome"], entry["reason"]) == ("success", None)
-    assert outcomes.count_outcomes(pipeline.db, job["run"]) == {"success": 1, "duplicate": 0, "error": 0}
+    assert outcomes.count_outcomes(pipeline.db, parcel["run"]) == {"success": 1, "duplicate": 0, "error": 0}
 
 
 def test_a_redelivered_collect_of_a_duplicate_stays_a_duplicate(make_pipeline):
@@ -219,14 +228,15 @@ def test_a_redelivered_collect_of_a_duplicate_stays_a_duplicate(make_pipeline):
 
     pipeline = make_pipeline(threads=2)
     run = uuid.uuid4().hex[:12]
-    first = Job.new(run, 1, "http://example.com/a.png").to_message()
-    second = Job.new(run, 2, "http://mirror.example.com/a.png").to_message()
-    actors.collect.fn(first, *_processed(pipeline, first))
-    second_args = _processed(pipeline, second)
+    body = png_bytes(32, 24, seed=5)
+    first = _parcel(run, 1, "http://example.com/a.png", body)
+    second = _parcel(run, 2, "http://mirror.example.com/a.png", body)
+    actors.collect.fn(*_processed(pipeline, first, body))
+    second_args = _processed(pipeline, second, body)
 
-    actors.collect.fn(second, *second_args)
-    actors.collect.fn(second, *second_args)
+    actors.collect.fn(*second_args)
+    actors.collect.fn(*second_args)
 
-    assert outcomes.get_outcome(pipeline.db, second["id"])["outcome"] == "duplicate"
+    assert outcomes.get_outcome(pipeline.db, f"{run}:2")["outcome"] == "duplicate"
     assert outcomes.count_outcomes(pipeline.db, run) == {"success": 1, "duplicate": 1, "error": 0}
     assert storage.images(pipeline.db).find_one()["source_url"] == "http://example.com/a.png"

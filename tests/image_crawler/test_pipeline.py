@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import threading
 import time
 from collections import Counter
 
@@ -159,20 +160,26 @@ def test_mongodb_down_for_a_while_delays_outcomes_but_loses_none(make_pipeline, 
     from image_crawler import actors
 
     # MongoDB is the one part with no real server here, so its outage is injected where the
-    # collector meets it: while `down`, every write raises the error a lost connection raises.
+    # actors meet it: while `down`, every read and write of a worker thread raises what a lost
+    # connection raises (the test's own thread, which enqueues and counts, still reaches it).
     down = True
-    real_store, real_record = storage.store_image, outcomes.record_outcome
+    real_store, real_record, real_finished = (
+        storage.store_new_images,
+        outcomes.record_outcomes,
+        outcomes.finished,
+    )
 
     def unless_down(write):
         def call(*args, **kwargs):
-            if down:
+            if down and threading.current_thread() is not threading.main_thread():
                 raise pymongo.errors.AutoReconnect("connection refused (injected)")
             return write(*args, **kwargs)
 
         return call
 
-    monkeypatch.setattr(actors.storage, "store_image", unless_down(real_store))
-    monkeypatch.setattr(actors.outcomes, "record_outcome", unless_down(real_record))
+    monkeypatch.setattr(actors.storage, "store_new_images", unless_down(real_store))
+    monkeypatch.setattr(actors.outcomes, "record_outcomes", unless_down(real_record))
+    monkeypatch.setattr(actors.outcomes, "finished", unless_down(real_finished))
     pipeline = make_pipeline()
     for n in range(12):
         server.add(f"/{n}.png", body=png_bytes(30, 30, seed=300 + n))
@@ -206,20 +213,39 @@ def idle_broker(redis_url):
     actors.broker.flush_all()
 
 
-def test_a_batch_becomes_one_fetch_message_per_line(idle_broker):
+def _queued_fetches(broker) -> list[dict]:
     import dramatiq
 
+    return [dramatiq.Message.decode(data).args[0] for data in broker.client.hvals("dramatiq:fetch.msgs")]
+
+
+def test_a_batch_becomes_fetch_messages_of_batch_size_lines(idle_broker):
     from image_crawler import actors
 
-    batch = {"run": "r1", "lines": [[2, "http://example.com/a.png"], [5, "http://example.com/b.png"]]}
+    lines = [[n, f"http://example.com/{n}.png"] for n in range(1, 101)]
 
-    actors.admit.fn(batch)
+    actors.admit.fn({"run": "r1", "lines": lines})
 
-    messages = [dramatiq.Message.decode(data) for data in idle_broker.client.hvals("dramatiq:fetch.msgs")]
-    assert sorted((m.actor_name, m.args[0]["id"], m.args[0]["url"]) for m in messages) == [
-        ("fetch", "r1:2", "http://example.com/a.png"),
-        ("fetch", "r1:5", "http://example.com/b.png"),
-    ]
+    batches = sorted(_queued_fetches(idle_broker), key=lambda batch: batch["lines"][0][0])
+    size = actors.settings.batch_size
+    assert [len(batch["lines"]) for batch in batches] == [size] * (100 // size) + [100 % size] * bool(
+        100 % size
+    )
+    assert [line for batch in batches for line in batch["lines"]] == [[n, url, 0] for n, url in lines]
+    assert {batch["run"] for batch in batches} == {"r1"}
+
+
+def test_the_last_batch_of_a_short_run_is_cut_so_every_thread_has_work():
+    from image_crawler.actors import BATCHES_PER_THREAD, fetch_batch_size
+
+    # 343 lines, 2 processes x 8 threads: 64 batches wanted, so 6 lines each (58 batches).
+    assert fetch_batch_size(343, last=True, threads=16, batch_size=32) == 6
+    assert fetch_batch_size(10, last=True, threads=16, batch_size=32) == 1
+    assert fetch_batch_size(100_000, last=True, threads=16, batch_size=32) == 32
+    assert fetch_batch_size(343, last=False, threads=16, batch_size=32) == 32  # more lines follow
+    assert fetch_batch_size(1000, last=True, threads=1, batch_size=32) == 32
+    assert fetch_batch_size(40, last=True, threads=1, batch_size=32) == 40 // BATCHES_PER_THREAD
+    assert fetch_batch_size(343, last=True, threads=16, batch_size=1) == 1
 
 
 def test_a_redelivered_batch_is_admitted_only_once(idle_broker):
@@ -232,7 +258,8 @@ def test_a_redelivered_batch_is_admitted_only_once(idle_broker):
     actors.admit.fn(batch)  # the same message again, as after a worker died before its ack
 
     assert idle_broker.client.info("commandstats")["cmdstat_multi"]["calls"] == multis + 1
-    assert _queued(idle_broker, "fetch") == 300
+    queued = sorted(line[0] for fetch in _queued_fetches(idle_broker) for line in fetch["lines"])
+    assert queued == list(range(1, 301))
     assert idle_broker.client.ttl(actors.admitted_key(batch)) > 24 * 3600
 
 
@@ -246,7 +273,9 @@ def test_a_batch_admitted_meanwhile_by_another_worker_is_not_admitted_again(idle
 
     actors.admit.fn(batch)
 
-    assert _queued(idle_broker, "fetch") == 10
+    assert sorted(line[0] for fetch in _queued_fetches(idle_broker) for line in fetch["lines"]) == list(
+        range(1, 11)
+    )
 
 
 def test_a_batch_that_fails_midway_sends_no_fetch_at_all(idle_broker, monkeypatch):
@@ -254,15 +283,15 @@ def test_a_batch_that_fails_midway_sends_no_fetch_at_all(idle_broker, monkeypatc
 
     sent = []
 
-    def send_then_fail(job):
+    def send_then_fail(batch):
         if len(sent) == 3:
             raise RuntimeError("worker interrupted")
-        sent.append(job)
-        return original(job)
+        sent.append(batch)
+        return original(batch)
 
     original = actors.fetch.send
     monkeypatch.setattr(actors.fetch, "send", send_then_fail)
-    batch = {"run": "r3", "lines": [[n, f"http://example.com/{n}.png"] for n in range(1, 11)]}
+    batch = {"run": "r3", "lines": [[n, f"http://example.com/{n}.png"] for n in range(1, 301)]}
 
     with pytest.raises(RuntimeError):
         actors.admit.fn(batch)
@@ -272,7 +301,9 @@ def test_a_batch_that_fails_midway_sends_no_fetch_at_all(idle_broker, monkeypatc
     assert not idle_broker.client.exists(actors.admitted_key(batch))
     monkeypatch.undo()
     actors.admit.fn(batch)  # so a retry admits the whole batch
-    assert _queued(idle_broker, "fetch") == 10
+    assert sorted(line[0] for fetch in _queued_fetches(idle_broker) for line in fetch["lines"]) == list(
+        range(1, 301)
+    )
 
 
 def test_a_batch_that_fails_for_good_ends_every_line_in_one_error(make_pipeline, monkeypatch):
@@ -314,3 +345,5 @@ def test_enqueue_sends_one_admit_message_per_thousand_lines(idle_broker, mongo_d
     assert lines == [n for n in range(1, 2_601) if n % 7]
     assert {batch["run"] for batch in batches} == {report.run}
     assert (report.enqueued, report.skipped) == (len(lines), 371)
+    in_order = sorted(batches, key=lambda batch: batch["lines"][0][0])
+    assert [batch.get("last", False) for batch in in_order] == [False, False, True]  # the run's end

@@ -171,3 +171,52 @@ def test_a_redis_restart_mid_run_loses_nothing(mongo_uri, tmp_path):
     finally:
         client.drop_database(database)
         client.close()
+
+
+def test_a_url_that_kills_its_worker_ends_in_error_and_its_batch_completes(crawl_env, tmp_path):
+    """A body whose decoding kills the worker process, among good ones; workers are restarted
+    whenever they die, as Compose's ``restart: unless-stopped`` does."""
+    from support.poison import MARK
+
+    env, db = crawl_env
+    env = dict(env, BATCH_SIZE="16", MAX_DELIVERIES="3")
+    good = {n: png_bytes(30 + n % 20, 20 + n % 10, seed=20_000 + n) for n in range(199)}
+    with LocalHttpServer() as server:
+        for n, body in good.items():
+            server.add(f"/img/{n}.png", body, content_type="image/png")
+        server.add("/poison.png", MARK + b" decodes to death", content_type="image/png")
+        lines = [server.url(f"/img/{n}.png") for n in range(100)] + [server.url("/poison.png")]
+        lines += [server.url(f"/img/{n}.png") for n in range(100, 199)]
+        urls = tmp_path / "urls.txt"
+        urls.write_text("\n".join(lines) + "\n")
+        starts = 0
+
+        def start():
+            nonlocal starts
+            starts += 1
+            log = tmp_path / f"workers-{starts}.log"
+            return start_workers(env, processes=1, threads=4, log=log, modules=("support.poison",))
+
+        workers = start()
+        enqueue = _start_enqueue(env, urls)
+        try:
+            while enqueue.poll() is None:
+                if workers.poll() is not None:  # died (or shut down after a child died): restart
+                    workers = start()
+                time.sleep(0.2)
+            output, _ = enqueue.communicate(timeout=60)
+        finally:
+            enqueue.kill()
+            stop_workers(workers)
+    crashes = starts - 1
+    print(f"\npoison: {crashes} worker crashes; {output.strip().splitlines()[-1]}")
+    assert enqueue.returncode == 0, output
+    assert output.strip().splitlines()[-1] == "done: 200 urls — 199 success, 0 duplicate, 1 error"
+    poisoned = db.outcomes.find_one({"line": 101})
+    assert (poisoned["outcome"], poisoned["reason"]) == (
+        "error",
+        "worker crashed while processing it (3 times)",
+    )
+    assert db.outcomes.count_documents({"outcome": "success"}) == 199
+    assert set(db.images.distinct("_id")) == {hashlib.md5(body).hexdigest() for body in good.values()}
+    assert crashes == 3  # the batch it was in once, then the URL alone twice; innocents never again

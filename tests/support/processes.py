@@ -16,13 +16,21 @@ def start_workers(
     threads: int = 4,
     log: Path | None = None,
     queues: tuple[str, ...] = (),
+    modules: tuple[str, ...] = (),
 ) -> subprocess.Popen:
-    """`dramatiq image_crawler.actors` in its own process group (so the group can be signalled)."""
-    command = [sys.executable, "-m", "dramatiq", "image_crawler.actors"]
+    """`dramatiq image_crawler.actors [MODULES]` in its own process group (so the group can be signalled).
+
+    ``modules`` are imported by every worker process after the actors (e.g. ``support.poison``;
+    ``tests/`` is put on ``PYTHONPATH`` for them).
+    """
+    command = [sys.executable, "-m", "dramatiq", "image_crawler.actors", *modules]
     command += ["--processes", str(processes), "--threads", str(threads)]
     if queues:
         command += ["--queues", *queues]
     output = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 - closed with the process
+    if modules:
+        tests = str(Path(__file__).resolve().parent.parent)
+        env = dict(env, PYTHONPATH=os.pathsep.join(filter(None, [tests, env.get("PYTHONPATH")])))
     return subprocess.Popen(command, env=env, start_new_session=True, stdout=output, stderr=output)
 
 
