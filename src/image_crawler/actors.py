@@ -28,7 +28,7 @@ import logging
 import math
 import time
 from collections.abc import Iterator, Sequence
-from concurrent.futures import as_completed
+from concurrent.futures import Future, as_completed
 from typing import Any
 
 import dramatiq
@@ -58,6 +58,8 @@ ADMIT_BATCH = 1_000
 #: How long an admitted batch is remembered, so a redelivered batch is not fetched twice.
 ADMITTED_TTL_S = 7 * 24 * 3600
 _ADMITTED_PREFIX = "image-crawler:admitted"
+#: Marks a line sent on alone after its batch's worker died (kept as long as admission marks).
+_SPLIT_PREFIX = "image-crawler:split"
 #: When a run's last lines are too few to give every worker thread full batches, they are cut
 #: into about this many batches per thread, so no thread idles while another holds a long batch.
 BATCHES_PER_THREAD = 4
@@ -145,12 +147,10 @@ def admit(batch: dict[str, Any]) -> None:
 def after_worker_death(message: dramatiq.Message, deaths: int) -> Verdict:
     """What to do with a pipeline message delivered again after ``deaths`` workers died running it.
 
-    A batch is split: each line not finished yet goes on alone, in a fetch message of its own
-    that remembers the deaths (and so runs alone, as its follow-ups do). A single line runs
-    alone, until it has killed ``MAX_DELIVERIES`` workers: then it ends in an error.
+    A batch is split: each line not finished yet goes on in a fetch message of its own. A single
+    line runs alone, until it has killed ``MAX_DELIVERIES`` workers: then it ends in an error.
     """
     batch = message.args[0]
-    deaths += int(batch.get("deaths", 0))
     if deaths == 0:
         return Verdict.RUN
     context = get_context()
@@ -159,9 +159,7 @@ def after_worker_death(message: dramatiq.Message, deaths: int) -> Verdict:
         return Verdict.HANDLED
     if len(jobs) > 1:
         logger.warning("%s: its worker died running it; its %d lines go on one by one.", message, len(jobs))
-        with broker.pipelined():
-            for job in jobs:
-                fetch.send({"run": job.run, "lines": [[job.line, job.url, 0]], "deaths": deaths})
+        _split(jobs)
         return Verdict.HANDLED
     if deaths >= context.settings.max_deliveries:
         reason = f"worker crashed while processing it ({deaths} times)"
@@ -171,6 +169,24 @@ def after_worker_death(message: dramatiq.Message, deaths: int) -> Verdict:
             context.claims.drop(batch["claim"])
         return Verdict.HANDLED
     return Verdict.RUN_ALONE
+
+
+def _split(jobs: list[Job]) -> None:
+    """Send each job on in a fetch message of its own, once: md5 and grayscale of one parcel
+    may both be split after the same death, and a line must not be fetched (or crash) twice.
+
+    The lines' split marks are set in the same transaction as the messages, which WATCHes
+    them: a concurrent split of the same lines fails here with ``WatchError`` (and is retried).
+    """
+    keys = [f"{_SPLIT_PREFIX}:{job.id}" for job in jobs]
+    with broker.pipelined(transaction=True) as pipe:
+        pipe.watch(*keys)
+        split = [bool(pipe.exists(key)) for key in keys]
+        pipe.multi()
+        for job, key, done in zip(jobs, keys, split, strict=True):
+            if not done:
+                fetch.send({"run": job.run, "lines": [[job.line, job.url, 0]]})
+                pipe.set(key, 1, ex=ADMITTED_TTL_S)
 
 
 #: The options every actor that handles URL lines shares.
@@ -202,49 +218,29 @@ def fetch(batch: dict[str, Any]) -> None:
     futures = {context.downloads.submit(_download, context, job.url, cutoff): job for job in jobs}
     claim = claims.new_claim()
     parcel: dict[str, Any] = {"run": batch["run"], "claim": claim, "lines": [], "sizes": []}
-    if batch.get("deaths"):
-        parcel["deaths"] = batch["deaths"]
     meta: list[list[Any]] = []
     pending: dict[int, bytes] = {}  # bodies not parked yet
     failed: list[dict[str, Any]] = []
     again: list[tuple[Job, int, int]] = []  # (job, attempts, delay ms)
-    for future in as_completed(futures):
-        job = futures[future]
-        tries = attempts[job.line]
-        try:
-            download: Download = future.result()
-        except _CutShort:  # the batch ran out of time, not the server: not an attempt
-            again.append((job, tries, 0))
-            continue
-        except CrawlError as exc:
-            if exc.transient and tries < context.settings.fetch_retries:
-                _, delay = compute_backoff(
-                    tries, factor=RETRY_MIN_BACKOFF_MS, max_backoff=RETRY_MAX_BACKOFF_MS
-                )
-                again.append((job, tries + 1, delay))
-            else:
-                failed.append(outcomes.outcome_document(job, outcomes.ERROR, reason=exc.reason))
-            continue
-        except Exception as exc:
-            logger.exception("Downloading %s failed unexpectedly", job.url)
-            failed.append(outcomes.outcome_document(job, outcomes.ERROR, reason=reason_for(exc)))
-            continue
-        index = len(parcel["lines"])
-        parcel["lines"].append([job.line, job.url])
-        parcel["sizes"].append(len(download.content))
-        meta.append([download.content_type, len(download.content), download.final_url])
-        pending[index] = download.content
-        if sum(len(body) for body in pending.values()) >= MOVE_BYTES:
-            context.claims.put(claim, BODIES, pending)
-            pending = {}
+    try:
+        for future in as_completed(futures, timeout=2 * context.settings.fetch_timeout + 20):
+            _sort_download(context, futures[future], future, attempts, parcel, meta, pending, failed, again)
+            if sum(len(body) for body in pending.values()) >= MOVE_BYTES:
+                context.claims.put(claim, BODIES, pending)
+                pending.clear()
+    except TimeoutError:
+        # A download stuck past every deadline (a DNS lookup takes no timeout): its line goes on
+        # alone, as after a timeout, rather than the whole batch failing on its time limit.
+        for future, job in futures.items():
+            if not future.done():
+                future.cancel()
+                _retry_or_end(context, job, attempts[job.line], FetchTimeout(), failed, again)
     outcomes.record_outcomes(context.db, failed)
     with broker.pipelined() as pipe:
         # The bodies go first on the pipeline: a member never starts before they are parked.
         context.claims.put(claim, BODIES, pending, pipe=pipe)
         for job, tries, delay in again:
             retry = {"run": job.run, "lines": [[job.line, job.url, tries]]}
-            if batch.get("deaths"):
-                retry["deaths"] = batch["deaths"]
             fetch.send_with_options(args=(retry,), delay=delay or None)
         if parcel["lines"]:
             digests, grays = md5.message(parcel), grayscale.message(parcel)
@@ -252,6 +248,53 @@ def fetch(batch: dict[str, Any]) -> None:
             members = {"md5": digests.message_id, "grayscale": grays.message_id}
             group.add_completion_callback(collect.message(parcel, meta, members))
             group.run()
+
+
+def _sort_download(
+    context: Context,
+    job: Job,
+    future: Future,
+    attempts: dict[int, int],
+    parcel: dict[str, Any],
+    meta: list[list[Any]],
+    pending: dict[int, bytes],
+    failed: list[dict[str, Any]],
+    again: list[tuple[Job, int, int]],
+) -> None:
+    """File one finished download: into the parcel, the failed outcomes, or the lines to send again."""
+    try:
+        download: Download = future.result()
+    except _CutShort:  # the batch ran out of time, not the server: not an attempt
+        again.append((job, attempts[job.line], 0))
+        return
+    except CrawlError as exc:
+        _retry_or_end(context, job, attempts[job.line], exc, failed, again)
+        return
+    except Exception as exc:
+        logger.exception("Downloading %s failed unexpectedly", job.url)
+        failed.append(outcomes.outcome_document(job, outcomes.ERROR, reason=reason_for(exc)))
+        return
+    index = len(parcel["lines"])
+    parcel["lines"].append([job.line, job.url])
+    parcel["sizes"].append(len(download.content))
+    meta.append([download.content_type, len(download.content), download.final_url])
+    pending[index] = download.content
+
+
+def _retry_or_end(
+    context: Context,
+    job: Job,
+    tries: int,
+    exc: CrawlError,
+    failed: list[dict[str, Any]],
+    again: list[tuple[Job, int, int]],
+) -> None:
+    """A transient failure with retries left goes again, alone, with backoff; any other ends the line."""
+    if exc.transient and tries < context.settings.fetch_retries:
+        _, delay = compute_backoff(tries, factor=RETRY_MIN_BACKOFF_MS, max_backoff=RETRY_MAX_BACKOFF_MS)
+        again.append((job, tries + 1, delay))
+    else:
+        failed.append(outcomes.outcome_document(job, outcomes.ERROR, reason=exc.reason))
 
 
 class _CutShort(Exception):

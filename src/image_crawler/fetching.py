@@ -1,4 +1,6 @@
-"""Download one URL with httpx, within the limits of DESIGN §4; bytes out, or a typed error.
+"""Download one URL with httpx within its limits; bytes out, or a typed error.
+
+The limits are those of docs/architecture.md, "Limits of a download".
 
 What a :class:`Fetcher` guarantees, whatever the server does:
 

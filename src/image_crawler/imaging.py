@@ -87,12 +87,18 @@ class DecodeBudget:
     ones (the small ones wait behind it). One larger than the whole limit waits until nothing
     else is reserved, then runs alone. Waiting is the budget's only answer, never an error.
 
+    Memory a conversion frees must also leave the process, or taking turns bounds nothing:
+    a budget makes Pillow allocate images in blocks of at least 64 MB (process-wide), see
+    :data:`_PILLOW_BLOCK_SIZE`.
+
     :param limit_bytes: the most bytes reserved at once (at least 1).
     """
 
     def __init__(self, limit_bytes: int) -> None:
         if limit_bytes < 1:
             raise ValueError(f"limit_bytes must be at least 1, not {limit_bytes}")
+        if Image.core.get_block_size() < _PILLOW_BLOCK_SIZE:
+            Image.core.set_block_size(_PILLOW_BLOCK_SIZE)
         self.limit_bytes = limit_bytes
         self._reserved = 0
         self._holders = 0
@@ -111,7 +117,7 @@ class DecodeBudget:
 
     @contextlib.contextmanager
     def reserve(self, nbytes: int) -> Iterator[None]:
-        """Hold ``nbytes`` of the budget for the ``with`` block, once it is this request's turn and it fits."""
+        """Hold ``nbytes`` of the budget for the ``with`` block, once it is this one's turn and they fit."""
         if nbytes < 0:
             raise ValueError(f"nbytes must not be negative, not {nbytes}")
         turn = object()
@@ -142,23 +148,92 @@ def estimated_decode_bytes(image: Image.Image) -> int:
     """Bytes :func:`to_grayscale` holds at its peak for ``image``, from its header alone (no pixel is loaded).
 
     The decoded source is ``width × height × bands × bytes per band``; loading, converting
-    and encoding it peaks at a measured multiple of that, which depends on the mode and on
-    whether a transparency key makes the result LA (:data:`_PEAK_FACTORS`).
+    and encoding it peaks at a measured multiple of that, which depends on the mode, on
+    whether a transparency key makes the result LA, and for WebP on the format; plus a
+    megabyte that does not depend on the size.
     """
     layout = ImageMode.getmode(image.mode)
     decoded = image.width * image.height * len(layout.bands) * np.dtype(layout.typestr).itemsize
-    factor = _PEAK_FACTORS.get((image.mode, image.has_transparency_data), _UNMEASURED_FACTOR)
-    return math.ceil(decoded * factor)
+    key = (image.mode, image.has_transparency_data)
+    factor = _FORMAT_PEAK_FACTORS.get((image.format, *key)) or _PEAK_FACTORS.get(key, _UNMEASURED_FACTOR)
+    return math.ceil(decoded * factor) + _CONVERSION_OVERHEAD
 
 
-#: Peak bytes of a whole conversion per byte of the decoded source, by (mode, transparency).
-_PEAK_FACTORS: dict[tuple[str, bool], float] = {}
-#: Modes not measured are assumed to cost as much as the costliest that was.
-_UNMEASURED_FACTOR = max(_PEAK_FACTORS.values(), default=20.0)
+# Peak bytes of one whole conversion (load, EXIF rotation, gray, PNG at level 1) per byte of the
+# decoded source, by (mode, has transparency): the largest factor measured, times 1.1, rounded up
+# to a quarter. Measured with ``.venv/bin/python -m benchmarks.decode_memory`` (Pillow 13.0,
+# numpy 2.4, glibc, x86-64): each source at 7000² (49 MP) and 3000², black but for a few pixels,
+# random noise (the PNG written does not compress) and EXIF-rotated (the upright copy), in a fresh
+# process, VmHWM minus the RSS before the call. Pillow keeps RGB, CMYK, LA, I and F at 4 bytes a
+# pixel, hence the thirds and halves.
+#
+#   source                  largest measured   where
+#   1 PNG                   2.00               49 MP, any content
+#   L PNG                   2.08               9 MP noise (1.02 flat: the PNG written is the rest)
+#   L PNG, tRNS key → LA    5.94               49 MP noise
+#   LA PNG                  4.00               rotated
+#   P PNG / GIF             5.01               9 MP noise (P → RGB → L)
+#   P PNG / GIF, tRNS       9.01               9 MP (P → RGBA → RGB + A → LA)
+#   RGB PNG / JPEG          2.67               rotated (1.67 upright)
+#   RGB PNG, tRNS key       3.01               9 MP noise
+#   RGBA PNG                2.25               any content, rotated or not
+#   CMYK JPEG               2.01               9 MP flat
+#   YCbCr / LAB TIFF        2.67               any content
+#   I;16 PNG, I;16B TIFF    3.00               any content
+#   I;16 PNG, tRNS key      4.23               9 MP (2 + 2 + 1 + 1 and the LA merge: see _deep_gray)
+#   I TIFF (32-bit)         3.28               49 MP (the TIFF decoder copies the whole file)
+#   F TIFF                  2.01               rotated
+#   RGB WebP (lossless)     6.34               noise (the decoder keeps the file and its own RGBA)
+#   RGBA WebP (lossless)    5.25               noise
+_PEAK_FACTORS: dict[tuple[str, bool], float] = {
+    ("1", False): 2.25,
+    ("L", False): 2.5,
+    ("L", True): 6.75,
+    ("LA", True): 4.5,
+    ("P", False): 5.75,
+    ("P", True): 10.0,
+    ("RGB", False): 3.0,
+    ("RGB", True): 3.5,
+    ("RGBA", True): 2.5,
+    ("CMYK", False): 2.25,
+    ("YCbCr", False): 3.0,
+    ("LAB", False): 3.0,
+    # The I;16 variants differ only in byte order and share one code path (_deep_gray).
+    ("I;16", False): 3.5,
+    ("I;16", True): 4.75,
+    ("I;16B", False): 3.5,
+    ("I;16B", True): 4.75,
+    ("I;16L", False): 3.5,
+    ("I;16L", True): 4.75,
+    ("I;16N", False): 3.5,
+    ("I;16N", True): 4.75,
+    ("I", False): 3.75,
+    ("F", False): 2.25,
+}
+#: Where a format's decoder holds more than Pillow's own copy, by (format, mode, has transparency).
+_FORMAT_PEAK_FACTORS: dict[tuple[str | None, str, bool], float] = {
+    ("WEBP", "RGB", False): 7.0,
+    ("WEBP", "RGBA", True): 6.0,
+}
+#: Modes not measured (PA, RGBa, La, RGBX...) are assumed to cost as much as the costliest one.
+_UNMEASURED_FACTOR = max(_PEAK_FACTORS.values())
+#: What a conversion holds whatever the size (decoder and zlib state, buffers): the peaks of
+#: images under 1 MP exceeded their factor by up to 0.5 MB.
+_CONVERSION_OVERHEAD = 1024 * 1024
+
+# Pillow allocates images in blocks of at most 16 MB (PILLOW_BLOCK_SIZE). Once glibc has freed
+# one such mapped block, it raises its mmap threshold and serves the next ones from the heap of
+# the thread asking, where they stay when freed: eight threads converting 49 MP images strictly
+# one at a time peaked at 3.15 GB, one thread at 0.44 GB. Blocks over glibc's largest threshold
+# (32 MB) are always mapped on their own and unmapped when freed: with 64 MB blocks the eight
+# threads peaked at 0.50 GB (``python -m benchmarks.decode_memory --threads 8``). Images smaller
+# than a block still come from the heaps; MALLOC_ARENA_MAX=2 in a worker's environment keeps
+# those few.
+_PILLOW_BLOCK_SIZE = 64 * 1024 * 1024
 
 
 def _decode(data: bytes, max_pixels: int, before_load: Callable[[Image.Image], None]) -> Image.Image:
-    """Open ``data``, refuse it by its header size, call ``before_load``, then load its first frame, upright."""
+    """Open ``data``, refuse it by its header size, call ``before_load``, load its first frame, upright."""
     if not data:
         raise NotAnImage("empty body")
     try:

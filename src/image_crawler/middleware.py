@@ -180,6 +180,7 @@ class _Turns:
         self._sharing = 0
         self._alone = False
         self._waiting_alone = 0
+        self._waiting_shared = 0
 
     def acquire(self, alone: bool) -> None:
         with self._condition:
@@ -189,7 +190,9 @@ class _Turns:
                 self._waiting_alone -= 1
                 self._alone = True
             else:
+                self._waiting_shared += 1
                 self._condition.wait_for(lambda: not self._alone and self._waiting_alone == 0)
+                self._waiting_shared -= 1
                 self._sharing += 1
 
     def release(self, alone: bool) -> None:
@@ -226,11 +229,17 @@ class CrashGuard(Middleware):
     redis.call("expire", KEYS[1], ARGV[1])
     return deliveries - 1
     """
+    _LEAVE = """
+    if redis.call("decr", KEYS[1]) <= 0 then
+        redis.call("del", KEYS[1])
+    end
+    """
 
     def __init__(self, client, *, ttl: int = 24 * 3600) -> None:
         self.client = client
         self.ttl = ttl
         self._arrive = client.register_script(self._ARRIVE)
+        self._leave = client.register_script(self._LEAVE)
         self._turns = _Turns()
         self._local = threading.local()
 
@@ -248,16 +257,28 @@ class CrashGuard(Middleware):
         if handler is None:
             return
         key = self.mark_key(message.message_id)
+        # A message is marked only while it holds a turn: one waiting for its turn when the
+        # process dies did not die running.
+        self._turns.acquire(alone=False)
+        self._local.held = (key, False)
         deaths = int(self._arrive(keys=[key], args=[self.ttl]))
-        self._local.held = (key, None)
-        verdict = handler(message, deaths)
+        try:
+            verdict = handler(message, deaths)
+        except BaseException:
+            # Undecided (a store is down): this delivery did not die, the earlier deaths stand.
+            self._leave(keys=[key])
+            self._local.held = (None, False)
+            raise
         if verdict is Verdict.HANDLED:
             raise SkipMessage(f"handled after {deaths} worker deaths")
-        alone = verdict is Verdict.RUN_ALONE
-        if alone:
+        if verdict is Verdict.RUN_ALONE:
             logger.warning("Running %s alone: its worker died %d time(s) running it.", message, deaths)
-        self._turns.acquire(alone)
-        self._local.held = (key, alone)
+            self._leave(keys=[key])
+            self._local.held = None
+            self._turns.release(alone=False)
+            self._turns.acquire(alone=True)
+            self._local.held = (key, True)
+            self._arrive(keys=[key], args=[self.ttl])
 
     def after_process_message(self, broker, message, *, result=None, exception=None):
         self._finish()
@@ -272,10 +293,10 @@ class CrashGuard(Middleware):
         self._local.held = None
         key, alone = held
         try:
-            self.client.delete(key)
+            if key is not None:
+                self.client.delete(key)
         finally:
-            if alone is not None:
-                self._turns.release(alone)
+            self._turns.release(alone)
 
 
 class WorkerShape(Middleware):

@@ -1,4 +1,7 @@
-"""Downloading: limits, typed errors and the private-address policy (DESIGN §4)."""
+"""Downloading: limits, typed errors and the private-address policy.
+
+The limits are those of docs/architecture.md, "Limits of a download".
+"""
 
 from __future__ import annotations
 

@@ -605,6 +605,7 @@ def test_a_wait_interrupted_by_a_time_limit_leaves_its_place_in_the_queue() -> N
     wait_until(lambda: budget.waiting == 1, "waited")
     # How dramatiq.middleware.TimeLimit interrupts a worker thread. It is raised once the
     # thread runs again: woken when ``first`` lets go, with still no room for it (60 + 50 > 100).
+    assert interrupted.thread.ident is not None
     raised = ctypes.pythonapi.PyThreadState_SetAsyncExc(
         ctypes.c_ulong(interrupted.thread.ident), ctypes.py_object(Interrupted)
     )

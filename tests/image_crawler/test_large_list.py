@@ -4,7 +4,7 @@
 ``--max-in-flight 0``, so every line is left in Redis, in admit messages of 1,000 lines. Its peak RSS is the
 kernel's account of the process (``wait4``), compared with a run of 100,000 lines: a streaming
 enqueue uses the same memory for both. Rate, RSS and Redis memory are printed (`pytest -s`);
-the rate is not asserted (DESIGN's target is 20,000 URLs/s), it depends on the machine.
+the rate is not asserted (the target is 20,000 URLs/s), it depends on the machine.
 """
 
 from __future__ import annotations
@@ -101,8 +101,10 @@ def test_a_million_lines_are_enqueued_with_flat_memory(crawl_env, tmp_path):
 
 
 @pytest.mark.timeout(900)
-def test_workers_admit_every_line_as_one_fetch_message(crawl_env, tmp_path):
-    """Workers listening only on the admit queue turn 100,000 queued lines into fetch messages."""
+def test_workers_admit_every_line_exactly_once_in_fetch_batches(crawl_env, tmp_path):
+    """Workers listening only on the admit queue turn 100,000 queued lines into fetch batches."""
+    from image_crawler.config import get_settings
+
     env, _ = crawl_env
     client = redis.Redis.from_url(env["REDIS_URL"])
     urls = tmp_path / "100k.txt"
@@ -114,20 +116,25 @@ def test_workers_admit_every_line_as_one_fetch_message(crawl_env, tmp_path):
     workers = start_workers(env, processes=2, threads=1, queues=("admit",), log=tmp_path / "workers.log")
     try:
         deadline = started + 600
-        while client.hlen("dramatiq:fetch.msgs") < 100_000 or client.llen("dramatiq:admit"):
+        # Admitted once every admit message is acknowledged: a worker acks one only after its
+        # transaction queued the fetch messages.
+        while client.hlen("dramatiq:admit.msgs") or client.llen("dramatiq:admit"):
             assert time.perf_counter() < deadline, "lines were not admitted within 600 s"
             time.sleep(0.1)
         seconds = time.perf_counter() - started
     finally:
         stop_workers(workers)
 
-    jobs = {
-        dramatiq.Message.decode(data).args[0]["id"]
+    batches = [
+        dramatiq.Message.decode(data).args[0]
         for _, data in client.hscan_iter("dramatiq:fetch.msgs", count=1000)
-    }
+    ]
+    lines = [line for batch in batches for line in batch["lines"]]
     print(
         f"\nadmit 100,000 lines (2 worker processes × 1 thread, start-up included): {seconds:.1f} s,"
-        f" {100_000 / seconds:,.0f} URLs/s"
+        f" {100_000 / seconds:,.0f} URLs/s, {len(batches):,} fetch messages"
     )
-    assert jobs == {f"{run}:{line}" for line in range(1, 100_001)}
-    assert client.llen("dramatiq:fetch") == 100_000
+    assert sorted(line[0] for line in lines) == list(range(1, 100_001))  # each line once
+    assert {batch["run"] for batch in batches} == {run}
+    assert max(len(batch["lines"]) for batch in batches) <= get_settings().batch_size
+    assert client.llen("dramatiq:fetch") == len(batches)

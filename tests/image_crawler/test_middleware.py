@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import uuid
 
 import dramatiq
@@ -15,7 +16,15 @@ from dramatiq.results import ResultFailure, Results
 
 from image_crawler import errors, outcomes, storage
 from image_crawler.broker import PROCESS_QUEUE
-from image_crawler.middleware import RecordFailures, is_transient, reason_for, retry_transient
+from image_crawler.middleware import (
+    CrashGuard,
+    RecordFailures,
+    Verdict,
+    _Turns,
+    is_transient,
+    reason_for,
+    retry_transient,
+)
 from image_crawler.outcomes import Job
 
 # --- which failures are worth another try, and what they leave in the outcome ----------
@@ -302,3 +311,164 @@ def test_a_missing_result_is_retried_only_briefly():
     assert [retry_when(n, missing) for n in range(6)] == [True] * 4 + [False] * 2
     busy = errors.StoreBusy("busy")
     assert retry_when(9, busy) and not retry_when(10, busy)
+
+
+# --- CrashGuard: deliveries of a message whose worker died ----------------------------------
+
+
+@pytest.fixture
+def guard(redis_url):
+    client = redis.Redis.from_url(redis_url)
+    yield CrashGuard(client, ttl=600)
+    client.close()
+
+
+def _guarded_broker(handler) -> _Broker:
+    return _Broker(guarded={"on_crash": handler})
+
+
+def _guarded_message() -> MessageProxy:
+    return MessageProxy(dramatiq.Message(PROCESS_QUEUE, "guarded", (_JOB,), {}, {}))
+
+
+def test_a_first_delivery_is_told_no_worker_died_and_its_mark_goes_when_it_ends(guard):
+    seen = []
+    broker = _guarded_broker(lambda message, deaths: seen.append(deaths) or Verdict.RUN)
+    message = _guarded_message()
+
+    guard.before_process_message(broker, message)
+    assert guard.client.exists(CrashGuard.mark_key(message.message_id)) == 1  # while it runs
+    guard.after_process_message(broker, message, exception=RuntimeError("a failure is not a death"))
+
+    assert seen == [0]
+    assert guard.client.exists(CrashGuard.mark_key(message.message_id)) == 0
+    guard.before_process_message(broker, message)  # retried later: still nobody died
+    guard.after_process_message(broker, message)
+    assert seen == [0, 0]
+
+
+def test_a_delivery_after_workers_died_running_it_is_told_how_many(guard):
+    seen = []
+    broker = _guarded_broker(lambda message, deaths: seen.append(deaths) or Verdict.RUN)
+    message = _guarded_message()
+    for _ in range(2):  # two deliveries whose worker died: started, never ended
+        guard.before_process_message(broker, message)
+        guard._local.held = None
+        guard._turns.release(False)
+    assert 0 < guard.client.ttl(CrashGuard.mark_key(message.message_id)) <= 600  # marks expire
+
+    guard.before_process_message(broker, message)
+    guard.after_process_message(broker, message)
+
+    assert seen == [0, 1, 2]
+    assert guard.client.exists(CrashGuard.mark_key(message.message_id)) == 0
+
+
+def test_a_handled_message_is_skipped_and_forgotten(guard):
+    from dramatiq.middleware import SkipMessage
+
+    broker = _guarded_broker(lambda message, deaths: Verdict.HANDLED)
+    message = _guarded_message()
+
+    with pytest.raises(SkipMessage):
+        guard.before_process_message(broker, message)
+    guard.after_skip_message(broker, message)
+
+    assert guard.client.exists(CrashGuard.mark_key(message.message_id)) == 0
+
+
+def test_actors_without_a_handler_are_not_guarded(guard):
+    broker = _Broker()
+    message = _message("record_failure", failed=False)
+
+    guard.before_process_message(broker, message)
+    guard.after_process_message(broker, message)
+
+    assert guard.client.exists(CrashGuard.mark_key(message.message_id)) == 0
+
+
+def _wait_for(predicate) -> None:
+    while not predicate():  # bounded by the test's timeout; no timing is asserted
+        threading.Event().wait(0.01)
+
+
+def test_a_message_run_alone_waits_for_the_running_ones_and_new_ones_wait_for_it():
+    turns = _Turns()
+    order: list[str] = []
+    turns.acquire(alone=False)  # a message already running
+
+    def suspect():
+        turns.acquire(alone=True)
+        order.append("suspect runs")
+        turns.release(alone=True)
+
+    def newcomer():
+        turns.acquire(alone=False)
+        order.append("newcomer runs")
+        turns.release(alone=False)
+
+    first = threading.Thread(target=suspect)
+    first.start()
+    _wait_for(lambda: turns._waiting_alone == 1)
+    second = threading.Thread(target=newcomer)
+    second.start()
+    _wait_for(lambda: turns._waiting_shared == 1)  # it queues behind the suspect
+    assert order == []
+    order.append("running one ends")
+    turns.release(alone=False)
+    first.join()
+    second.join()
+
+    assert order == ["running one ends", "suspect runs", "newcomer runs"]
+
+
+def test_a_message_waiting_for_its_turn_is_not_marked_as_running(guard):
+    broker = _guarded_broker(lambda message, deaths: Verdict.RUN)
+    waiting = _guarded_message()
+    guard._turns.acquire(alone=True)  # a suspect runs alone in this process
+
+    thread = threading.Thread(target=guard.before_process_message, args=(broker, waiting))
+    thread.start()
+    _wait_for(lambda: guard._turns._waiting_shared == 1)
+    # If the suspect killed the process now, the waiting message would not have died running.
+    assert guard.client.exists(CrashGuard.mark_key(waiting.message_id)) == 0
+    guard._turns.release(alone=True)
+    thread.join()
+
+    assert guard.client.exists(CrashGuard.mark_key(waiting.message_id)) == 1  # running now
+
+
+def test_a_suspect_gives_up_its_shared_turn_and_counts_again_once_alone(guard):
+    broker = _guarded_broker(lambda message, deaths: Verdict.RUN_ALONE if deaths else Verdict.RUN)
+    message = _guarded_message()
+    guard.client.set(CrashGuard.mark_key(message.message_id), 2)  # two workers died running it
+
+    guard.before_process_message(broker, message)
+
+    assert guard._turns._alone
+    assert guard.client.get(CrashGuard.mark_key(message.message_id)) == b"3"
+    guard.after_process_message(broker, message)
+    assert not guard._turns._alone
+    assert guard.client.exists(CrashGuard.mark_key(message.message_id)) == 0
+
+
+def test_a_handler_that_fails_leaves_the_earlier_deaths_for_the_next_delivery(guard):
+    seen = []
+
+    def handler(message, deaths):
+        seen.append(deaths)
+        if len(seen) == 1:
+            raise pymongo.errors.AutoReconnect("mongodb down")
+        return Verdict.RUN
+
+    broker = _guarded_broker(handler)
+    message = _guarded_message()
+    guard.client.set(CrashGuard.mark_key(message.message_id), 1)  # one worker died running it
+
+    with pytest.raises(pymongo.errors.AutoReconnect):
+        guard.before_process_message(broker, message)
+    guard.after_process_message(broker, message, exception=RuntimeError())
+    guard.before_process_message(broker, message)  # retried
+    guard.after_process_message(broker, message)
+
+    assert seen == [1, 1]

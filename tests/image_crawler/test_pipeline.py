@@ -347,3 +347,84 @@ def test_enqueue_sends_one_admit_message_per_thousand_lines(idle_broker, mongo_d
     assert (report.enqueued, report.skipped) == (len(lines), 371)
     in_order = sorted(batches, key=lambda batch: batch["lines"][0][0])
     assert [batch.get("last", False) for batch in in_order] == [False, False, True]  # the run's end
+
+
+# --- after a worker died running a message ----------------------------------------------------
+
+
+@pytest.fixture
+def idle_context(idle_broker, mongo_db, redis_url):
+    """The actors' context on mongomock, with nobody consuming the broker."""
+    import dataclasses
+
+    from image_crawler.claims import ClaimCheck
+    from image_crawler.config import get_settings
+    from image_crawler.context import Context, set_context
+    from image_crawler.fetching import Fetcher
+
+    settings = dataclasses.replace(get_settings(), redis_url=redis_url, max_deliveries=3)
+    context = Context(settings, mongo_db, ClaimCheck(idle_broker.client, 600), Fetcher(settings))
+    previous = set_context(context)
+    yield context
+    set_context(previous)
+    context.close()
+
+
+def _delivered(actor, batch):
+    return actor.message(batch)
+
+
+def test_a_first_delivery_runs_as_usual(idle_context):
+    from image_crawler import actors
+    from image_crawler.middleware import Verdict
+
+    batch = {"run": "d0", "lines": [[1, "http://example.com/1.png", 0], [2, "http://example.com/2.png", 0]]}
+    assert actors.after_worker_death(_delivered(actors.fetch, batch), 0) is Verdict.RUN
+
+
+def test_a_batch_whose_worker_died_goes_on_line_by_line_skipping_finished_lines(idle_context, idle_broker):
+    from image_crawler import actors
+    from image_crawler.middleware import Verdict
+
+    lines = [[n, f"http://example.com/{n}.png"] for n in range(1, 5)]
+    outcomes.record_outcome(
+        idle_context.db, outcomes.Job.new("d1", 2, lines[1][1]), outcomes.ERROR, reason="x"
+    )
+    parcel = {"run": "d1", "claim": "c", "lines": lines, "sizes": [1, 1, 1, 1]}
+
+    verdict = actors.after_worker_death(_delivered(actors.grayscale, parcel), 1)
+
+    assert verdict is Verdict.HANDLED
+    singles = sorted(_queued_fetches(idle_broker), key=lambda batch: batch["lines"][0][0])
+    assert singles == [{"run": "d1", "lines": [[n, f"http://example.com/{n}.png", 0]]} for n in (1, 3, 4)]
+
+
+def test_a_single_line_whose_worker_died_runs_alone_until_it_killed_max_deliveries(idle_context):
+    from image_crawler import actors
+    from image_crawler.middleware import Verdict
+
+    single = {"run": "d2", "claim": "c", "lines": [[7, "http://example.com/7.png"]], "sizes": [1]}
+
+    assert actors.after_worker_death(_delivered(actors.grayscale, single), 0) is Verdict.RUN
+    assert actors.after_worker_death(_delivered(actors.grayscale, single), 1) is Verdict.RUN_ALONE
+    assert actors.after_worker_death(_delivered(actors.grayscale, single), 2) is Verdict.RUN_ALONE
+    assert outcomes.get_outcome(idle_context.db, "d2:7") is None
+    assert actors.after_worker_death(_delivered(actors.grayscale, single), 3) is Verdict.HANDLED
+
+    entry = outcomes.get_outcome(idle_context.db, "d2:7")
+    assert (entry["outcome"], entry["reason"]) == ("error", "worker crashed while processing it (3 times)")
+
+
+def test_md5_and_grayscale_of_one_parcel_split_after_the_same_death_send_each_line_once(
+    idle_context, idle_broker
+):
+    from image_crawler import actors
+    from image_crawler.middleware import Verdict
+
+    lines = [[n, f"http://example.com/{n}.png"] for n in range(1, 4)]
+    parcel = {"run": "d3", "claim": "c", "lines": lines, "sizes": [1, 1, 1]}
+
+    for member in (actors.md5, actors.grayscale):  # both were running when the worker died
+        assert actors.after_worker_death(_delivered(member, parcel), 1) is Verdict.HANDLED
+
+    assert sorted(batch["lines"][0][0] for batch in _queued_fetches(idle_broker)) == [1, 2, 3]
