@@ -130,8 +130,9 @@ def admit(batch: dict[str, Any]) -> None:
     if broker.client.exists(key):
         return
     lines = batch["lines"]
+    batch_size = get_context().settings.batch_size
     size = fetch_batch_size(
-        len(lines), last=bool(batch.get("last")), threads=_worker_threads(), batch_size=settings.batch_size
+        len(lines), last=bool(batch.get("last")), threads=_worker_threads(), batch_size=batch_size
     )
     with broker.pipelined(transaction=True) as pipe:
         pipe.watch(key)

@@ -26,8 +26,26 @@ def _stored_png(db, md5: str) -> bytes:
     return storage.gray_files(db).get(md5).read()
 
 
-def test_mixed_list_gives_exact_counts_and_one_outcome_per_url(make_pipeline, server):
-    pipeline = make_pipeline(fetch_timeout=1.0, fetch_max_bytes=300_000, max_image_pixels=1_000_000)
+@pytest.mark.parametrize(
+    ("batch_size", "threads"),
+    [(1, None), (8, 1)],
+    ids=["one url per message", "batches of up to 6 urls"],
+)
+def test_mixed_list_gives_exact_counts_and_one_outcome_per_url(
+    make_pipeline, server, monkeypatch, batch_size, threads
+):
+    from image_crawler import actors
+
+    if threads is not None:  # as if the cluster had one thread: 21 lines in batches of ceil(21 / 4)
+        monkeypatch.setattr(actors, "_worker_threads", lambda: threads)
+    pipeline = make_pipeline(
+        fetch_timeout=1.0, fetch_max_bytes=300_000, max_image_pixels=1_000_000, batch_size=batch_size
+    )
+    sizes = []
+    original_fetch = actors.fetch.fn
+    monkeypatch.setattr(
+        actors.fetch, "fn", lambda batch: sizes.append(len(batch["lines"])) or original_fetch(batch)
+    )
     good = {f"/img/{n}.png": png_bytes(64 + n, 48, seed=n) for n in range(6)}
     good["/img/photo.jpg"] = encode(photo(120, 80, seed=99), "JPEG", quality=90)
     good["/img/alpha.png"] = encode(photo(50, 40, seed=7, mode="RGBA"), "PNG")
@@ -95,6 +113,7 @@ def test_mixed_list_gives_exact_counts_and_one_outcome_per_url(make_pipeline, se
     assert Counter(doc["outcome"] for doc in ledger) == {"success": 9, "duplicate": 3, "error": 11}
     assert outcomes.count_outcomes(pipeline.db, report.run) == {"success": 9, "duplicate": 3, "error": 11}
     assert server.hits("/down") == 3  # first try and FETCH_RETRIES=2 retries
+    assert max(sizes) == (1 if batch_size == 1 else 6)  # then the retries, each alone
 
     # Every distinct image is stored once, with a PNG equal to the formula.
     stored = {doc["_id"]: doc for doc in storage.images(pipeline.db).find()}
