@@ -2,7 +2,7 @@
 
 Importing this module sets up the broker, so ``dramatiq image_crawler.actors`` starts
 workers. The unit of a message is a *batch* of up to ``BATCH_SIZE`` URL lines of one run;
-every line keeps its own fate inside it (docs/architecture.md, "Batches"):
+every line keeps its own fate inside it (docs/architecture.md, "The flow"):
 
 * ``admit`` cuts a batch of ``enqueue`` (:data:`ADMIT_BATCH` lines) into fetch batches, once.
 * ``fetch`` downloads its lines concurrently, ends permanent failures at once, sends each
@@ -37,7 +37,16 @@ from dramatiq.results import ResultMissing as _BackendResultMissing
 from dramatiq.results import Results
 
 from . import claims, imaging, outcomes, storage
-from .broker import ADMIT_QUEUE, FETCH_QUEUE, HEARTBEAT_TIMEOUT_MS, PROCESS_QUEUE, setup_broker
+from .broker import (
+    ADMIT_PRIORITY,
+    ADMIT_QUEUE,
+    FETCH_PRIORITY,
+    FETCH_QUEUE,
+    HEARTBEAT_TIMEOUT_MS,
+    PROCESS_PRIORITY,
+    PROCESS_QUEUE,
+    setup_broker,
+)
 from .claims import BODIES, PNGS
 from .config import get_settings
 from .context import Context, get_context
@@ -66,18 +75,17 @@ BATCHES_PER_THREAD = 4
 #: Most bytes of bodies or PNGs read from (or parked in) Redis in one round trip: a batch of
 #: large images moves a few at a time.
 MOVE_BYTES = 16 * 1024 * 1024
+#: Seconds after a fetch starts within which each of its downloads must start (all of them
+#: then end within the fetch's time limit of 2 × FETCH_TIMEOUT + 60 s). Those that cannot,
+#: because this process's FETCH_CONCURRENCY download threads are busy, go on in a new message.
+START_WITHIN_S = 50
 #: Backoff of a URL's transient failures (ms): 2 s, 4 s, 8 s… with jitter, at most 5 minutes.
 RETRY_MIN_BACKOFF_MS = 2_000
 RETRY_MAX_BACKOFF_MS = 300_000
 
-# Work already started outranks new work: follow-up actors run on their own queue with
-# priority 0 (fetch: 100), so a worker holding both kinds of message runs them first and
-# parked bodies and results are consumed long before their TTLs; a worker holding a batch
-# and other work admits the batch last (200).
-
 
 def admitted_key(batch: dict[str, Any]) -> str:
-    """The Redis key that marks a batch as admitted (named after its first job)."""
+    """The Redis key that marks a batch as admitted (named after its first line)."""
     first_line = batch["lines"][0][0] if batch["lines"] else 0
     return f"{_ADMITTED_PREFIX}:{batch['run']}:{first_line}"
 
@@ -103,7 +111,15 @@ def _worker_threads() -> int:
     shape = next((m for m in broker.middleware if isinstance(m, WorkerShape)), None)
     now_ms = int(time.time() * 1000)
     live = broker.client.zcount(f"{broker.namespace}:__heartbeats__", now_ms - HEARTBEAT_TIMEOUT_MS, "+inf")
-    return max(1, int(live)) * (shape.threads if shape is not None else 8)  # type: ignore[arg-type]
+    return max(1, int(live)) * (shape.threads if shape is not None else 8)
+
+
+def fetch_message(run: str, lines: Sequence[Sequence[Any]]) -> dict[str, Any]:
+    """The argument of a fetch message: ``[line, url, attempts so far]`` lines of run ``run``."""
+    return {
+        "run": run,
+        "lines": [[int(line[0]), line[1], int(line[2]) if len(line) > 2 else 0] for line in lines],
+    }
 
 
 def _cut(lines: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
@@ -113,7 +129,7 @@ def _cut(lines: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
 
 @dramatiq.actor(
     queue_name=ADMIT_QUEUE,
-    priority=200,
+    priority=ADMIT_PRIORITY,
     retry_when=retry_transient(20),
     max_backoff=300_000,
     failure_recorder="record_admit_failure",
@@ -141,7 +157,7 @@ def admit(batch: dict[str, Any]) -> None:
             return
         pipe.multi()
         for part in _cut(lines, size):
-            fetch.send({"run": batch["run"], "lines": [[line, url, 0] for line, url in part]})
+            fetch.send(fetch_message(batch["run"], part))
         pipe.set(key, 1, ex=ADMITTED_TTL_S)
 
 
@@ -186,7 +202,7 @@ def _split(jobs: list[Job]) -> None:
         pipe.multi()
         for job, key, done in zip(jobs, keys, split, strict=True):
             if not done:
-                fetch.send({"run": job.run, "lines": [[job.line, job.url, 0]]})
+                fetch.send(fetch_message(job.run, [(job.line, job.url)]))
                 pipe.set(key, 1, ex=ADMITTED_TTL_S)
 
 
@@ -196,12 +212,12 @@ _GUARDED: dict[str, Any] = {"on_crash": after_worker_death}
 
 @dramatiq.actor(
     queue_name=FETCH_QUEUE,
-    priority=100,
+    priority=FETCH_PRIORITY,
     # A whole fetch fails only when Redis or MongoDB does (a URL's own failures end or retry
     # that URL): retried like the recorders, through a long outage.
     retry_when=retry_transient(20),
     max_backoff=300_000,
-    # Every download of a batch ends within 2 × FETCH_TIMEOUT of the batch's start (see fetch).
+    # Every download of a batch ends within START_WITHIN_S + 2 × FETCH_TIMEOUT of its start.
     time_limit=int(2 * settings.fetch_timeout * 1000) + 60_000,
     **_GUARDED,
 )
@@ -212,10 +228,10 @@ def fetch(batch: dict[str, Any]) -> None:
     jobs = _unfinished(context, jobs_of(batch))
     if not jobs:
         return
-    # A download starts within FETCH_TIMEOUT of the batch's start or not at all, and ends by
-    # that cutoff at the latest: a read may stretch it to twice its time (fetching.py), so a
-    # batch ends within 2 × FETCH_TIMEOUT however long the queue of downloads in this process.
-    cutoff = time.monotonic() + context.settings.fetch_timeout
+    # Every download that starts gets its full FETCH_TIMEOUT (which a slow read may stretch to
+    # twice that, fetching.py), so one that starts later than START_WITHIN_S after the batch
+    # would outlive the time limit: it does not start, and its line goes on in a new message.
+    cutoff = time.monotonic() + START_WITHIN_S
     futures = {context.downloads.submit(_download, context, job.url, cutoff): job for job in jobs}
     claim = claims.new_claim()
     parcel: dict[str, Any] = {"run": batch["run"], "claim": claim, "lines": [], "sizes": []}
@@ -224,7 +240,7 @@ def fetch(batch: dict[str, Any]) -> None:
     failed: list[dict[str, Any]] = []
     again: list[tuple[Job, int, int]] = []  # (job, attempts, delay ms)
     try:
-        for future in as_completed(futures, timeout=2 * context.settings.fetch_timeout + 20):
+        for future in as_completed(futures, timeout=START_WITHIN_S + 2 * context.settings.fetch_timeout):
             _sort_download(context, futures[future], future, attempts, parcel, meta, pending, failed, again)
             if sum(len(body) for body in pending.values()) >= MOVE_BYTES:
                 context.claims.put(claim, BODIES, pending)
@@ -241,7 +257,7 @@ def fetch(batch: dict[str, Any]) -> None:
         # The bodies go first on the pipeline: a member never starts before they are parked.
         context.claims.put(claim, BODIES, pending, pipe=pipe)
         for job, tries, delay in again:
-            retry = {"run": job.run, "lines": [[job.line, job.url, tries]]}
+            retry = fetch_message(job.run, [(job.line, job.url, tries)])
             fetch.send_with_options(args=(retry,), delay=delay or None)
         if parcel["lines"]:
             digests, grays = md5.message(parcel), grayscale.message(parcel)
@@ -265,7 +281,7 @@ def _sort_download(
     """File one finished download: into the parcel, the failed outcomes, or the lines to send again."""
     try:
         download: Download = future.result()
-    except _CutShort:  # the batch ran out of time, not the server: not an attempt
+    except _NotStarted:  # this process had no room for it in time: not an attempt
         again.append((job, attempts[job.line], 0))
         return
     except CrawlError as exc:
@@ -298,24 +314,15 @@ def _retry_or_end(
         failed.append(outcomes.outcome_document(job, outcomes.ERROR, reason=exc.reason))
 
 
-class _CutShort(Exception):
-    """A download that its batch's cutoff left without its full ``FETCH_TIMEOUT``: not its fault."""
+class _NotStarted(Exception):
+    """A download that could not start within ``START_WITHIN_S`` of its batch: not its fault."""
 
 
 def _download(context: Context, url: str, cutoff: float) -> Download:
-    """Download ``url`` by ``FETCH_TIMEOUT`` from now or ``cutoff``, whichever comes first."""
-    timeout = context.settings.fetch_timeout
-    started = time.monotonic()
-    if started >= cutoff:
-        raise _CutShort()
-    try:
-        return context.fetcher.fetch(url, deadline=cutoff)
-    except FetchTimeout:
-        # Lost more than a tenth of its time waiting for a turn: try it again, as if never tried.
-        # (A URL sent on alone starts at once, so its own timeouts always count.)
-        if started + timeout - cutoff > timeout / 10:
-            raise _CutShort() from None
-        raise
+    """Download ``url``, unless it is already past ``cutoff`` (then :class:`_NotStarted`)."""
+    if time.monotonic() >= cutoff:
+        raise _NotStarted()
+    return context.fetcher.fetch(url)
 
 
 def _unfinished(context: Context, jobs: list[Job]) -> list[Job]:
@@ -332,7 +339,11 @@ def _bodies(context: Context, parcel: dict[str, Any]) -> Iterator[tuple[int, byt
 
 
 @dramatiq.actor(
-    store_results=True, retry_when=retry_transient(5), queue_name=PROCESS_QUEUE, priority=0, **_GUARDED
+    store_results=True,
+    retry_when=retry_transient(5),
+    queue_name=PROCESS_QUEUE,
+    priority=PROCESS_PRIORITY,
+    **_GUARDED,
 )
 def md5(parcel: dict[str, Any]) -> list[str]:
     """MD5 hex of each downloaded body of the parcel."""
@@ -341,7 +352,11 @@ def md5(parcel: dict[str, Any]) -> list[str]:
 
 
 @dramatiq.actor(
-    store_results=True, retry_when=retry_transient(5), queue_name=PROCESS_QUEUE, priority=0, **_GUARDED
+    store_results=True,
+    retry_when=retry_transient(5),
+    queue_name=PROCESS_QUEUE,
+    priority=PROCESS_PRIORITY,
+    **_GUARDED,
 )
 def grayscale(parcel: dict[str, Any]) -> list[dict[str, Any]]:
     """Decode each body, park its grayscale PNG; per body its upright size, or why it is no image."""
@@ -373,7 +388,11 @@ def grayscale(parcel: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 @dramatiq.actor(
-    retry_when=retry_transient(10), max_backoff=120_000, queue_name=PROCESS_QUEUE, priority=0, **_GUARDED
+    retry_when=retry_transient(10),
+    max_backoff=120_000,
+    queue_name=PROCESS_QUEUE,
+    priority=PROCESS_PRIORITY,
+    **_GUARDED,
 )
 def collect(parcel: dict[str, Any], meta: list[list[Any]], members: dict[str, str]) -> None:
     """Pull md5 and grayscale results, store each new image once, and record every outcome of the parcel."""
@@ -444,7 +463,7 @@ _RECORDER_OPTIONS: dict[str, Any] = {
     "retry_when": retry_transient(20),
     "max_backoff": 300_000,
     "queue_name": PROCESS_QUEUE,
-    "priority": 0,
+    "priority": PROCESS_PRIORITY,
     "failure_recorder": None,
 }
 

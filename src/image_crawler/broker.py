@@ -45,6 +45,13 @@ PROCESS_QUEUE = "process"
 #: Batches of URL lines from ``enqueue``, turned into fetch messages as workers have room.
 ADMIT_QUEUE = "admit"
 
+# Work already started outranks new work (a lower number runs first): a worker holding several
+# kinds of message finishes md5, grayscale, collect and the recorders, then fetches, and admits
+# new lines last, so parked bodies and results are read long before their TTLs.
+PROCESS_PRIORITY = 0
+FETCH_PRIORITY = 100
+ADMIT_PRIORITY = 200
+
 
 #: Group barriers live as long as results (and claim checks) when their group never completes;
 #: a completed group's barrier is deleted when it fires. A member ending after its barrier

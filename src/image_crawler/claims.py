@@ -6,7 +6,7 @@ made fresh for that execution, field ``i`` holding the ``i``-th body of the parc
 ``grayscale`` parks the PNGs in a second hash of the same id, and ``collect`` deletes both.
 Because the id is new on every execution, a fetch redelivered after it had sent its group
 parks its bodies elsewhere and can never change what the first group's members read
-(docs/architecture.md, "Claims"). Keys expire on their own if a batch ends early.
+(docs/architecture.md, "Invariants", 3). Keys expire on their own if a batch ends early.
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ class ClaimCheck:
         if not indexes:
             return {}
         values = self.client.hmget(claim_key(claim, kind), [str(index) for index in indexes])
-        if any(value is None for value in values):  # type: ignore[union-attr]
+        if any(value is None for value in values):
             raise ClaimExpired(f"{what} expired")
         return {index: bytes(value) for index, value in zip(indexes, values, strict=True)}  # type: ignore[arg-type]
 

@@ -60,7 +60,7 @@ def _url(*schemes: str) -> Callable[[str], str]:
 
 @dataclass(frozen=True)
 class Settings:
-    """Every setting of image-crawler; the field's metadata names its environment variable."""
+    """Every setting of image-crawler, read from the environment variable named like its field."""
 
     redis_url: str = "redis://localhost:6379/0"
     mongo_uri: str = "mongodb://localhost:27017/image_crawler"
@@ -82,9 +82,10 @@ class Settings:
     batch_size: int = 32
     #: Downloads one worker process runs at once, over all the batches its threads fetch.
     fetch_concurrency: int = 32
-    #: Deliveries of a message whose worker died while running it, before its URL ends in error.
+    #: Worker deaths while running a URL (a decoder crash, the OOM killer) before it ends in error.
     max_deliveries: int = 3
-    #: Megabytes of decoded pixels one worker process may hold at once; a larger image runs alone.
+    #: Megabytes of estimated decoding peak (docs/architecture.md, "Memory") one worker process
+    #: may hold at once; a larger image waits until nothing else decodes, then runs alone.
     decode_memory_mb: int = 1024
 
     @property

@@ -196,15 +196,10 @@ class Fetcher:
             event_hooks={"request": [self._check_destination]},
         )
 
-    def fetch(self, url: str, *, deadline: float | None = None) -> Download:
-        """Download ``url``; raise a :class:`~image_crawler.errors.FetchError` subclass on any failure.
-
-        ``deadline`` (a ``time.monotonic()`` value) ends the download sooner than ``fetch_timeout``
-        would, with :class:`~image_crawler.errors.FetchTimeout`.
-        """
+    def fetch(self, url: str) -> Download:
+        """Download ``url``; raise a :class:`~image_crawler.errors.FetchError` subclass on any failure."""
         url = check_url(url)
-        budget = time.monotonic() + self._settings.fetch_timeout
-        deadline = budget if deadline is None else min(deadline, budget)
+        deadline = time.monotonic() + self._settings.fetch_timeout
         try:
             response = self._send(url, deadline)
             try:

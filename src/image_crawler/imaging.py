@@ -1,8 +1,9 @@
 """Turn downloaded bytes into the grayscale PNG we store: pure, bytes in and bytes out.
 
-Gray is exactly ``floor((R + G + B) / 3)`` per pixel (DESIGN §3) — not ITU-R 601 luma,
-which is what Pillow's plain ``convert("L")`` computes. Whether the bytes are an image at
-all is decided here, by decoding them; their Content-Type plays no part.
+Gray is exactly ``floor((R + G + B) / 3)`` per pixel — not ITU-R 601 luma, which is what
+Pillow's plain ``convert("L")`` computes (docs/architecture.md, "What an image becomes").
+Whether the bytes are an image at all is decided here, by decoding them; their Content-Type
+plays no part.
 
 Every failure is a typed :class:`~image_crawler.errors.ImageError`: Pillow's decoders
 raise a zoo of unrelated exceptions (``OSError``, ``SyntaxError``, ``struct.error``...)
@@ -161,36 +162,37 @@ def estimated_decode_bytes(image: Image.Image) -> int:
 
 # Peak bytes of one whole conversion (load, EXIF rotation, gray, PNG at level 1) per byte of the
 # decoded source, by (mode, has transparency): the largest factor measured, times 1.1, rounded up
-# to a quarter. Measured with ``.venv/bin/python -m benchmarks.decode_memory`` (Pillow 13.0,
-# numpy 2.4, glibc, x86-64): each source at 7000² (49 MP) and 3000², black but for a few pixels,
-# random noise (the PNG written does not compress) and EXIF-rotated (the upright copy), in a fresh
-# process, VmHWM minus the RSS before the call. Pillow keeps RGB, CMYK, LA, I and F at 4 bytes a
-# pixel, hence the thirds and halves.
+# to a quarter. Measured with ``.venv/bin/python -m benchmarks.decode_memory`` (Pillow 13.0, numpy
+# 2.4, glibc 2.36, x86-64, with a budget's 64 MB blocks): each source at 7000² (49 MP), 4500²,
+# 3000², 1000² and 500², black but for a few pixels, random noise (the PNG written does not
+# compress) and EXIF-rotated (the upright copy too), each in a fresh process; factor = (VmHWM −
+# RSS before the call − _CONVERSION_OVERHEAD) / decoded bytes, the largest of two runs. Pillow
+# keeps RGB, CMYK, LA, I and F at 4 bytes a pixel, hence the thirds and halves.
 #
-#   source                  largest measured   where
-#   1 PNG                   2.00               49 MP, any content
-#   L PNG                   2.08               9 MP noise (1.02 flat: the PNG written is the rest)
-#   L PNG, tRNS key → LA    5.94               49 MP noise
-#   LA PNG                  4.00               rotated
-#   P PNG / GIF             5.01               9 MP noise (P → RGB → L)
-#   P PNG / GIF, tRNS       9.01               9 MP (P → RGBA → RGB + A → LA)
-#   RGB PNG / JPEG          2.67               rotated (1.67 upright)
-#   RGB PNG, tRNS key       3.01               9 MP noise
-#   RGBA PNG                2.25               any content, rotated or not
-#   CMYK JPEG               2.01               9 MP flat
-#   YCbCr / LAB TIFF        2.67               any content
-#   I;16 PNG, I;16B TIFF    3.00               any content
-#   I;16 PNG, tRNS key      4.23               9 MP (2 + 2 + 1 + 1 and the LA merge: see _deep_gray)
-#   I TIFF (32-bit)         3.28               49 MP (the TIFF decoder copies the whole file)
-#   F TIFF                  2.01               rotated
-#   RGB WebP (lossless)     6.34               noise (the decoder keeps the file and its own RGBA)
-#   RGBA WebP (lossless)    5.25               noise
+#   source                      largest factor   where
+#   1 PNG                       1.98             49 MP
+#   L PNG                       1.99             49 MP noise (1.0 flat: the rest is the PNG written)
+#   L PNG, tRNS key (→ LA)      5.32             49 MP noise
+#   LA PNG                      3.99             49 MP rotated
+#   P PNG / GIF                 4.98             49 MP noise (P → RGB → L)
+#   P PNG / GIF, transparent    8.99             49 MP (P → RGBA → RGB and A → LA)
+#   RGB PNG / JPEG              2.66             49 MP rotated (1.67 upright)
+#   RGB PNG, tRNS key           3.00             49 MP rotated
+#   RGBA PNG                    2.25             49 MP, any content
+#   CMYK JPEG                   2.00             49 MP
+#   YCbCr / LAB TIFF            2.66             49 MP
+#   I;16 PNG, I;16B TIFF        2.99             49 MP (the source, numpy's copy of it twice over)
+#   I;16 PNG, tRNS key          4.95             9 MP rotated (then alpha and the LA merge)
+#   I TIFF (32-bit)             3.74             1 MP rotated (the TIFF decoder copies the file)
+#   F TIFF                      2.00             49 MP rotated
+#   RGB WebP                    7.30             9 MP lossless noise (the decoder's own copies)
+#   RGBA WebP                   5.47             1 MP lossless noise
 _PEAK_FACTORS: dict[tuple[str, bool], float] = {
     ("1", False): 2.25,
-    ("L", False): 2.5,
-    ("L", True): 6.75,
+    ("L", False): 2.25,
+    ("L", True): 6.0,
     ("LA", True): 4.5,
-    ("P", False): 5.75,
+    ("P", False): 5.5,
     ("P", True): 10.0,
     ("RGB", False): 3.0,
     ("RGB", True): 3.5,
@@ -200,25 +202,25 @@ _PEAK_FACTORS: dict[tuple[str, bool], float] = {
     ("LAB", False): 3.0,
     # The I;16 variants differ only in byte order and share one code path (_deep_gray).
     ("I;16", False): 3.5,
-    ("I;16", True): 4.75,
+    ("I;16", True): 5.5,
     ("I;16B", False): 3.5,
-    ("I;16B", True): 4.75,
+    ("I;16B", True): 5.5,
     ("I;16L", False): 3.5,
-    ("I;16L", True): 4.75,
+    ("I;16L", True): 5.5,
     ("I;16N", False): 3.5,
-    ("I;16N", True): 4.75,
-    ("I", False): 3.75,
+    ("I;16N", True): 5.5,
+    ("I", False): 4.25,
     ("F", False): 2.25,
 }
 #: Where a format's decoder holds more than Pillow's own copy, by (format, mode, has transparency).
 _FORMAT_PEAK_FACTORS: dict[tuple[str | None, str, bool], float] = {
-    ("WEBP", "RGB", False): 7.0,
-    ("WEBP", "RGBA", True): 6.0,
+    ("WEBP", "RGB", False): 8.25,
+    ("WEBP", "RGBA", True): 6.25,
 }
 #: Modes not measured (PA, RGBa, La, RGBX...) are assumed to cost as much as the costliest one.
 _UNMEASURED_FACTOR = max(_PEAK_FACTORS.values())
-#: What a conversion holds whatever the size (decoder and zlib state, buffers): the peaks of
-#: images under 1 MP exceeded their factor by up to 0.5 MB.
+#: What a conversion holds whatever the size (decoder and zlib state, buffers): peaks of
+#: images under 1 MP exceeded decoded bytes × factor by up to 0.5 MB.
 _CONVERSION_OVERHEAD = 1024 * 1024
 
 # Pillow allocates images in blocks of at most 16 MB (PILLOW_BLOCK_SIZE). Once glibc has freed

@@ -57,10 +57,11 @@ def retry_transient(max_retries: int):
 
 
 class ExpectedFailures(logging.Filter):
-    """Logs a job's :class:`CrawlError` (a 404, a timeout, not an image) as one warning line.
+    """Logs a message's :class:`CrawlError` (an expired body, a missing result) as one warning line.
 
-    Dramatiq logs every exception an actor raises as an error with a traceback; for a URL list
-    where one line in ten is dead that buries real faults. Attach to Dramatiq's worker logger.
+    Dramatiq logs every exception an actor raises as an error with a traceback; expected failures
+    would bury real faults. (A URL's own failures — a 404, a timeout — end that URL inside its
+    batch and never reach this logger.) Attach to Dramatiq's worker logger.
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
@@ -72,19 +73,20 @@ class ExpectedFailures(logging.Filter):
 
 
 class RecordFailures(Middleware):
-    """Hands every message that failed for good to an actor that records the job's error.
+    """Hands every message that failed for good to an actor that records its lines' error.
 
-    A group's completion callback never fires when a member fails, so without this a
-    job whose fetch, md5, grayscale or collect gave up would never get an outcome.
+    A group's completion callback never fires when a member fails, so without this the lines
+    of a fetch, md5, grayscale or collect that gave up would never get an outcome.
     It must be placed before :class:`~dramatiq.middleware.Retries`: ``after_*`` hooks run
     in reverse order, so Retries has decided ``message.failed`` by the time this runs.
 
-    The recorder is sent the failed message's first argument and the reason. An actor can
+    The recorder is sent the failed message's first argument (its batch or parcel: a ``run``
+    and its ``lines``) and the reason. An actor can
     name its own recorder with the ``failure_recorder`` option (``None``: failures of this
     actor are only logged, as a recorder's own must be).
 
     Parameters:
-      actor_name(str): The default recorder, sent ``(job, reason)``; its own failures are only logged.
+      actor_name(str): The default recorder, sent ``(batch, reason)``; its own failures are only logged.
     """
 
     def __init__(self, actor_name: str = "record_failure") -> None:

@@ -29,7 +29,7 @@ MAX_STORED_URL = 2048
 
 @dataclass(frozen=True)
 class Job:
-    """One URL line of one run, as carried in every message of the pipeline."""
+    """One URL line of one run (messages carry it as ``[line, url, …]`` under their ``run``)."""
 
     id: str
     run: str
@@ -47,7 +47,7 @@ class Job:
         return cls(id=data["id"], run=data["run"], line=int(data["line"]), url=data["url"])
 
     def to_message(self) -> dict[str, Any]:
-        """The JSON-safe dict that messages carry."""
+        """The job as a JSON-safe dict."""
         return asdict(self)
 
 

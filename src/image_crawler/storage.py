@@ -22,7 +22,7 @@ from bson import ObjectId
 from gridfs.errors import FileExists
 from pymongo.collection import Collection
 from pymongo.database import Database
-from pymongo.errors import BulkWriteError, DuplicateKeyError
+from pymongo.errors import BulkWriteError
 
 from .config import Settings
 from .errors import StoreBusy
@@ -194,21 +194,14 @@ def store_new_images(db: Database, new: Sequence[tuple[ImageRecord, bytes, str]]
 
 
 def store_image(db: Database, record: ImageRecord, png: bytes | None, *, job_id: str) -> bool:
-    """Store an image once; True when this job stored it, False when it was already there.
+    """Store one image once; True when this job stored it, False when it was already there.
 
     ``png`` may be None only when the image is already stored. A retry or redelivery of the
-    job that first stored the image still answers True.
+    job that first stored the image still answers True. (:func:`store_new_images` for one.)
     """
-    existing = images(db).find_one({"_id": record.md5}, projection={"job": 1})
-    if existing is not None:
-        return existing.get("job") == job_id
+    known = image_jobs(db, [record.md5])
+    if record.md5 in known:
+        return known[record.md5] == job_id
     if png is None:
         raise ValueError("the PNG is needed to store a new image")
-    store_gray_png(db, record.md5, png)
-    document = _image_document(record, png, job_id)
-    try:
-        images(db).insert_one(document)
-    except DuplicateKeyError:
-        winner = images(db).find_one({"_id": record.md5}, projection={"job": 1})
-        return winner is not None and winner.get("job") == job_id
-    return True
+    return store_new_images(db, [(record, png, job_id)])[record.md5] == job_id
