@@ -32,6 +32,7 @@ from concurrent.futures import Future, as_completed
 from typing import Any
 
 import dramatiq
+import redis
 from dramatiq.common import compute_backoff
 from dramatiq.results import ResultMissing as _BackendResultMissing
 from dramatiq.results import Results
@@ -69,6 +70,7 @@ ADMITTED_TTL_S = 7 * 24 * 3600
 _ADMITTED_PREFIX = "image-crawler:admitted"
 #: Marks a line sent on alone after its batch's worker died (kept as long as admission marks).
 _SPLIT_PREFIX = "image-crawler:split"
+_SPLIT_TRIES = 5
 #: When a run's last lines are too few to give every worker thread full batches, they are cut
 #: into about this many batches per thread, so no thread idles while another holds a long batch.
 BATCHES_PER_THREAD = 4
@@ -76,9 +78,13 @@ BATCHES_PER_THREAD = 4
 #: large images moves a few at a time.
 MOVE_BYTES = 16 * 1024 * 1024
 #: Seconds after a fetch starts within which each of its downloads must start (all of them
-#: then end within the fetch's time limit of 2 × FETCH_TIMEOUT + 60 s). Those that cannot,
+#: then end within the fetch's time limit of 2 × FETCH_TIMEOUT + 60 s, with time to spare for
+#: recording and sending what follows). Those that cannot,
 #: because this process's FETCH_CONCURRENCY download threads are busy, go on in a new message.
-START_WITHIN_S = 50
+START_WITHIN_S = 40
+#: How long a line that could not start waits before it is fetched again (ms): the download
+#: threads were all busy, and sending it straight back would only churn the queue.
+NOT_STARTED_DELAY_MS = 5_000
 #: Backoff of a URL's transient failures (ms): 2 s, 4 s, 8 s… with jitter, at most 5 minutes.
 RETRY_MIN_BACKOFF_MS = 2_000
 RETRY_MAX_BACKOFF_MS = 300_000
@@ -164,46 +170,57 @@ def admit(batch: dict[str, Any]) -> None:
 def after_worker_death(message: dramatiq.Message, deaths: int) -> Verdict:
     """What to do with a pipeline message delivered again after ``deaths`` workers died running it.
 
-    A batch is split: each line not finished yet goes on in a fetch message of its own. A single
-    line runs alone, until it has killed ``MAX_DELIVERIES`` workers: then it ends in an error.
+    A fetch or grayscale batch is split: each line not finished yet goes on in a fetch message
+    of its own (those two run code that parses what servers send). An md5 or collect message
+    runs alone instead: splitting it would download its lines again, and a collect that died
+    after storing an image must find it. A message of one line runs alone, until workers died
+    ``MAX_DELIVERIES`` times running it: then its lines end in an error.
     """
-    batch = message.args[0]
     if deaths == 0:
         return Verdict.RUN
+    batch = message.args[0]
     context = get_context()
     jobs = _unfinished(context, jobs_of(batch))
     if not jobs:
         return Verdict.HANDLED
-    if len(jobs) > 1:
+    if len(jobs) > 1 and message.actor_name in (fetch.actor_name, grayscale.actor_name):
         logger.warning("%s: its worker died running it; its %d lines go on one by one.", message, len(jobs))
-        _split(jobs)
+        attempts = {int(line[0]): int(line[2]) for line in batch["lines"] if len(line) > 2}
+        _split([(job, attempts.get(job.line, 0)) for job in jobs])
         return Verdict.HANDLED
     if deaths >= context.settings.max_deliveries:
         reason = f"worker crashed while processing it ({deaths} times)"
-        document = outcomes.outcome_document(jobs[0], outcomes.ERROR, reason=reason)
-        outcomes.record_outcomes(context.db, [document])
+        documents = [outcomes.outcome_document(job, outcomes.ERROR, reason=reason) for job in jobs]
+        outcomes.record_outcomes(context.db, documents)
         if "claim" in batch:
             context.claims.drop(batch["claim"])
         return Verdict.HANDLED
     return Verdict.RUN_ALONE
 
 
-def _split(jobs: list[Job]) -> None:
-    """Send each job on in a fetch message of its own, once: md5 and grayscale of one parcel
-    may both be split after the same death, and a line must not be fetched (or crash) twice.
+def _split(jobs: list[tuple[Job, int]]) -> None:
+    """Send each ``(job, attempts)`` on in a fetch message of its own, once: md5 and grayscale of
+    one parcel may both be delivered again after the same death, and a line must not be
+    fetched (or crash a worker) twice.
 
     The lines' split marks are set in the same transaction as the messages, which WATCHes
-    them: a concurrent split of the same lines fails here with ``WatchError`` (and is retried).
+    them: when a concurrent split of the same lines wins, this one looks again.
     """
-    keys = [f"{_SPLIT_PREFIX}:{job.id}" for job in jobs]
-    with broker.pipelined(transaction=True) as pipe:
-        pipe.watch(*keys)
-        split = [bool(pipe.exists(key)) for key in keys]
-        pipe.multi()
-        for job, key, done in zip(jobs, keys, split, strict=True):
-            if not done:
-                fetch.send(fetch_message(job.run, [(job.line, job.url)]))
-                pipe.set(key, 1, ex=ADMITTED_TTL_S)
+    keys = [f"{_SPLIT_PREFIX}:{job.id}" for job, _ in jobs]
+    for _ in range(_SPLIT_TRIES):
+        try:
+            with broker.pipelined(transaction=True) as pipe:
+                pipe.watch(*keys)
+                split = [bool(pipe.exists(key)) for key in keys]
+                pipe.multi()
+                for (job, tries), key, done in zip(jobs, keys, split, strict=True):
+                    if not done:
+                        fetch.send(fetch_message(job.run, [(job.line, job.url, tries)]))
+                        pipe.set(key, 1, ex=ADMITTED_TTL_S)
+            return
+        except redis.exceptions.WatchError:
+            continue
+    raise redis.exceptions.WatchError(f"could not split {len(jobs)} lines in {_SPLIT_TRIES} tries")
 
 
 #: The options every actor that handles URL lines shares.
@@ -223,15 +240,16 @@ _GUARDED: dict[str, Any] = {"on_crash": after_worker_death}
 )
 def fetch(batch: dict[str, Any]) -> None:
     """Download the batch's ``[line, url, attempts]`` lines at once; start md5 and grayscale on the bodies."""
+    # Every download that starts gets its full FETCH_TIMEOUT (which a slow read may stretch to
+    # twice that, fetching.py), so one that would start later than START_WITHIN_S after the
+    # message did would outlive the time limit: it does not start, its line goes on later.
+    started = time.monotonic()
+    cutoff = started + START_WITHIN_S
     context = get_context()
     attempts = {int(line[0]): int(line[2]) if len(line) > 2 else 0 for line in batch["lines"]}
     jobs = _unfinished(context, jobs_of(batch))
     if not jobs:
         return
-    # Every download that starts gets its full FETCH_TIMEOUT (which a slow read may stretch to
-    # twice that, fetching.py), so one that starts later than START_WITHIN_S after the batch
-    # would outlive the time limit: it does not start, and its line goes on in a new message.
-    cutoff = time.monotonic() + START_WITHIN_S
     futures = {context.downloads.submit(_download, context, job.url, cutoff): job for job in jobs}
     claim = claims.new_claim()
     parcel: dict[str, Any] = {"run": batch["run"], "claim": claim, "lines": [], "sizes": []}
@@ -239,18 +257,22 @@ def fetch(batch: dict[str, Any]) -> None:
     pending: dict[int, bytes] = {}  # bodies not parked yet
     failed: list[dict[str, Any]] = []
     again: list[tuple[Job, int, int]] = []  # (job, attempts, delay ms)
+    waited = started + START_WITHIN_S + 2 * context.settings.fetch_timeout - time.monotonic()
     try:
-        for future in as_completed(futures, timeout=START_WITHIN_S + 2 * context.settings.fetch_timeout):
-            _sort_download(context, futures[future], future, attempts, parcel, meta, pending, failed, again)
+        for future in as_completed(futures, timeout=max(0.0, waited)):
+            # Dropped as soon as it is filed: a finished download's body is held only until parked.
+            job = futures.pop(future)
+            _sort_download(context, job, future, attempts, parcel, meta, pending, failed, again)
             if sum(len(body) for body in pending.values()) >= MOVE_BYTES:
                 context.claims.put(claim, BODIES, pending)
                 pending.clear()
     except TimeoutError:
-        # A download stuck past every deadline (a DNS lookup takes no timeout): its line goes on
-        # alone, as after a timeout, rather than the whole batch failing on its time limit.
+        # Downloads stuck past every deadline (a DNS lookup takes no timeout) end as a timeout,
+        # and go on alone if they have retries left; those that never started go on untried.
         for future, job in futures.items():
-            if not future.done():
-                future.cancel()
+            if future.cancel():
+                again.append((job, attempts[job.line], NOT_STARTED_DELAY_MS))
+            else:
                 _retry_or_end(context, job, attempts[job.line], FetchTimeout(), failed, again)
     outcomes.record_outcomes(context.db, failed)
     with broker.pipelined() as pipe:
@@ -282,7 +304,7 @@ def _sort_download(
     try:
         download: Download = future.result()
     except _NotStarted:  # this process had no room for it in time: not an attempt
-        again.append((job, attempts[job.line], 0))
+        again.append((job, attempts[job.line], NOT_STARTED_DELAY_MS))
         return
     except CrawlError as exc:
         _retry_or_end(context, job, attempts[job.line], exc, failed, again)
@@ -356,6 +378,9 @@ def md5(parcel: dict[str, Any]) -> list[str]:
     retry_when=retry_transient(5),
     queue_name=PROCESS_QUEUE,
     priority=PROCESS_PRIORITY,
+    # A minute per line (a 49-megapixel JPEG takes 4 s of CPU here, more while it waits for the
+    # decode budget or shares the cores), never less than Dramatiq's default of 10 minutes.
+    time_limit=max(600_000, settings.batch_size * 60_000),
     **_GUARDED,
 )
 def grayscale(parcel: dict[str, Any]) -> list[dict[str, Any]]:

@@ -188,13 +188,17 @@ class _Turns:
         with self._condition:
             if alone:
                 self._waiting_alone += 1
-                self._condition.wait_for(lambda: not self._alone and self._sharing == 0)
-                self._waiting_alone -= 1
+                try:  # an exception raised into the wait (a time limit) must not leave us counted
+                    self._condition.wait_for(lambda: not self._alone and self._sharing == 0)
+                finally:
+                    self._waiting_alone -= 1
                 self._alone = True
             else:
                 self._waiting_shared += 1
-                self._condition.wait_for(lambda: not self._alone and self._waiting_alone == 0)
-                self._waiting_shared -= 1
+                try:
+                    self._condition.wait_for(lambda: not self._alone and self._waiting_alone == 0)
+                finally:
+                    self._waiting_shared -= 1
                 self._sharing += 1
 
     def release(self, alone: bool) -> None:
@@ -266,11 +270,11 @@ class CrashGuard(Middleware):
         deaths = int(self._arrive(keys=[key], args=[self.ttl]))
         try:
             verdict = handler(message, deaths)
-        except BaseException:
-            # Undecided (a store is down): this delivery did not die, the earlier deaths stand.
-            self._leave(keys=[key])
-            self._local.held = (None, False)
-            raise
+        except Exception:
+            # Undecided (a store is down). Dramatiq runs a message whose before-hook raised, so
+            # run it as safely as we can: alone, counted, if a worker ever died running it.
+            logger.exception("Could not decide what to do with %s after %d worker deaths", message, deaths)
+            verdict = Verdict.RUN_ALONE if deaths else Verdict.RUN
         if verdict is Verdict.HANDLED:
             raise SkipMessage(f"handled after {deaths} worker deaths")
         if verdict is Verdict.RUN_ALONE:
@@ -295,8 +299,7 @@ class CrashGuard(Middleware):
         self._local.held = None
         key, alone = held
         try:
-            if key is not None:
-                self.client.delete(key)
+            self.client.delete(key)
         finally:
             self._turns.release(alone)
 

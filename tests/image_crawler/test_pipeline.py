@@ -434,16 +434,41 @@ def test_a_single_line_whose_worker_died_runs_alone_until_it_killed_max_deliveri
     assert (entry["outcome"], entry["reason"]) == ("error", "worker crashed while processing it (3 times)")
 
 
-def test_md5_and_grayscale_of_one_parcel_split_after_the_same_death_send_each_line_once(
+def test_lines_split_twice_after_the_same_death_are_sent_on_once_with_their_attempts(
     idle_context, idle_broker
 ):
     from image_crawler import actors
     from image_crawler.middleware import Verdict
 
-    lines = [[n, f"http://example.com/{n}.png"] for n in range(1, 4)]
-    parcel = {"run": "d3", "claim": "c", "lines": lines, "sizes": [1, 1, 1]}
+    # A fetch that died after sending its group, and that group's grayscale, both come back.
+    batch = {"run": "d3", "lines": [[n, f"http://example.com/{n}.png", 2] for n in range(1, 4)]}
+    parcel = {"run": "d3", "claim": "c", "lines": [line[:2] for line in batch["lines"]], "sizes": [1] * 3}
 
-    for member in (actors.md5, actors.grayscale):  # both were running when the worker died
-        assert actors.after_worker_death(_delivered(member, parcel), 1) is Verdict.HANDLED
+    assert actors.after_worker_death(_delivered(actors.fetch, batch), 1) is Verdict.HANDLED
+    assert actors.after_worker_death(_delivered(actors.grayscale, parcel), 1) is Verdict.HANDLED
 
-    assert sorted(batch["lines"][0][0] for batch in _queued_fetches(idle_broker)) == [1, 2, 3]
+    singles = sorted(_queued_fetches(idle_broker), key=lambda batch: batch["lines"][0][0])
+    assert [single["lines"] for single in singles] == [
+        [[n, f"http://example.com/{n}.png", 2]] for n in (1, 2, 3)
+    ]
+
+
+def test_md5_and_collect_of_a_parcel_run_alone_after_a_death_rather_than_fetch_again(
+    idle_context, idle_broker
+):
+    from image_crawler import actors
+    from image_crawler.middleware import Verdict
+
+    parcel = {
+        "run": "d4",
+        "claim": "c",
+        "lines": [[1, "http://example.com/1.png"], [2, "x"]],
+        "sizes": [1, 1],
+    }
+
+    assert actors.after_worker_death(_delivered(actors.md5, parcel), 1) is Verdict.RUN_ALONE
+    assert actors.after_worker_death(actors.collect.message(parcel, [], {}), 2) is Verdict.RUN_ALONE
+    assert _queued_fetches(idle_broker) == []
+    assert actors.after_worker_death(actors.collect.message(parcel, [], {}), 3) is Verdict.HANDLED
+    reasons = {doc["line"]: doc["reason"] for doc in storage.outcomes(idle_context.db).find({"run": "d4"})}
+    assert reasons == dict.fromkeys((1, 2), "worker crashed while processing it (3 times)")
