@@ -5,12 +5,17 @@
    HTTP server (benchmarks/server.py) and starts a private redis-server; MongoDB is ``MONGO_URI``,
    or else the mongo shim of ``../shared/tools``, started for the run.
 2. **Pipeline**: ``dramatiq benchmarks.instrumented_actors`` workers (the project's actors plus
-   timing middleware) and ``image-crawler enqueue URLS --wait``, at the default settings.
+   timing middleware) and ``image-crawler enqueue URLS --wait``, at the settings of the
+   environment (``BATCH_SIZE``, ``FETCH_CONCURRENCY``, ``PNG_COMPRESS_LEVEL``…: the defaults
+   users get unless set).
 3. **Ceiling**: the same work in a plain loop with no queue (benchmarks/ceiling.py), one process
-   per core, writing the same documents and GridFS files to a fresh database of the same MongoDB.
+   per core, writing the same documents and GridFS files, batch by batch as ``collect`` does, to a
+   fresh database of the same MongoDB.
 4. ``to_grayscale`` alone: the PNG compression levels on the image set, and a 4000×3000 photo.
 
-Prints tables; asserts nothing about time. ``--help`` lists the knobs.
+Prints tables, the issue's targets among them (CPU efficiency ≥ 0.90, wall-clock ratio ≥ 0.85,
+redis-server ≤ 0.25 ms of CPU per image), and whether each run met them; asserts nothing about
+time. ``--help`` lists the knobs.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections import defaultdict
@@ -53,10 +59,26 @@ from benchmarks.services import (
     stop_group,
 )
 from image_crawler import outcomes, storage
-from image_crawler.config import load_settings
+from image_crawler.config import Settings, load_settings
 
-ACTORS = ("fetch", "md5", "grayscale", "collect", "record_failure")
+ACTORS = ("admit", "fetch", "md5", "grayscale", "collect", "record_failure", "record_admit_failure")
+#: The MongoDB endpoint's role, whichever it is.
+MONGO_ROLES = ("mongo-shim", "mongod")
+#: What the pipeline's processes are, in the CPU efficiency: everything it runs but the image server.
+PIPELINE_ROLES = ("workers", "dramatiq parent", "enqueue CLI", "redis-server", *MONGO_ROLES)
+CEILING_ROLES = ("ceiling", *MONGO_ROLES)
+#: The issue's targets.
+TARGET_CPU_EFFICIENCY = 0.90
+TARGET_WALL_RATIO = 0.85
+TARGET_REDIS_MS = 0.25
+#: The ceiling writes as many images at a time as a fetch message carries by default, whatever
+#: BATCH_SIZE the pipeline runs at: a sweep of BATCH_SIZE compares the pipeline to one ceiling.
+CEILING_BATCH = Settings().batch_size
+#: How long to wait, after the last outcome, for the pipeline to finish (collect deletes what it
+#: parked in Redis after recording the outcomes).
+IDLE_TIMEOUT_S = 60
 MB = 1024 * 1024
+CORES = os.cpu_count() or 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -74,6 +96,7 @@ class RunResult:
     cpu: dict[str, float]  # role → CPU seconds during the run
     rss: dict[str, list[int]]  # role → peak RSS of each process
     stages: dict[str, list[float]] = field(default_factory=dict)  # stage → seconds per image/message
+    system: dict[str, float] = field(default_factory=dict)  # role → kernel CPU seconds during the run
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -99,28 +122,37 @@ def _wait_for_workers(ready: Callable[[], bool], process: subprocess.Popen, time
 OTHERS = "other processes (not ours)"
 
 
-def _roles(sampler: Sampler, exact: dict[str, float]) -> tuple[dict[str, float], dict[str, list[int]]]:
-    """CPU seconds and peak RSS per role; ``exact`` CPU figures replace sampled ones."""
+def _roles(
+    sampler: Sampler, exact: dict[str, float]
+) -> tuple[dict[str, float], dict[str, list[int]], dict[str, float]]:
+    """CPU seconds, peak RSS and system (kernel) CPU seconds per role; ``exact`` CPU figures
+    replace sampled ones (not the system share, which is always sampled)."""
     cpu: dict[str, float] = {}
     rss: dict[str, list[int]] = {}
+    system: dict[str, float] = {}
     for role, stats in sampler.by_role().items():
         cpu[role] = sum(stat.cpu for stat in stats)
+        system[role] = sum(stat.system for stat in stats)
         rss[role] = sorted((stat.peak_rss for stat in stats), reverse=True)
     cpu.update(exact)
     # Whatever else ran on the machine meanwhile (other test runs, say) took cores from both sides.
     cpu[OTHERS] = max(0.0, sampler.system_cpu - sum(cpu.values()))
-    return cpu, rss
+    return cpu, rss, system
 
 
 def run_pipeline(
     args: argparse.Namespace, env: dict[str, str], urls: Path, work: Path, services: dict[str, int]
 ) -> RunResult:
-    """The workers + ``enqueue --wait``; the clock runs from the first message to the last outcome."""
+    """The workers + ``enqueue --wait``; the clock runs from the first batch sent to the last outcome.
+
+    CPU is measured from launching ``enqueue`` until no message is left in Redis (``collect``
+    deletes what it parked after recording the outcomes), Redis traffic over the same span.
+    """
     database = f"bench_pipeline_{uuid.uuid4().hex[:8]}"
     work.mkdir()
     stage_dir = work / "stages"
     env = dict(env, MONGO_URI=_database_uri(env["MONGO_URI"], database), BENCH_STAGE_DIR=str(stage_dir))
-    module = args.actors or ("image_crawler.actors" if args.plain else "benchmarks.instrumented_actors")
+    module = "image_crawler.actors" if args.plain else "benchmarks.instrumented_actors"
     command = [sys.executable, "-m", "dramatiq", module, "--path", str(REPO)]
     command += ["--processes", str(args.processes), "--threads", str(args.threads)]
     log_path = work / "workers.log"
@@ -136,13 +168,14 @@ def run_pipeline(
     redis_client = redis.Redis.from_url(env["REDIS_URL"])
     redis_client.flushall()  # nothing left from an earlier repetition
     try:
-        if args.plain or args.actors:
+        if args.plain:
             booted = lambda: log_path.read_bytes().count(b"Worker process is ready") >= args.processes  # noqa: E731
         else:
             booted = lambda: len(list(stage_dir.glob("ready-*"))) >= args.processes  # noqa: E731
         _wait_for_workers(booted, workers, timeout=180)
         redis_before = _redis_stats(redis_client)
-        with Sampler(watch) as sampler:
+        memory = _RedisMemory(env["REDIS_URL"])
+        with Sampler(watch) as sampler, memory:
             sampler.mark_start()
             launched = time.time()
             out = open(work / "enqueue.out", "w+")  # noqa: SIM115 - closed below
@@ -160,8 +193,12 @@ def run_pipeline(
             if args.no_wait and cli.returncode == 0:
                 _wait_for_outcomes(env, urls)
             exited = time.time()
+            memory_at_exit = _used_memory(redis_client)
+            idle_after = _wait_for_idle(redis_client) if cli.returncode == 0 else None
             sampler.mark_end()
         redis_after = _redis_stats(redis_client)
+        memory_after = _used_memory(redis_client)
+        left = _keys_by_kind(redis_client)
         out.seek(0)
         output = out.read()
         out.close()
@@ -195,10 +232,14 @@ def run_pipeline(
     records = [
         r for path in sorted(stage_dir.glob("stages-*.json")) for r in json.loads(path.read_text())["records"]
     ]
-    fetches = [r for r in records if r["actor"] == "fetch"]
-    first = min((r["enqueued_at"] for r in fetches), default=launched * 1000) / 1000
+    # The clock starts when `enqueue` sends its first batch (admit messages are sent by the CLI,
+    # so their enqueue time is their message_timestamp); without records, when it was launched.
+    admits = [r for r in records if r["actor"] == "admit"]
+    first = min((r["message_timestamp"] for r in admits), default=launched * 1000) / 1000
     end = last["ended_at"].timestamp() if last else exited
-    cpu, rss = _roles(sampler, {"enqueue CLI": usage.ru_utime + usage.ru_stime})  # exact, from wait4
+    exact = {"enqueue CLI": usage.ru_utime + usage.ru_stime}  # from wait4
+    cpu, rss, system = _roles(sampler, exact)
+    system["enqueue CLI"] = usage.ru_stime
     return RunResult(
         "pipeline",
         sum(counts.values()),
@@ -206,8 +247,10 @@ def run_pipeline(
         counts,
         cpu,
         rss,
+        system=system,
         extra={
             "records": records,
+            "log_lines": _log_lines(log_path),
             "cli_seconds": exited - launched,
             "cli": cli_args,
             "stored": stored,
@@ -216,8 +259,27 @@ def run_pipeline(
             "worker_processes": len(sampler.by_role().get("workers", [])),
             "window": sampler.seconds,
             "redis": {key: redis_after[key] - redis_before.get(key, 0) for key in redis_after},
+            "redis_info_calls": memory.calls + 2,  # ours: the memory samples, and the two below
+            "redis_memory": {
+                "before the run": redis_before["used_memory"],
+                "peak during the run (sampled every 0.5 s)": memory.peak,
+                "when `enqueue --wait` returned": memory_at_exit,
+                f"once the pipeline was idle ({idle_after:.1f} s later)"
+                if idle_after is not None
+                else "never idle": memory_after,
+            },
+            "redis_keys_left": left,
         },
     )
+
+
+def _log_lines(path: Path) -> dict[str, int]:
+    """Lines the workers logged, by logger (``[name]`` after the level, as Dramatiq formats them)."""
+    counts: dict[str, int] = defaultdict(int)
+    for line in path.read_text(errors="replace").splitlines():
+        fields = line.split("] [", 4)  # [time] [PID n] [thread] [logger] [LEVEL] message
+        counts[fields[3] if len(fields) == 5 else "continuation lines"] += 1
+    return dict(counts)
 
 
 def _wait_for_outcomes(env: dict[str, str], urls: Path) -> None:
@@ -231,8 +293,84 @@ def _wait_for_outcomes(env: dict[str, str], urls: Path) -> None:
         db.client.close()
 
 
+class _RedisMemory:
+    """Samples Redis ``used_memory`` every ``interval`` seconds from a thread, keeping the peak."""
+
+    def __init__(self, url: str, interval: float = 0.5) -> None:
+        self.client = redis.Redis.from_url(url)
+        self.interval = interval
+        self.peak = 0
+        self.calls = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> _RedisMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.client.close()
+
+    def _run(self) -> None:
+        while True:
+            self.peak = max(self.peak, _used_memory(self.client))
+            self.calls += 1
+            if self._stop.wait(self.interval):
+                return
+
+
+def _used_memory(client: redis.Redis) -> int:
+    return int(client.info("memory")["used_memory"])
+
+
+def _in_flight(client: redis.Redis) -> int:
+    """Messages stored in Redis and not acknowledged yet: queued, delayed, or running."""
+    keys = list(client.scan_iter(match="dramatiq:*.msgs", count=1000))
+    return sum(int(client.hlen(key)) for key in keys if not key.endswith(b".XQ.msgs"))
+
+
+def _wait_for_idle(client: redis.Redis) -> float | None:
+    """Wait until no message is left in Redis; the seconds it took, None if it never happened."""
+    started = time.monotonic()
+    while _in_flight(client):
+        if time.monotonic() - started > IDLE_TIMEOUT_S:
+            return None
+        time.sleep(0.1)
+    return time.monotonic() - started
+
+
+#: What the keys the pipeline leaves in Redis are, by name.
+_KEY_KINDS: tuple[tuple[str, str], ...] = (
+    ("image-crawler:claim:", "claim checks (bodies, PNGs)"),
+    ("image-crawler:running:", "CrashGuard marks"),
+    ("image-crawler:admitted:", "admitted marks (kept 7 days by design)"),
+    ("dramatiq:", "Dramatiq broker (queues, acks, heartbeats)"),
+)
+
+
+def _keys_by_kind(client: redis.Redis) -> dict[str, list[int]]:
+    """Keys left in Redis and their memory (MEMORY USAGE), by kind: ``kind → [keys, bytes]``."""
+    kinds: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for raw in client.scan_iter(count=1000):
+        name = raw.decode(errors="replace")
+        kind = next((what for prefix, what in _KEY_KINDS if name.startswith(prefix)), None)
+        if kind is None:
+            bare = name.removesuffix("@members")
+            if len(bare) == 32 and all(c in "0123456789abcdef" for c in bare):
+                kind = "results (Results middleware)"
+            elif len(bare) == 36 and bare.count("-") == 4:
+                kind = "group barriers"
+            else:
+                kind = "other"
+        kinds[kind][0] += 1
+        kinds[kind][1] += int(client.memory_usage(raw) or 0)
+    return dict(kinds)
+
+
 def _redis_stats(client: redis.Redis) -> dict[str, int]:
-    """Calls per Redis command, and bytes in and out of the server, so far."""
+    """Calls per Redis command, bytes in and out of the server, and its memory, so far."""
     stats = {
         f"cmd {name.removeprefix('cmdstat_')}": int(value["calls"])
         for name, value in client.info("commandstats").items()
@@ -240,6 +378,7 @@ def _redis_stats(client: redis.Redis) -> dict[str, int]:
     info = client.info("stats")
     stats["bytes in"] = int(info["total_net_input_bytes"])
     stats["bytes out"] = int(info["total_net_output_bytes"])
+    stats["used_memory"] = _used_memory(client)
     return stats
 
 
@@ -264,6 +403,8 @@ def run_ceiling(
                 str(args.processes),
                 "--threads",
                 str(args.ceiling_threads),
+                "--batch",
+                str(args.ceiling_batch),
             ]
             child = subprocess.Popen(
                 command,
@@ -302,7 +443,7 @@ def run_ceiling(
         db.client.drop_database(database)
         db.client.close()
     end = max(report["last_ended_at"] for report in reports)
-    cpu, rss = _roles(
+    cpu, rss, system = _roles(
         sampler, {"ceiling": sum(report["cpu_end"] - report["cpu_start"] for report in reports)}
     )
     stages = {
@@ -317,6 +458,7 @@ def run_ceiling(
         cpu,
         rss,
         stages,
+        system,
         extra={"stored": stored, "errors": errors, "window": sampler.seconds},
     )
 
@@ -368,12 +510,140 @@ def _pct(values: list[float], q: float) -> float | None:
     return 1000 * ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+def _cpu_of(result: RunResult, roles: Iterable[str]) -> float:
+    """CPU seconds of the processes playing ``roles`` during the run."""
+    return sum(result.cpu.get(role, 0.0) for role in roles)
+
+
+def _cpu_of_system(result: RunResult, roles: Iterable[str]) -> float:
+    """Kernel (system) CPU seconds of the processes playing ``roles`` during the run."""
+    return sum(result.system.get(role, 0.0) for role in roles)
+
+
+def _cpu_per_image(result: RunResult) -> float:
+    """CPU ms per image of every process of the benchmark (the image server included)."""
+    return 1000 * sum(cpu for role, cpu in result.cpu.items() if role != OTHERS) / result.images
+
+
+def _efficiency_cpu(result: RunResult) -> float:
+    """CPU ms per image of the processes the CPU efficiency counts for this side."""
+    roles = PIPELINE_ROLES if result.name == "pipeline" else CEILING_ROLES
+    return 1000 * _cpu_of(result, roles) / result.images
+
+
+def _redis_commands(result: RunResult) -> dict[str, int]:
+    """Calls per Redis command during the run, without the benchmark's own probes."""
+    return {
+        name.removeprefix("cmd "): calls
+        for name, calls in result.extra["redis"].items()
+        if name.startswith("cmd ") and calls and name.removeprefix("cmd ") not in _PROBE_COMMANDS
+    }
+
+
+#: Commands only the benchmark sends (INFO, SCAN, HLEN, MEMORY USAGE); the pipeline sends none.
+_PROBE_COMMANDS = ("info", "scan", "hlen", "memory|usage", "flushall", "ping")
+
+
+def _best(results: list[RunResult]) -> RunResult:
+    return max(results, key=lambda result: result.rate)
+
+
+def report_targets(pipelines: list[RunResult], ceilings: list[RunResult]) -> None:
+    """The issue's targets, for each run (a pipeline run and the ceiling run after it)."""
+    pairs = list(zip(pipelines, ceilings, strict=True))
+    runs = [f"run {n}" for n in range(1, len(pairs) + 1)] if len(pairs) > 1 else ["value"]
+
+    def row(label: str, values: list[float], target: str | None = None, ok=None) -> list[Any]:
+        cells: list[Any] = [f"{v:.2f}" if abs(v) < 10 else f"{v:,.1f}" for v in values]
+        met = None if ok is None else ("yes" if all(ok(v) for v in values) else "NO")
+        return [label, *cells, target, met]
+
+    efficiency = [_efficiency_cpu(c) / _efficiency_cpu(p) for p, c in pairs]
+    wall = [p.rate / c.rate for p, c in pairs]
+    redis_ms = [1000 * p.cpu.get("redis-server", 0.0) / p.images for p, _ in pairs]
+    rows = [
+        row(
+            "CPU efficiency (CPU per image: ceiling / pipeline)",
+            efficiency,
+            f"≥ {TARGET_CPU_EFFICIENCY:.2f}",
+            lambda v: v >= TARGET_CPU_EFFICIENCY,
+        ),
+        row(
+            "wall-clock ratio (images/s: pipeline / ceiling)",
+            wall,
+            f"≥ {TARGET_WALL_RATIO:.2f}",
+            lambda v: v >= TARGET_WALL_RATIO,
+        ),
+        row(
+            "redis-server CPU ms per image",
+            redis_ms,
+            f"≤ {TARGET_REDIS_MS:.2f}",
+            lambda v: v <= TARGET_REDIS_MS,
+        ),
+        row(
+            "  pipeline CPU ms per image (workers, dramatiq parent, redis, MongoDB, enqueue)",
+            [_efficiency_cpu(p) for p, _ in pairs],
+        ),
+        row(
+            "  ceiling CPU ms per image (ceiling processes, MongoDB)", [_efficiency_cpu(c) for _, c in pairs]
+        ),
+        row(
+            "  CPU efficiency without the MongoDB endpoint on either side (our processes only)",
+            [
+                (_cpu_of(c, ["ceiling"]) / c.images)
+                / (_cpu_of(p, [r for r in PIPELINE_ROLES if r not in MONGO_ROLES]) / p.images)
+                for p, c in pairs
+            ],
+        ),
+        row("  pipeline images/s", [p.rate for p, _ in pairs]),
+        row("  ceiling images/s", [c.rate for _, c in pairs]),
+        row(
+            "Redis commands per image (INFO commandstats, scripts' inner calls included)",
+            [sum(_redis_commands(p).values()) / p.images for p, _ in pairs],
+        ),
+        row(
+            "Redis kB per image (total_net_input_bytes + total_net_output_bytes)",
+            [
+                (p.extra["redis"]["bytes in"] + p.extra["redis"]["bytes out"]) / p.images / 1024
+                for p, _ in pairs
+            ],
+        ),
+        row(
+            "peak RSS of a worker process, MB (the largest)",
+            [max(p.rss.get("workers", [0])) / MB for p, _ in pairs],
+        ),
+        row(
+            "Redis used_memory once the pipeline was idle, MB",
+            [list(p.extra["redis_memory"].values())[-1] / MB for p, _ in pairs],
+        ),
+        row(
+            "  Redis used_memory before the run, MB",
+            [p.extra["redis_memory"]["before the run"] / MB for p, _ in pairs],
+        ),
+        row(
+            "  % of the cores other processes (not ours) took during the pipeline run",
+            [100 * p.cpu[OTHERS] / (CORES * p.extra["window"]) for p, _ in pairs],
+        ),
+        row(
+            "  % of the cores other processes (not ours) took during the ceiling run",
+            [100 * c.cpu[OTHERS] / (CORES * c.extra["window"]) for _, c in pairs],
+        ),
+    ]
+    _table(
+        ["target (defaults users get: the settings shown above)", *runs, "target", "met"],
+        rows,
+        title="== Targets (each run: the pipeline, then the ceiling on the same cores and image list)",
+    )
+    if not any(role in p.cpu for p, _ in pairs for role in MONGO_ROLES):
+        print("note: MongoDB is not a local process here: its CPU is in neither side of the efficiency")
+
+
 def report_throughput(pipelines: list[RunResult], ceilings: list[RunResult]) -> None:
     pipeline, ceiling = _best(pipelines), _best(ceilings)
     waited = "--wait" if "--wait" in pipeline.extra["cli"] else "without --wait, then a cheap poll"
     rows: list[list[Any]] = []
     for side, results in (
-        ("pipeline (first message → last outcome)", pipelines),
+        ("pipeline (first batch sent → last outcome)", pipelines),
         ("ceiling (go → last image stored)", ceilings),
     ):
         for attempt, result in enumerate(results, start=1):
@@ -390,7 +660,7 @@ def report_throughput(pipelines: list[RunResult], ceilings: list[RunResult]) -> 
     _table(
         ["", "images", "seconds", "images/s", "CPU ms/image"],
         rows,
-        title="== Throughput (CPU: all the processes of the benchmark, per image)",
+        title="== Throughput (CPU: all the processes of the benchmark, the image server included, per image)",
     )
     for result in (*pipelines, *ceilings):
         counts = ", ".join(f"{n} {name}" for name, n in result.counts.items())
@@ -400,14 +670,12 @@ def report_throughput(pipelines: list[RunResult], ceilings: list[RunResult]) -> 
         if result.extra.get("errors"):
             print(f"; errors: {result.extra['errors'][:3]}", end="")
         print()
-
-
-def _cpu_per_image(result: RunResult) -> float:
-    return 1000 * sum(cpu for role, cpu in result.cpu.items() if role != OTHERS) / result.images
-
-
-def _best(results: list[RunResult]) -> RunResult:
-    return max(results, key=lambda result: result.rate)
+    logged = pipeline.extra.get("log_lines", {})
+    if logged:
+        print(
+            "lines the workers logged, by logger: "
+            + ", ".join(f"{name} {n}" for name, n in sorted(logged.items(), key=lambda item: -item[1])[:6])
+        )
 
 
 def report_stages(pipeline: RunResult, ceiling: RunResult) -> None:
@@ -420,9 +688,11 @@ def report_stages(pipeline: RunResult, ceiling: RunResult) -> None:
     for record in records:
         for label, seconds in record["spans"].items():
             span_totals[(record["actor"], label)].append(seconds)
+        for label, seconds in record.get("download_spans", {}).items():
+            span_totals[(record["actor"], label)].append(seconds)
 
-    def pipeline_span(actor: str, label: str) -> float | None:
-        return _ms(span_totals.get((actor, label), []), per=n)
+    def span(actor: str, label: str) -> float | None:
+        return _ms(span_totals.pop((actor, label), []), per=n)
 
     def rest(actor: str) -> float | None:
         rows = by_actor.get(actor, [])
@@ -431,18 +701,22 @@ def report_stages(pipeline: RunResult, ceiling: RunResult) -> None:
         return _ms([r["actor_time"] - sum(r["spans"].values()) for r in rows], per=n)
 
     rows = [
-        ["http download", _ms(ceiling.stages["http download"]), pipeline_span("fetch", "http download")],
-        ["md5", _ms(ceiling.stages["md5"]), rest("md5")],
-        ["to_grayscale", _ms(ceiling.stages["to_grayscale"]), pipeline_span("grayscale", "to_grayscale")],
         [
-            "mongo store_image",
-            _ms(ceiling.stages["mongo store_image"]),
-            pipeline_span("collect", "mongo store_image"),
+            "http download (fetch: on the download threads)",
+            _ms(ceiling.stages["http download"]),
+            span("fetch", "http download"),
+        ],
+        ["md5 (md5: the actor less its claim reads)", _ms(ceiling.stages["md5"]), rest("md5")],
+        ["to_grayscale", _ms(ceiling.stages["to_grayscale"]), span("grayscale", "to_grayscale")],
+        [
+            "mongo: look up MD5s, store new images",
+            _ms(ceiling.stages["mongo store images"]),
+            _add(span("collect", "mongo image_jobs"), span("collect", "mongo store_new_images")),
         ],
         [
-            "mongo record_outcome",
-            _ms(ceiling.stages["mongo record_outcome"]),
-            pipeline_span("collect", "mongo record_outcome"),
+            "mongo: record outcomes",
+            _ms(ceiling.stages["mongo record outcomes"]),
+            _add(*(span(actor, "mongo record_outcomes") for actor in ACTORS)),
         ],
     ]
     rows.append(
@@ -452,38 +726,48 @@ def report_stages(pipeline: RunResult, ceiling: RunResult) -> None:
             _add(*(row[2] for row in rows)),
         ]
     )
-    extra = [
-        ["redis claim put (fetch: body)", None, pipeline_span("fetch", "redis claim put")],
-        ["redis claim get (md5: body)", None, pipeline_span("md5", "redis claim get")],
-        ["redis claim get (grayscale: body)", None, pipeline_span("grayscale", "redis claim get")],
-        ["redis claim put (grayscale: png)", None, pipeline_span("grayscale", "redis claim put")],
-        ["redis result get ×2 (collect)", None, pipeline_span("collect", "redis result get")],
-        ["redis claim get (collect: png)", None, pipeline_span("collect", "redis claim get")],
-        ["redis claim drop (collect)", None, pipeline_span("collect", "redis claim drop")],
-        ["enqueue group[md5, grayscale] (fetch)", None, pipeline_span("fetch", "enqueue group")],
+    extra: list[list[Any]] = [
         [
-            "other code in fetch / grayscale / collect",
+            "fetch: download queued (waiting for one of FETCH_CONCURRENCY download threads)",
             None,
-            _add(rest("fetch"), rest("grayscale"), rest("collect")),
-        ],
-        [
-            "middleware hooks (results, group barrier, callback enqueue, retries)",
-            None,
-            _ms([r["total"] - r["actor_time"] for r in records], per=n),
+            span("fetch", "download queued"),
         ],
     ]
+    for actor in ACTORS:
+        for owner, label in sorted(key for key in span_totals if key[0] == actor):
+            extra.append([f"{actor}: {label}", None, span(owner, label)])
+        if actor in by_actor and actor != "md5":
+            note = " (mostly waiting for its downloads)" if actor == "fetch" else ""
+            extra.append([f"{actor}: rest of the actor{note}", None, rest(actor)])
+    extra.append(
+        [
+            "middleware hooks (CrashGuard mark, results, group barrier, callback, retries)",
+            None,
+            _ms([r["total"] - r["actor_time"] for r in records], per=n),
+        ]
+    )
     pipeline_total = _ms([r["total"] for r in records], per=n)
     _table(
         ["stage (wall ms per image, measured under full load)", "ceiling", "pipeline"],
-        [*rows, *extra, ["  all message handling, summed", None, pipeline_total]],
+        [*rows, *extra, ["  all message handling (worker threads), summed", None, pipeline_total]],
         title="== Per stage (thread time, incl. waiting for the GIL, a core, the shim's lock)",
     )
     _table(
-        ["actor", "messages", "wait p50 ms", "wait p95 ms", "wait mean ms", "in actor ms", "hooks ms"],
+        [
+            "actor",
+            "messages",
+            "lines/msg",
+            "wait p50 ms",
+            "wait p95 ms",
+            "wait mean ms",
+            "in actor ms",
+            "hooks ms",
+        ],
         [
             [
                 actor,
                 len(rows),
+                sum(r.get("lines", 0) for r in rows) / len(rows),
                 _pct([r["queue_wait"] for r in rows], 0.5),
                 _pct([r["queue_wait"] for r in rows], 0.95),
                 _ms([r["queue_wait"] for r in rows]),
@@ -500,7 +784,7 @@ def report_stages(pipeline: RunResult, ceiling: RunResult) -> None:
     print(
         f"worker threads busy {100 * busy / (threads * pipeline.seconds):.0f}% of the time "
         f"({busy:.1f} thread-seconds over {threads} threads × {pipeline.seconds:.1f} s); fetch messages wait "
-        "behind the backlog (the whole list is enqueued at once), the others show how long started work waits"
+        "behind the backlog (the whole list is admitted at once), the others show how long started work waits"
     )
 
 
@@ -525,23 +809,41 @@ def report_cpu(pipeline: RunResult, ceiling: RunResult, cores: int) -> None:
         "image server",
     ]
     rows: list[list[Any]] = []
+
+    def per_image(result: RunResult, seconds: dict[str, float], role: str) -> float | None:
+        return 1000 * seconds[role] / result.images if role in seconds else None
+
     for role in roles:
         if role not in pipeline.cpu and role not in ceiling.cpu:
             continue
-        p = 1000 * pipeline.cpu[role] / pipeline.images if role in pipeline.cpu else None
-        c = 1000 * ceiling.cpu[role] / ceiling.images if role in ceiling.cpu else None
-        rows.append([role, c, p])
+        rows.append(
+            [
+                role,
+                per_image(ceiling, ceiling.cpu, role),
+                per_image(ceiling, ceiling.system, role),
+                per_image(pipeline, pipeline.cpu, role),
+                per_image(pipeline, pipeline.system, role),
+            ]
+        )
+
+    def efficiency_system(result: RunResult) -> float:
+        roles = PIPELINE_ROLES if result.name == "pipeline" else CEILING_ROLES
+        return 1000 * _cpu_of_system(result, roles) / result.images
+
+    rows.append(
+        [
+            "total counted by the CPU efficiency (all but the image server)",
+            _efficiency_cpu(ceiling),
+            efficiency_system(ceiling),
+            _efficiency_cpu(pipeline),
+            efficiency_system(pipeline),
+        ]
+    )
 
     def ours(result: RunResult) -> float:
         return sum(cpu for role, cpu in result.cpu.items() if role != OTHERS)
 
-    rows.append(
-        [
-            "total, this benchmark",
-            1000 * ours(ceiling) / ceiling.images,
-            1000 * ours(pipeline) / pipeline.images,
-        ]
-    )
+    rows.append(["total, this benchmark", _cpu_per_image(ceiling), None, _cpu_per_image(pipeline), None])
 
     def busy(result: RunResult, seconds: float) -> str:
         return f"{100 * seconds / (cores * result.extra['window']):.0f}%"
@@ -550,25 +852,25 @@ def report_cpu(pipeline: RunResult, ceiling: RunResult, cores: int) -> None:
         [
             f"cores busy with this benchmark ({cores})",
             busy(ceiling, ours(ceiling)),
+            None,
             busy(pipeline, ours(pipeline)),
+            None,
         ]
     )
     rows.append(
         [
             f"cores busy with {OTHERS}",
             busy(ceiling, ceiling.cpu[OTHERS]),
+            None,
             busy(pipeline, pipeline.cpu[OTHERS]),
+            None,
         ]
     )
     _table(
-        ["CPU ms per image, by process", "ceiling", "pipeline"],
+        ["CPU ms per image, by process", "ceiling", "of it kernel", "pipeline", "of it kernel"],
         rows,
-        title="== Where the CPU goes (per image; from the start signal to the end of the run)",
-    )
-    cpu_ratio = (ours(ceiling) / ceiling.images) / (ours(pipeline) / pipeline.images)
-    print(
-        f"CPU per image, ceiling / pipeline: {cpu_ratio:.2f} — the throughput ratio to expect once this "
-        "benchmark alone saturates the cores"
+        title="== Where the CPU goes (per image; pipeline: from launching `enqueue` until no message is "
+        "left; ceiling: from go to the end)",
     )
     if (
         max(ceiling.cpu[OTHERS] / ceiling.extra["window"], pipeline.cpu[OTHERS] / pipeline.extra["window"])
@@ -586,19 +888,22 @@ def report_memory(pipeline: RunResult, ceiling: RunResult) -> None:
         for role, peaks in result.rss.items():
             rows.append([f"{result.name}: {role}", len(peaks), ", ".join(f"{p / MB:.0f}" for p in peaks)])
     _table(["process", "count", "peak RSS MB (each, sampled every 0.2 s)"], rows, title="== Memory")
+    _table(
+        ["Redis used_memory (pipeline)", "MB"],
+        [[moment, used / MB] for moment, used in pipeline.extra["redis_memory"].items()],
+        title="== Redis memory (INFO memory used_memory)",
+    )
+    left = pipeline.extra["redis_keys_left"]
+    _table(
+        ["keys left in Redis once the pipeline was idle", "keys", "kB (MEMORY USAGE)"],
+        [[kind, keys, size / 1024] for kind, (keys, size) in sorted(left.items())] or [["none", 0, 0.0]],
+    )
 
 
 def report_redis(pipeline: RunResult, image_bytes: float) -> None:
     stats = pipeline.extra["redis"]
     n = pipeline.images
-    commands = sorted(
-        (
-            (name.removeprefix("cmd "), calls)
-            for name, calls in stats.items()
-            if name.startswith("cmd ") and calls
-        ),
-        key=lambda item: -item[1],
-    )
+    commands = sorted(_redis_commands(pipeline).items(), key=lambda item: -item[1])
     total = sum(calls for _, calls in commands)
     rows: list[list[Any]] = [[name, calls / n] for name, calls in commands if calls / n >= 0.01]
     rows.append(["all commands", total / n])
@@ -615,11 +920,13 @@ def report_redis(pipeline: RunResult, image_bytes: float) -> None:
             stats["bytes out"] / n / 1024,
         ]
     )
+    rows.append(["kB in + out", (stats["bytes in"] + stats["bytes out"]) / n / 1024])
     _table(
         ["Redis, per image (pipeline)", "per image"],
         rows,
-        title=f"== Redis traffic (evalsha = Dramatiq's Lua scripts: enqueue, fetch, ack; "
-        f"source {image_bytes / 1024:.0f} kB and grayscale PNG {png / 1024:.0f} kB mean)",
+        title=f"== Redis traffic (INFO commandstats, without the benchmark's own probes; evalsha = Lua "
+        f"scripts, whose inner calls are counted too; source {image_bytes / 1024:.0f} kB and grayscale "
+        f"PNG {png / 1024:.0f} kB mean)",
     )
 
 
@@ -713,9 +1020,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="run `dramatiq image_crawler.actors` itself (no timing middleware, so no per-stage table)",
     )
     parser.add_argument(
-        "--actors",
+        "--ceiling-batch",
+        type=int,
         default=None,
-        help="run `dramatiq MODULE` instead (e.g. benchmarks.variants, see BENCH_VARIANT; no stage table)",
+        help=f"URLs per write batch of the ceiling (default: {CEILING_BATCH}, the default BATCH_SIZE, "
+        "whatever BATCH_SIZE the pipeline runs at)",
     )
     parser.add_argument("--cache-dir", type=Path, default=None, help="where generated images are cached")
     parser.add_argument(
@@ -725,6 +1034,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     args = parser.parse_args(argv)
     args.ceiling_threads = args.ceiling_threads or args.threads
+    args.ceiling_batch = args.ceiling_batch or CEILING_BATCH
     return args
 
 
@@ -778,14 +1088,14 @@ def main(argv: list[str] | None = None) -> None:
             f"{statistics.mean(sizes) / 1024:.0f} kB mean) served by benchmarks/server.py"
         )
         print(f"storage: {mongo_note}")
-        module = args.actors or ("image_crawler.actors" if args.plain else "benchmarks.instrumented_actors")
-        if module == "benchmarks.variants":
-            module += f" (BENCH_VARIANT={os.environ.get('BENCH_VARIANT', 'md5-in-fetch')})"
+        module = "image_crawler.actors" if args.plain else "benchmarks.instrumented_actors"
         print(
             f"pipeline: dramatiq {module} "
             f"--processes {args.processes} --threads "
-            f"{args.threads}; Redis {redis_url}; ceiling: {args.processes} processes × "
-            f"{args.ceiling_threads} threads; PNG_COMPRESS_LEVEL={settings.png_compress_level}, "
+            f"{args.threads}, BATCH_SIZE={settings.batch_size}, "
+            f"FETCH_CONCURRENCY={settings.fetch_concurrency}; Redis {redis_url}; ceiling: "
+            f"{args.processes} processes × {args.ceiling_threads} threads, writes {args.ceiling_batch} "
+            f"images at a time; PNG_COMPRESS_LEVEL={settings.png_compress_level}, "
             f"MAX_IMAGE_PIXELS={settings.max_image_pixels}, FETCH_ALLOW_PRIVATE=1 (the server is local)"
         )
 
@@ -813,6 +1123,7 @@ def main(argv: list[str] | None = None) -> None:
             ]
 
     report_throughput(pipelines, ceilings)
+    report_targets(pipelines, ceilings)
     if len(pipelines) > 1:
         print("\nThe tables below are those of the best run of each side.")
     pipeline, ceiling = _best(pipelines), _best(ceilings)

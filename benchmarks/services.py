@@ -143,6 +143,10 @@ class ProcessStats:
     cpu_end: float | None = None
     #: The CPU time of the last sample, for a process that ended before the measurement did.
     cpu_last: float | None = None
+    #: The same, for the kernel's share (system time) alone.
+    system_start: float | None = None
+    system_end: float | None = None
+    system_last: float | None = None
 
     @property
     def cpu(self) -> float:
@@ -152,10 +156,19 @@ class ProcessStats:
             return 0.0
         return end - self.cpu_start
 
+    @property
+    def system(self) -> float:
+        """The part of :attr:`cpu` spent in the kernel (system time)."""
+        end = self.system_end if self.system_end is not None else self.system_last
+        if self.system_start is None or end is None:
+            return 0.0
+        return end - self.system_start
 
-def _cpu(process: psutil.Process) -> float:
+
+def _cpu(process: psutil.Process) -> tuple[float, float]:
+    """CPU seconds (user + system) and system seconds of a process so far."""
     times = process.cpu_times()
-    return float(times.user + times.system)
+    return float(times.user + times.system), float(times.system)
 
 
 @dataclass
@@ -231,7 +244,7 @@ class Sampler:
                 try:
                     process = psutil.Process(pid)
                     rss = process.memory_info().rss
-                    cpu = _cpu(process)
+                    cpu, system = _cpu(process)
                 except psutil.Error:
                     continue
                 stat = self.stats.setdefault(pid, ProcessStats(role, pid))
@@ -239,10 +252,11 @@ class Sampler:
                 if set_start or (stat.cpu_start is None and self._phase == "during"):
                     # A process born during the measurement counts from zero.
                     stat.cpu_start = cpu if set_start else 0.0
+                    stat.system_start = system if set_start else 0.0
                 if self._phase == "during":
-                    stat.cpu_last = cpu
+                    stat.cpu_last, stat.system_last = cpu, system
                 if set_end:
-                    stat.cpu_end = cpu
+                    stat.cpu_end, stat.system_end = cpu, system
 
 
 def _system_busy() -> float:

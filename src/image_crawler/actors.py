@@ -101,15 +101,15 @@ def jobs_of(batch: dict[str, Any]) -> list[Job]:
     return [Job.new(batch["run"], int(line[0]), line[1]) for line in batch["lines"]]
 
 
-def fetch_batch_size(lines: int, *, last: bool, threads: int, batch_size: int) -> int:
-    """Lines per fetch message for an admission batch of ``lines`` lines.
+def fetch_batch_size(run_lines: int | None, *, threads: int, batch_size: int) -> int:
+    """Lines per fetch message for a run of ``run_lines`` lines (None: not known yet, a long run).
 
-    ``batch_size`` except for the last batch of a run, which is cut finer when it is too short
-    to give each of ``threads`` worker threads :data:`BATCHES_PER_THREAD` full batches.
+    ``batch_size``, unless the run is too short to give each of ``threads`` worker threads
+    :data:`BATCHES_PER_THREAD` full batches: then it is cut finer.
     """
-    if not last:
+    if run_lines is None:
         return batch_size
-    return max(1, min(batch_size, math.ceil(lines / (max(1, threads) * BATCHES_PER_THREAD))))
+    return max(1, min(batch_size, math.ceil(run_lines / (max(1, threads) * BATCHES_PER_THREAD))))
 
 
 def _worker_threads() -> int:
@@ -153,9 +153,7 @@ def admit(batch: dict[str, Any]) -> None:
         return
     lines = batch["lines"]
     batch_size = get_context().settings.batch_size
-    size = fetch_batch_size(
-        len(lines), last=bool(batch.get("last")), threads=_worker_threads(), batch_size=batch_size
-    )
+    size = fetch_batch_size(batch.get("run_lines"), threads=_worker_threads(), batch_size=batch_size)
     with broker.pipelined(transaction=True) as pipe:
         pipe.watch(key)
         if pipe.exists(key):
@@ -247,9 +245,10 @@ def fetch(batch: dict[str, Any]) -> None:
     cutoff = started + START_WITHIN_S
     context = get_context()
     attempts = {int(line[0]): int(line[2]) if len(line) > 2 else 0 for line in batch["lines"]}
-    jobs = _unfinished(context, jobs_of(batch))
-    if not jobs:
-        return
+    # No look at the ledger first: a fetch delivered again after its worker died was filtered by
+    # after_worker_death, and one that runs twice otherwise (a lost ack) only repeats work whose
+    # outcomes are already written, which the ledger ignores.
+    jobs = jobs_of(batch)
     futures = {context.downloads.submit(_download, context, job.url, cutoff): job for job in jobs}
     claim = claims.new_claim()
     parcel: dict[str, Any] = {"run": batch["run"], "claim": claim, "lines": [], "sizes": []}

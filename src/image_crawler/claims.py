@@ -74,7 +74,10 @@ class ClaimCheck:
             return
         key = claim_key(claim, kind)
         target = pipe if pipe is not None else self.client.pipeline(transaction=False)
-        target.hset(key, mapping={str(index): data for index, data in items.items()})
+        # One HSET per item, not one for all: hiredis packs a command into one buffer, and a
+        # buffer of many bodies is a fresh multi-megabyte allocation (page faults) every time.
+        for index, data in items.items():
+            target.hset(key, str(index), data)
         target.expire(key, self.ttl)
         if pipe is None:
             target.execute()

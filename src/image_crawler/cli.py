@@ -67,7 +67,8 @@ def enqueue_lines(
     lines = _lines(stream)
     batch = list(itertools.islice(lines, ADMIT_BATCH))
     while batch:
-        # One batch read ahead: the last one is marked, so admission can cut it finer.
+        # One batch read ahead: the last one says how long the run is, so that admission can cut
+        # a short run into batches small enough for every worker thread.
         following = list(itertools.islice(lines, ADMIT_BATCH))
         admitted: list[tuple[int, str]] = []
         for number, raw in batch:
@@ -82,7 +83,7 @@ def enqueue_lines(
         if admitted:
             message: dict[str, Any] = {"run": report.run, "lines": admitted}
             if not following:
-                message["last"] = True
+                message["run_lines"] = report.enqueued + len(admitted)
             admit.send(message)
             report.enqueued += len(admitted)
         report.rejected += len(report.rejections)

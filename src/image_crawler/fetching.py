@@ -31,6 +31,7 @@ body in a content encoding we did not ask for (``br``, ``zstd``) is a permanent 
 from __future__ import annotations
 
 import ipaddress
+import logging
 import socket
 import ssl
 import time
@@ -56,6 +57,9 @@ from .errors import (
     TooLarge,
     TooManyRedirects,
 )
+
+# httpx logs every request at INFO: a crawl makes millions, and each costs a worker time.
+logging.getLogger("httpx").setLevel(logging.WARNING)
 
 __all__ = ["MAX_URL_LENGTH", "Download", "Fetcher", "Resolver", "check_url", "is_public_address"]
 

@@ -258,13 +258,12 @@ def test_the_last_batch_of_a_short_run_is_cut_so_every_thread_has_work():
     from image_crawler.actors import BATCHES_PER_THREAD, fetch_batch_size
 
     # 343 lines, 2 processes x 8 threads: 64 batches wanted, so 6 lines each (58 batches).
-    assert fetch_batch_size(343, last=True, threads=16, batch_size=32) == 6
-    assert fetch_batch_size(10, last=True, threads=16, batch_size=32) == 1
-    assert fetch_batch_size(100_000, last=True, threads=16, batch_size=32) == 32
-    assert fetch_batch_size(343, last=False, threads=16, batch_size=32) == 32  # more lines follow
-    assert fetch_batch_size(1000, last=True, threads=1, batch_size=32) == 32
-    assert fetch_batch_size(40, last=True, threads=1, batch_size=32) == 40 // BATCHES_PER_THREAD
-    assert fetch_batch_size(343, last=True, threads=16, batch_size=1) == 1
+    assert fetch_batch_size(343, threads=16, batch_size=32) == 6
+    assert fetch_batch_size(10, threads=16, batch_size=32) == 1
+    assert fetch_batch_size(3_000, threads=16, batch_size=32) == 32  # long enough for full batches
+    assert fetch_batch_size(None, threads=16, batch_size=32) == 32  # length not known: more follow
+    assert fetch_batch_size(40, threads=1, batch_size=32) == 40 // BATCHES_PER_THREAD
+    assert fetch_batch_size(343, threads=16, batch_size=1) == 1
 
 
 def test_a_redelivered_batch_is_admitted_only_once(idle_broker):
@@ -365,7 +364,8 @@ def test_enqueue_sends_one_admit_message_per_thousand_lines(idle_broker, mongo_d
     assert {batch["run"] for batch in batches} == {report.run}
     assert (report.enqueued, report.skipped) == (len(lines), 371)
     in_order = sorted(batches, key=lambda batch: batch["lines"][0][0])
-    assert [batch.get("last", False) for batch in in_order] == [False, False, True]  # the run's end
+    # The last one says how long the run is (what admission cuts a short run by).
+    assert [batch.get("run_lines") for batch in in_order] == [None, None, len(lines)]
 
 
 # --- after a worker died running a message ----------------------------------------------------
