@@ -34,6 +34,7 @@ from typing import Any
 import dramatiq
 import redis
 from dramatiq.common import compute_backoff
+from dramatiq.middleware import TimeLimitExceeded
 from dramatiq.results import ResultMissing as _BackendResultMissing
 from dramatiq.results import Results
 
@@ -81,10 +82,13 @@ MOVE_BYTES = 16 * 1024 * 1024
 #: then end within the fetch's time limit of 2 × FETCH_TIMEOUT + 60 s, with time to spare for
 #: recording and sending what follows). Those that cannot,
 #: because this process's FETCH_CONCURRENCY download threads are busy, go on in a new message.
-START_WITHIN_S = 40
+START_WITHIN_S = 30
 #: How long a line that could not start waits before it is fetched again (ms): the download
 #: threads were all busy, and sending it straight back would only churn the queue.
 NOT_STARTED_DELAY_MS = 5_000
+#: Times in a row a line may be postponed so before that counts as an attempt (a process whose
+#: download threads stay stuck must not keep a line going round for ever).
+POSTPONE_LIMIT = 10
 #: Backoff of a URL's transient failures (ms): 2 s, 4 s, 8 s… with jitter, at most 5 minutes.
 RETRY_MIN_BACKOFF_MS = 2_000
 RETRY_MAX_BACKOFF_MS = 300_000
@@ -121,11 +125,12 @@ def _worker_threads() -> int:
 
 
 def fetch_message(run: str, lines: Sequence[Sequence[Any]]) -> dict[str, Any]:
-    """The argument of a fetch message: ``[line, url, attempts so far]`` lines of run ``run``."""
-    return {
-        "run": run,
-        "lines": [[int(line[0]), line[1], int(line[2]) if len(line) > 2 else 0] for line in lines],
-    }
+    """The argument of a fetch message: ``[line, url, attempts so far(, times postponed)]`` lines."""
+    return {"run": run, "lines": [_fetch_line(*line) for line in lines]}
+
+
+def _fetch_line(line: int, url: str, attempts: int = 0, postponed: int = 0) -> list[Any]:
+    return [int(line), url, int(attempts)] + ([int(postponed)] if postponed else [])
 
 
 def _cut(lines: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
@@ -229,8 +234,9 @@ _GUARDED: dict[str, Any] = {"on_crash": after_worker_death}
     queue_name=FETCH_QUEUE,
     priority=FETCH_PRIORITY,
     # A whole fetch fails only when Redis or MongoDB does (a URL's own failures end or retry
-    # that URL): retried like the recorders, through a long outage.
-    retry_when=retry_transient(20),
+    # that URL): retried like the recorders, through a long outage; also when a store so slow
+    # made it run out of time (running twice only repeats work).
+    retry_when=retry_transient(20, also=(TimeLimitExceeded,)),
     max_backoff=300_000,
     # Every download of a batch ends within START_WITHIN_S + 2 × FETCH_TIMEOUT of its start.
     time_limit=int(2 * settings.fetch_timeout * 1000) + 60_000,
@@ -242,97 +248,102 @@ def fetch(batch: dict[str, Any]) -> None:
     # twice that, fetching.py), so one that would start later than START_WITHIN_S after the
     # message did would outlive the time limit: it does not start, its line goes on later.
     started = time.monotonic()
-    cutoff = started + START_WITHIN_S
     context = get_context()
-    attempts = {int(line[0]): int(line[2]) if len(line) > 2 else 0 for line in batch["lines"]}
     # No look at the ledger first: a fetch delivered again after its worker died was filtered by
     # after_worker_death, and one that runs twice otherwise (a lost ack) only repeats work whose
     # outcomes are already written, which the ledger ignores.
-    jobs = jobs_of(batch)
-    futures = {context.downloads.submit(_download, context, job.url, cutoff): job for job in jobs}
-    claim = claims.new_claim()
-    parcel: dict[str, Any] = {"run": batch["run"], "claim": claim, "lines": [], "sizes": []}
-    meta: list[list[Any]] = []
-    pending: dict[int, bytes] = {}  # bodies not parked yet
-    failed: list[dict[str, Any]] = []
-    again: list[tuple[Job, int, int]] = []  # (job, attempts, delay ms)
+    sorting = _Sorting(context, batch)
+    cutoff = started + START_WITHIN_S
+    futures = {context.downloads.submit(_download, context, job.url, cutoff): job for job in sorting.jobs}
     waited = started + START_WITHIN_S + 2 * context.settings.fetch_timeout - time.monotonic()
     try:
         for future in as_completed(futures, timeout=max(0.0, waited)):
             # Dropped as soon as it is filed: a finished download's body is held only until parked.
-            job = futures.pop(future)
-            _sort_download(context, job, future, attempts, parcel, meta, pending, failed, again)
-            if sum(len(body) for body in pending.values()) >= MOVE_BYTES:
-                context.claims.put(claim, BODIES, pending)
-                pending.clear()
+            sorting.file(futures.pop(future), future)
     except TimeoutError:
         # Downloads stuck past every deadline (a DNS lookup takes no timeout) end as a timeout,
         # and go on alone if they have retries left; those that never started go on untried.
         for future, job in futures.items():
             if future.cancel():
-                again.append((job, attempts[job.line], NOT_STARTED_DELAY_MS))
+                sorting.postpone(job)
+            elif future.done():  # finished just now
+                sorting.file(job, future)
             else:
-                _retry_or_end(context, job, attempts[job.line], FetchTimeout(), failed, again)
-    outcomes.record_outcomes(context.db, failed)
+                sorting.retry_or_end(job, FetchTimeout())
+    outcomes.record_outcomes(context.db, sorting.failed)
+    parcel = sorting.parcel
     with broker.pipelined() as pipe:
         # The bodies go first on the pipeline: a member never starts before they are parked.
-        context.claims.put(claim, BODIES, pending, pipe=pipe)
-        for job, tries, delay in again:
-            retry = fetch_message(job.run, [(job.line, job.url, tries)])
-            fetch.send_with_options(args=(retry,), delay=delay or None)
+        context.claims.put(parcel["claim"], BODIES, sorting.pending, pipe=pipe)
+        for line, delay in sorting.again:
+            fetch.send_with_options(args=(fetch_message(batch["run"], [line]),), delay=delay or None)
         if parcel["lines"]:
             digests, grays = md5.message(parcel), grayscale.message(parcel)
             group = dramatiq.group([digests, grays])
             members = {"md5": digests.message_id, "grayscale": grays.message_id}
-            group.add_completion_callback(collect.message(parcel, meta, members))
+            group.add_completion_callback(collect.message(parcel, sorting.meta, members))
             group.run()
 
 
-def _sort_download(
-    context: Context,
-    job: Job,
-    future: Future,
-    attempts: dict[int, int],
-    parcel: dict[str, Any],
-    meta: list[list[Any]],
-    pending: dict[int, bytes],
-    failed: list[dict[str, Any]],
-    again: list[tuple[Job, int, int]],
-) -> None:
-    """File one finished download: into the parcel, the failed outcomes, or the lines to send again."""
-    try:
-        download: Download = future.result()
-    except _NotStarted:  # this process had no room for it in time: not an attempt
-        again.append((job, attempts[job.line], NOT_STARTED_DELAY_MS))
-        return
-    except CrawlError as exc:
-        _retry_or_end(context, job, attempts[job.line], exc, failed, again)
-        return
-    except Exception as exc:
-        logger.exception("Downloading %s failed unexpectedly", job.url)
-        failed.append(outcomes.outcome_document(job, outcomes.ERROR, reason=reason_for(exc)))
-        return
-    index = len(parcel["lines"])
-    parcel["lines"].append([job.line, job.url])
-    parcel["sizes"].append(len(download.content))
-    meta.append([download.content_type, len(download.content), download.final_url])
-    pending[index] = download.content
+class _Sorting:
+    """Where the lines of one fetch end up: the parcel, the failed outcomes, or sent again."""
 
+    def __init__(self, context: Context, batch: dict[str, Any]) -> None:
+        self.context = context
+        self.jobs = jobs_of(batch)
+        self.attempts = {int(line[0]): int(line[2]) if len(line) > 2 else 0 for line in batch["lines"]}
+        self.postponed = {int(line[0]): int(line[3]) if len(line) > 3 else 0 for line in batch["lines"]}
+        self.parcel: dict[str, Any] = {
+            "run": batch["run"],
+            "claim": claims.new_claim(),
+            "lines": [],
+            "sizes": [],
+        }
+        self.meta: list[list[Any]] = []
+        self.pending: dict[int, bytes] = {}  # bodies not parked yet
+        self.failed: list[dict[str, Any]] = []
+        self.again: list[tuple[list[Any], int]] = []  # ([line, url, attempts, postponed], delay ms)
 
-def _retry_or_end(
-    context: Context,
-    job: Job,
-    tries: int,
-    exc: CrawlError,
-    failed: list[dict[str, Any]],
-    again: list[tuple[Job, int, int]],
-) -> None:
-    """A transient failure with retries left goes again, alone, with backoff; any other ends the line."""
-    if exc.transient and tries < context.settings.fetch_retries:
-        _, delay = compute_backoff(tries, factor=RETRY_MIN_BACKOFF_MS, max_backoff=RETRY_MAX_BACKOFF_MS)
-        again.append((job, tries + 1, delay))
-    else:
-        failed.append(outcomes.outcome_document(job, outcomes.ERROR, reason=exc.reason))
+    def file(self, job: Job, future: Future) -> None:
+        """File one finished download."""
+        try:
+            download: Download = future.result()
+        except _NotStarted:
+            self.postpone(job)
+            return
+        except CrawlError as exc:
+            self.retry_or_end(job, exc)
+            return
+        except Exception as exc:
+            logger.exception("Downloading %s failed unexpectedly", job.url)
+            self.failed.append(outcomes.outcome_document(job, outcomes.ERROR, reason=reason_for(exc)))
+            return
+        index = len(self.parcel["lines"])
+        self.parcel["lines"].append([job.line, job.url, self.attempts[job.line]])  # attempts: for a split
+        self.parcel["sizes"].append(len(download.content))
+        self.meta.append([download.content_type, len(download.content), download.final_url])
+        self.pending[index] = download.content
+        if sum(len(body) for body in self.pending.values()) >= MOVE_BYTES:
+            self.context.claims.put(self.parcel["claim"], BODIES, self.pending)
+            self.pending.clear()
+
+    def retry_or_end(self, job: Job, exc: CrawlError) -> None:
+        """A transient failure with retries left goes again, alone, with backoff; any other ends the line."""
+        tries = self.attempts[job.line]
+        if exc.transient and tries < self.context.settings.fetch_retries:
+            _, delay = compute_backoff(tries, factor=RETRY_MIN_BACKOFF_MS, max_backoff=RETRY_MAX_BACKOFF_MS)
+            self.again.append(([job.line, job.url, tries + 1], delay))
+        else:
+            self.failed.append(outcomes.outcome_document(job, outcomes.ERROR, reason=exc.reason))
+
+    def postpone(self, job: Job) -> None:
+        """A line that could not start (every download thread busy) goes again later, untried; after
+        :data:`POSTPONE_LIMIT` times in a row that counts as an attempt that timed out."""
+        times = self.postponed[job.line] + 1
+        if times < POSTPONE_LIMIT:
+            self.again.append(([job.line, job.url, self.attempts[job.line], times], NOT_STARTED_DELAY_MS))
+        else:
+            self.retry_or_end(job, FetchTimeout())
 
 
 class _NotStarted(Exception):

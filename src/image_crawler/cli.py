@@ -65,11 +65,10 @@ def enqueue_lines(
     report = EnqueueReport(run=run or uuid.uuid4().hex[:12])
     done = 0  # outcomes of the run last seen; it only grows, so it is read only when it matters
     lines = _lines(stream)
-    batch = list(itertools.islice(lines, ADMIT_BATCH))
-    while batch:
-        # One batch read ahead: the last one says how long the run is, so that admission can cut
-        # a short run into batches small enough for every worker thread.
-        following = list(itertools.islice(lines, ADMIT_BATCH))
+    # Each batch of URLs waits until the next one is read: the last one then says how long the
+    # run is, so that admission can cut a short run into batches small enough for every thread.
+    held: dict[str, Any] | None = None
+    while batch := list(itertools.islice(lines, ADMIT_BATCH)):
         admitted: list[tuple[int, str]] = []
         for number, raw in batch:
             if not raw or raw.startswith(b"#"):
@@ -81,19 +80,25 @@ def enqueue_lines(
             else:
                 report.rejections.append(outcomes.outcome_document(job, outcomes.ERROR, reason=reason))
         if admitted:
-            message: dict[str, Any] = {"run": report.run, "lines": admitted}
-            if not following:
-                message["run_lines"] = report.enqueued + len(admitted)
-            admit.send(message)
-            report.enqueued += len(admitted)
+            if held is not None:
+                _admit(admit, held, report)
+            held = {"run": report.run, "lines": admitted}
         report.rejected += len(report.rejections)
         _flush_rejections(db, report)
+        # Counts what was sent only: the batch held back cannot end before it is sent.
         while max_in_flight and report.jobs - done >= max_in_flight:
             done, pause = _poll_done(db, report.run, poll_interval)
             if report.jobs - done >= max_in_flight:
                 time.sleep(pause)
-        batch = following
+    if held is not None:
+        held["run_lines"] = report.enqueued + len(held["lines"])
+        _admit(admit, held, report)
     return report
+
+
+def _admit(admit: Any, message: dict[str, Any], report: EnqueueReport) -> None:
+    admit.send(message)
+    report.enqueued += len(message["lines"])
 
 
 def _parse_line(run: str, number: int, raw: bytes) -> tuple[Job, str | None]:

@@ -9,14 +9,20 @@ import threading
 import pymongo.errors
 import redis.exceptions
 from dramatiq import Message
-from dramatiq.middleware import Middleware, SkipMessage, TimeLimitExceeded
+from dramatiq.middleware import Middleware, MiddlewareError, SkipMessage, TimeLimitExceeded
 from dramatiq.middleware.group_callbacks import GroupCallbacks
 
 from .errors import CrawlError
 
 logger = logging.getLogger(__name__)
 
+
+class GuardUnavailable(MiddlewareError):
+    """Redis could not mark a guarded message as running: it is retried, never run unguarded."""
+
+
 _UNAVAILABLE: tuple[tuple[type[BaseException], str], ...] = (
+    (GuardUnavailable, "redis unavailable"),
     (redis.exceptions.ConnectionError, "redis unavailable"),
     (redis.exceptions.TimeoutError, "redis unavailable"),
     # A transaction whose watched key changed, or whose connection was lost while watching.
@@ -44,14 +50,13 @@ def reason_for(exception: BaseException) -> str:
     return f"internal error: {type(exception).__name__}"
 
 
-def retry_transient(max_retries: int):
-    """A ``retry_when`` predicate: retry transient errors up to ``max_retries`` times, nothing else."""
+def retry_transient(max_retries: int, *, also: tuple[type[BaseException], ...] = ()):
+    """A ``retry_when`` predicate: retry transient errors (and ``also`` these) up to ``max_retries`` times."""
 
     def retry_when(retries: int, exception: BaseException) -> bool:
         limit = getattr(exception, "retry_limit", None)
-        return retries < (max_retries if limit is None else min(limit, max_retries)) and is_transient(
-            exception
-        )
+        worth_it = is_transient(exception) or isinstance(exception, also)
+        return retries < (max_retries if limit is None else min(limit, max_retries)) and worth_it
 
     return retry_when
 
@@ -267,7 +272,11 @@ class CrashGuard(Middleware):
         # process dies did not die running.
         self._turns.acquire(alone=False)
         self._local.held = (key, False)
-        deaths = int(self._arrive(keys=[key], args=[self.ttl]))
+        try:
+            deaths = int(self._arrive(keys=[key], args=[self.ttl]))
+        except redis.exceptions.RedisError as exc:
+            # Dramatiq runs a message whose before-hook raised anything but a MiddlewareError.
+            raise GuardUnavailable(f"cannot mark {message} as running") from exc
         try:
             verdict = handler(message, deaths)
         except Exception:
@@ -279,12 +288,15 @@ class CrashGuard(Middleware):
             raise SkipMessage(f"handled after {deaths} worker deaths")
         if verdict is Verdict.RUN_ALONE:
             logger.warning("Running %s alone: its worker died %d time(s) running it.", message, deaths)
-            self._leave(keys=[key])
-            self._local.held = None
-            self._turns.release(alone=False)
-            self._turns.acquire(alone=True)
-            self._local.held = (key, True)
-            self._arrive(keys=[key], args=[self.ttl])
+            try:
+                self._leave(keys=[key])
+                self._local.held = None
+                self._turns.release(alone=False)
+                self._turns.acquire(alone=True)
+                self._local.held = (key, True)
+                self._arrive(keys=[key], args=[self.ttl])
+            except redis.exceptions.RedisError as exc:
+                raise GuardUnavailable(f"cannot mark {message} as running alone") from exc
 
     def after_process_message(self, broker, message, *, result=None, exception=None):
         self._finish()

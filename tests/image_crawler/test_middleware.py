@@ -469,3 +469,24 @@ def test_a_suspect_whose_handler_fails_still_runs_alone_and_counted(guard):
     guard.after_process_message(broker, message)
     assert not guard._turns._alone
     assert guard.client.exists(CrashGuard.mark_key(message.message_id)) == 0
+
+
+def test_a_message_that_cannot_be_marked_is_retried_later_not_run_unguarded(redis_url):
+    from dramatiq.middleware import MiddlewareError
+
+    from image_crawler.middleware import GuardUnavailable
+    from support.services import free_port
+
+    unreachable = redis.Redis(port=free_port(), socket_connect_timeout=0.2)
+    guard = CrashGuard(unreachable, ttl=600)
+    broker = _guarded_broker(lambda message, deaths: Verdict.RUN)
+    message = _guarded_message()
+
+    with pytest.raises(GuardUnavailable) as caught:
+        guard.before_process_message(broker, message)
+    with pytest.raises(redis.exceptions.ConnectionError):  # Dramatiq logs an after-hook's error
+        guard.after_process_message(broker, message, exception=caught.value)
+
+    assert isinstance(caught.value, MiddlewareError)  # what Dramatiq does not swallow
+    assert is_transient(caught.value) and reason_for(caught.value) == "redis unavailable"
+    assert guard._turns._sharing == 0  # its turn was given back

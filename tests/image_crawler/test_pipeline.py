@@ -238,7 +238,7 @@ def _queued_fetches(broker) -> list[dict]:
     return [dramatiq.Message.decode(data).args[0] for data in broker.client.hvals("dramatiq:fetch.msgs")]
 
 
-def test_a_batch_becomes_fetch_messages_of_batch_size_lines(idle_broker):
+def test_a_batch_becomes_fetch_messages_of_batch_size_lines(idle_broker, idle_context):
     from image_crawler import actors
 
     lines = [[n, f"http://example.com/{n}.png"] for n in range(1, 101)]
@@ -266,7 +266,7 @@ def test_the_last_batch_of_a_short_run_is_cut_so_every_thread_has_work():
     assert fetch_batch_size(343, threads=16, batch_size=1) == 1
 
 
-def test_a_redelivered_batch_is_admitted_only_once(idle_broker):
+def test_a_redelivered_batch_is_admitted_only_once(idle_broker, idle_context):
     from image_crawler import actors
 
     batch = {"run": "r2", "lines": [[n, f"http://example.com/{n}.png"] for n in range(1, 301)]}
@@ -281,7 +281,9 @@ def test_a_redelivered_batch_is_admitted_only_once(idle_broker):
     assert idle_broker.client.ttl(actors.admitted_key(batch)) > 24 * 3600
 
 
-def test_a_batch_admitted_meanwhile_by_another_worker_is_not_admitted_again(idle_broker, monkeypatch):
+def test_a_batch_admitted_meanwhile_by_another_worker_is_not_admitted_again(
+    idle_broker, idle_context, monkeypatch
+):
     from image_crawler import actors
 
     batch = {"run": "r5", "lines": [[n, f"http://example.com/{n}.png"] for n in range(1, 11)]}
@@ -296,7 +298,7 @@ def test_a_batch_admitted_meanwhile_by_another_worker_is_not_admitted_again(idle
     )
 
 
-def test_a_batch_that_fails_midway_sends_no_fetch_at_all(idle_broker, monkeypatch):
+def test_a_batch_that_fails_midway_sends_no_fetch_at_all(idle_broker, idle_context, monkeypatch):
     from image_crawler import actors
 
     sent = []
@@ -472,3 +474,42 @@ def test_md5_and_collect_of_a_parcel_run_alone_after_a_death_rather_than_fetch_a
     assert actors.after_worker_death(actors.collect.message(parcel, [], {}), 3) is Verdict.HANDLED
     reasons = {doc["line"]: doc["reason"] for doc in storage.outcomes(idle_context.db).find({"run": "d4"})}
     assert reasons == dict.fromkeys((1, 2), "worker crashed while processing it (3 times)")
+
+
+def test_a_short_run_says_its_length_even_when_comments_follow_its_last_urls(idle_broker, mongo_db):
+    import io
+
+    import dramatiq
+
+    from image_crawler.cli import enqueue_lines
+
+    text = "".join(f"http://example.com/{n}.png\n" for n in range(5)) + "# the end\n" * 1_500
+
+    enqueue_lines(io.BytesIO(text.encode()), mongo_db)
+
+    batches = [
+        dramatiq.Message.decode(data).args[0] for data in idle_broker.client.hvals("dramatiq:admit.msgs")
+    ]
+    assert [(len(batch["lines"]), batch.get("run_lines")) for batch in batches] == [(5, 5)]
+
+
+def test_a_line_that_cannot_start_goes_again_untried_until_the_limit_then_counts_an_attempt(idle_context):
+    from image_crawler import actors
+
+    batch = {"run": "p1", "lines": [[1, "http://example.com/1.png", 1, actors.POSTPONE_LIMIT - 2]]}
+    sorting = actors._Sorting(idle_context, batch)
+    (job,) = sorting.jobs
+
+    sorting.postpone(job)
+    assert sorting.again == [([1, "http://example.com/1.png", 1, actors.POSTPONE_LIMIT - 1], 5_000)]
+
+    batch["lines"][0][3] = actors.POSTPONE_LIMIT - 1
+    sorting = actors._Sorting(idle_context, batch)
+    sorting.postpone(job)
+    ((line, delay),) = sorting.again
+    assert line == [1, "http://example.com/1.png", 2] and delay > 0  # one attempt used, backoff
+
+    batch["lines"][0][2] = idle_context.settings.fetch_retries
+    sorting = actors._Sorting(idle_context, batch)
+    sorting.postpone(job)
+    assert sorting.again == [] and [doc["reason"] for doc in sorting.failed] == ["timeout"]
