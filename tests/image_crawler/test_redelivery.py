@@ -68,6 +68,16 @@ def choreography(make_pipeline):
     pipeline.broker.middleware.remove(middleware)
 
 
+def _crawl_to_the_end(pipeline, lines: list[str]):
+    """Enqueue ``lines``, wait for their outcomes, then until the worker has nothing left to do."""
+    report = pipeline.enqueue_text("\n".join(lines))
+    pipeline.wait_for(report.run, len(lines), timeout=60)
+    for queue in ("process", "fetch"):
+        pipeline.broker.join(queue, timeout=30_000)
+    pipeline.worker.join()
+    return report
+
+
 def _stored_images_match_their_md5(db, bodies: dict[str, bytes]) -> None:
     for document in storage.images(db).find():
         body = bodies[document["_id"]]  # the stored md5 is one the server sent
@@ -98,10 +108,7 @@ def test_a_fetch_redelivered_after_its_group_was_sent_never_mixes_bodies(choreog
     middleware.before["grayscale"] = hold_first_grayscale
     middleware.after["fetch"] = note_fetch
 
-    report = pipeline.enqueue_text(server.url("/random.png"))
-    pipeline.wait_for(report.run, 1, timeout=60)
-    pipeline.broker.join("process", timeout=30_000)
-    pipeline.worker.join()
+    report = _crawl_to_the_end(pipeline, [server.url("/random.png")])
 
     assert middleware.finished["fetch"] == 2
     outcome = storage.outcomes(pipeline.db).find_one({"run": report.run})
@@ -129,10 +136,7 @@ def test_a_member_that_completes_twice_does_not_fire_the_collector_early(choreog
     middleware.before["grayscale"] = hold_grayscale
     middleware.before["collect"] = lambda message, count: collector_started.set()
 
-    report = pipeline.enqueue_text(server.url("/one.png"))
-    pipeline.wait_for(report.run, 1, timeout=60)
-    pipeline.broker.join("process", timeout=30_000)
-    pipeline.worker.join()
+    report = _crawl_to_the_end(pipeline, [server.url("/one.png")])
 
     assert middleware.finished["md5"] == 2
     outcome = storage.outcomes(pipeline.db).find_one({"run": report.run})
@@ -150,11 +154,7 @@ def test_redis_keeps_nothing_of_finished_work(make_pipeline, server):
     server.add("/missing.png", status=404)
     lines = [server.url(f"/{n}.png") for n in range(40)] + [server.url("/missing.png")]
     lines += [server.url("/3.png")]  # a duplicate
-    report = pipeline.enqueue_text("\n".join(lines))
-    pipeline.wait_for(report.run, len(lines), timeout=60)
-    pipeline.broker.join("process", timeout=30_000)
-    pipeline.broker.join("fetch", timeout=30_000)
-    pipeline.worker.join()
+    _crawl_to_the_end(pipeline, lines)
 
     # What may stay: Dramatiq's bookkeeping of live workers, and the per-batch admission mark.
     allowed = ("dramatiq:__heartbeats__", "dramatiq:__acks__.", "image-crawler:admitted:")
