@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from functools import cache
 from typing import Any
 from urllib.parse import urlsplit
+
+from .redaction import redact
 
 
 class ConfigError(ValueError):
@@ -87,6 +89,9 @@ class Settings:
     #: Megabytes of estimated decoding peak (docs/architecture.md, "Memory") one worker process
     #: may hold at once; a larger image waits until nothing else decodes, then runs alone.
     decode_memory_mb: int = 1024
+    #: HTTP basic auth for the web app: when both are set, every route but ``/healthz`` asks for them.
+    web_user: str = ""
+    web_password: str = field(default="", repr=False)
 
     @property
     def mongo_database(self) -> str:
@@ -109,6 +114,8 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "fetch_concurrency": _int_in(1, 1000),
     "max_deliveries": _int_in(1, 100),
     "decode_memory_mb": _int_in(16),
+    "web_user": str,
+    "web_password": str,
 }
 
 
@@ -116,15 +123,18 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     """Build :class:`Settings` from ``environ`` (default: ``os.environ``); bad values raise ConfigError."""
     environ = os.environ if environ is None else environ
     values: dict[str, Any] = {}
-    for field in fields(Settings):
-        name = field.name.upper()
+    for setting in fields(Settings):
+        name = setting.name.upper()
         raw = environ.get(name)
         if raw is None or raw.strip() == "":
             continue
         try:
-            values[field.name] = _PARSERS[field.name](raw.strip())
+            values[setting.name] = _PARSERS[setting.name](raw.strip())
         except ValueError as exc:
-            raise ConfigError(f"{name}={raw!r} is invalid: {exc}") from None
+            shown = "***" if setting.name == "web_password" else repr(redact(raw))
+            raise ConfigError(f"{name}={shown} is invalid: {exc}") from None
+    if bool(values.get("web_user")) != bool(values.get("web_password")):
+        raise ConfigError("WEB_USER and WEB_PASSWORD must be set together (or neither)")
     return Settings(**values)
 
 

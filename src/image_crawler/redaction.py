@@ -1,0 +1,63 @@
+"""Keep the credentials a URL carries out of everything but the request that needs them.
+
+A line like ``http://user:secret@host/cat.jpg`` (or ``REDIS_URL=redis://:secret@redis``) is
+sent as written, but the ledger, ``images.source_url``, the web app, error messages and log
+lines only ever see ``http://***@host/cat.jpg`` (docs/architecture.md, "Credentials").
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any
+
+__all__ = ["install_log_redaction", "redact", "redact_url"]
+
+#: ``scheme://userinfo@``: the userinfo runs to the last ``@`` before the authority ends, so a
+#: password holding an unescaped ``@`` is hidden whole.
+_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.\-]*://)[^/?#\s\"'<>]*@")
+_HIDDEN = r"\1***@"
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its userinfo (user name and password) replaced by ``***``."""
+    return _USERINFO.sub(_HIDDEN, url, count=1)
+
+
+def redact(text: str) -> str:
+    """``text`` with the userinfo of every URL in it replaced by ``***``."""
+    if "@" not in text:
+        return text
+    return _USERINFO.sub(_HIDDEN, text)
+
+
+_installed = False
+
+
+def install_log_redaction() -> None:
+    """Make every log record of this process redact URL credentials, tracebacks included.
+
+    Installed as a record factory rather than a filter, so that records of every logger (Dramatiq
+    logs whole messages, URLs and all, when one fails) are covered whichever handlers exist.
+    """
+    global _installed
+    if _installed:
+        return
+    _installed = True
+    make_record = logging.getLogRecordFactory()
+
+    def redacting_record(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = make_record(*args, **kwargs)
+        try:
+            message = record.getMessage()
+        except Exception:  # a bad format string: let the handler report it as usual
+            return record
+        if "@" in message:
+            record.msg, record.args = redact(message), None
+        if record.exc_info and record.exc_info[1] is not None:
+            text = logging.Formatter().formatException(record.exc_info)
+            if "@" in text:
+                record.exc_text = redact(text)
+        return record
+
+    logging.setLogRecordFactory(redacting_record)
