@@ -12,12 +12,13 @@ What a :class:`Fetcher` guarantees, whatever the server does:
   read at once, which lets a 50 kB gzip bomb become 50 MB in memory before anyone can count.
 - Redirects are followed here, one hop at a time, rather than by httpx: httpx reads every
   redirect body into memory with no size limit and outside our deadline.
-- Unless ``fetch_allow_private``, every hop (the first request and each redirect) is checked by
-  a request event hook: the host must resolve only to public addresses. The check resolves the
-  name itself, so a DNS answer that changes between the check and the connection (DNS
-  rebinding) is not caught; the check is against honest-but-internal names and literal IPs.
-  The lookup is not bounded by ``fetch_timeout`` either (``getaddrinfo`` takes no timeout; the
-  system resolver's own timeouts apply).
+- Unless ``fetch_allow_private``, every connection (for the first request and each redirect
+  hop) goes only to a host whose addresses are all public. The name is resolved **once**, in
+  the connection pool's network backend, and the connection goes to an address that was
+  checked: a DNS answer that changes between a check and the connection (DNS rebinding) has no
+  second lookup to change. TLS still verifies the certificate for, and sends SNI with, the
+  host name. The lookup is not bounded by ``fetch_timeout`` (``getaddrinfo`` takes no timeout;
+  the system resolver's own timeouts apply).
 - No cookies are kept and the environment (proxies, ``.netrc``) is ignored: one client is shared
   by every job of a worker, and nothing from one job may leak into the next.
 
@@ -44,6 +45,7 @@ from types import TracebackType
 from typing import Any
 from urllib.parse import urlsplit
 
+import httpcore
 import httpx
 
 from .config import Settings
@@ -78,6 +80,12 @@ _RAW_BYTES_FACTOR = 2
 _KEEPALIVE_EXPIRY = 15.0
 #: Where an IPv6-only network with DNS64 maps the IPv4 internet (RFC 6052).
 _NAT64_PREFIX = ipaddress.IPv6Network("64:ff9b::/96")
+#: Not globally reachable (IANA special-purpose registries) although Python 3.11 calls them global.
+_NOT_GLOBAL = (
+    ipaddress.IPv4Network("192.0.0.0/24"),  # IETF protocol assignments (only .9 and .10 are global)
+    ipaddress.IPv4Network("192.88.99.0/24"),  # 6to4 relay anycast, deprecated (RFC 7526)
+)
+_GLOBAL_EXCEPTIONS = (ipaddress.IPv4Address("192.0.0.9"), ipaddress.IPv4Address("192.0.0.10"))
 
 
 @dataclass(frozen=True)
@@ -135,7 +143,13 @@ def is_public_address(address: str) -> bool:
 
 
 def _is_public(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-    # ``is_global`` alone lets multicast (and, on older Pythons, some special ranges) through.
+    # ``is_global`` alone lets multicast, IPv6 site-local (fec0::/10) and, on older Pythons, some
+    # special ranges through.
+    if isinstance(ip, ipaddress.IPv6Address) and ip.is_site_local:
+        return False
+    if isinstance(ip, ipaddress.IPv4Address) and ip not in _GLOBAL_EXCEPTIONS:
+        if any(ip in network for network in _NOT_GLOBAL):
+            return False
     return ip.is_global and not (
         ip.is_private
         or ip.is_loopback
@@ -177,15 +191,23 @@ class Fetcher:
     ) -> None:
         self._settings = settings
         self._resolve = resolver or _resolve
+        # One client per worker process, shared by its downloads: as many connections as
+        # downloads may run at once, all of them kept alive between requests.
+        limits = httpx.Limits(
+            max_connections=settings.fetch_concurrency,
+            max_keepalive_connections=settings.fetch_concurrency,
+            keepalive_expiry=_KEEPALIVE_EXPIRY,
+        )
+        hooks: list[Callable[[httpx.Request], None]] = [_check_scheme]
+        if transport is None:
+            transport = _CheckedTransport(limits, _CheckedBackend(self._addresses))
+        else:
+            # An injected transport (tests) opens no connection of ours: the address policy
+            # runs on each request instead, with the same resolver and rules.
+            hooks.append(self._check_destination)
         self._client = httpx.Client(
             transport=transport,
-            # One client per worker process, shared by its downloads: as many connections as
-            # downloads may run at once, all of them kept alive between requests.
-            limits=httpx.Limits(
-                max_connections=settings.fetch_concurrency,
-                max_keepalive_connections=settings.fetch_concurrency,
-                keepalive_expiry=_KEEPALIVE_EXPIRY,
-            ),
+            limits=limits,
             timeout=httpx.Timeout(settings.fetch_timeout),
             headers={
                 "User-Agent": _user_agent(),
@@ -197,7 +219,7 @@ class Fetcher:
             max_redirects=settings.fetch_max_redirects,
             cookies=CookieJar(policy=DefaultCookiePolicy(allowed_domains=[])),  # accept none
             trust_env=False,
-            event_hooks={"request": [self._check_destination]},
+            event_hooks={"request": hooks},
         )
 
     def fetch(self, url: str) -> Download:
@@ -271,22 +293,97 @@ class Fetcher:
         decoder.finish()
         return Download(bytes(body), response.headers.get("content-type"), str(response.url))
 
-    def _check_destination(self, request: httpx.Request) -> None:
-        """Request event hook: refuse a hop to a non-http(s) URL or, by default, a non-public host."""
-        if request.url.scheme not in _SCHEMES:
-            raise InvalidUrl("not an http(s) url")
-        if self._settings.fetch_allow_private:
-            return
-        host = request.url.raw_host.decode("ascii")
-        port = request.url.port or _SCHEMES[request.url.scheme]
+    def _addresses(self, host: str, port: int) -> list[str]:
+        """The addresses ``host`` may be reached at: all of them public unless ``fetch_allow_private``.
+
+        Raises :class:`ForbiddenAddress` when any is not (a name answering one public and one
+        private address could be steered to the private one), ``ConnectionFailed`` when none.
+        """
         try:
             addresses = list(self._resolve(host, port))
         except (OSError, UnicodeError):
             raise ConnectionFailed("dns lookup failed") from None
         if not addresses:
             raise ConnectionFailed("dns lookup failed")
-        if not all(is_public_address(address) for address in addresses):
+        if not self._settings.fetch_allow_private and not all(map(is_public_address, addresses)):
             raise ForbiddenAddress("private address")
+        return addresses
+
+    def _check_destination(self, request: httpx.Request) -> None:
+        """Request event hook for injected transports: the address policy of :class:`_CheckedBackend`."""
+        if self._settings.fetch_allow_private:
+            return  # nothing to check, and nothing of ours to connect
+        self._addresses(request.url.raw_host.decode("ascii"), request.url.port or _SCHEMES[request.url.scheme])
+
+
+def _check_scheme(request: httpx.Request) -> None:
+    """Request event hook: refuse a hop to a non-http(s) URL."""
+    if request.url.scheme not in _SCHEMES:
+        raise InvalidUrl("not an http(s) url")
+
+
+class _CheckedBackend(httpcore.NetworkBackend):
+    """Connects to a host only at an address its policy returned, resolving the name once.
+
+    ``addresses(host, port)`` resolves and checks (raising a :class:`FetchError` to refuse);
+    the addresses are then tried in order, within one connect timeout, exactly as
+    ``socket.create_connection`` would try what ``getaddrinfo`` returned. httpcore starts TLS on
+    the stream with ``server_hostname`` set to the URL's host, so certificates are verified for
+    the name and SNI carries it, whichever address the socket went to.
+    """
+
+    def __init__(self, addresses: Callable[[str, int], list[str]]) -> None:
+        self._addresses = addresses
+        self._sockets = httpcore.SyncBackend()
+
+    def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Iterable[Any] | None = None,
+    ) -> httpcore.NetworkStream:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        failure: httpcore.ConnectError | httpcore.ConnectTimeout | None = None
+        for address in self._addresses(host, port):
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                break
+            try:
+                return self._sockets.connect_tcp(address, port, left, local_address, socket_options)
+            except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
+                failure = exc
+        if failure is None or isinstance(failure, httpcore.ConnectTimeout):
+            raise httpcore.ConnectTimeout("connect timed out") from failure
+        raise failure
+
+    def connect_unix_socket(
+        self, path: str, timeout: float | None = None, socket_options: Iterable[Any] | None = None
+    ) -> httpcore.NetworkStream:
+        raise httpcore.ConnectError("unix sockets are not fetched from")
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(seconds)
+
+
+class _CheckedTransport(httpx.HTTPTransport):
+    """httpx's own transport over a connection pool whose connections go through ``backend``.
+
+    ``HTTPTransport`` takes no network backend, so its pool is replaced by one built the same
+    way (same limits, TLS context and HTTP/1.1 only) with ``backend``; the request and error
+    mapping stay httpx's.
+    """
+
+    def __init__(self, limits: httpx.Limits, backend: httpcore.NetworkBackend) -> None:
+        super().__init__(limits=limits, trust_env=False)
+        self._pool = httpcore.ConnectionPool(
+            ssl_context=httpx.create_ssl_context(trust_env=False),
+            max_connections=limits.max_connections,
+            max_keepalive_connections=limits.max_keepalive_connections,
+            keepalive_expiry=limits.keepalive_expiry,
+            network_backend=backend,
+        )
 
 
 def _time_left(deadline: float) -> dict[str, Any]:
@@ -316,6 +413,7 @@ class _BodyDecoder:
         self.is_identity = encoding in ("", "identity")
         self._gzip = encoding in ("gzip", "x-gzip")
         self._decompressor: Any = None
+        self._head = b""  # the first byte of a deflate body, until the second one comes
         if self._gzip:
             self._decompressor = zlib.decompressobj(16 + zlib.MAX_WBITS)
         elif encoding != "deflate" and not self.is_identity:
@@ -327,7 +425,13 @@ class _BodyDecoder:
             yield data
             return
         if self._decompressor is None:
-            # "deflate" is meant to be zlib-wrapped (RFC 9110) but is often sent raw.
+            # "deflate" is meant to be zlib-wrapped (RFC 9110) but is often sent raw; which one it
+            # is shows in its first two bytes, which may come in different network reads.
+            data = self._head + data
+            if len(data) < _ZLIB_HEADER:
+                self._head = data
+                return
+            self._head = b""
             wbits = zlib.MAX_WBITS if _has_zlib_header(data) else -zlib.MAX_WBITS
             self._decompressor = zlib.decompressobj(wbits)
         try:
@@ -349,8 +453,13 @@ class _BodyDecoder:
 
     def finish(self) -> None:
         """Check that the encoded body ended where its encoding says it ends."""
+        if self._head:  # a one-byte deflate body: no stream is that short
+            raise ConnectionFailed("truncated body")
         if self._decompressor is not None and not self._decompressor.eof:
             raise ConnectionFailed("truncated body")
+
+
+_ZLIB_HEADER = 2
 
 
 def _has_zlib_header(data: bytes) -> bool:

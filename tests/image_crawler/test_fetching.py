@@ -29,7 +29,14 @@ from image_crawler.errors import (
     TooLarge,
     TooManyRedirects,
 )
-from image_crawler.fetching import MAX_URL_LENGTH, Download, Fetcher, check_url, is_public_address
+from image_crawler.fetching import (
+    MAX_URL_LENGTH,
+    Download,
+    Fetcher,
+    _BodyDecoder,
+    check_url,
+    is_public_address,
+)
 from support.http_server import LocalHttpServer, Response
 
 MB = 1024 * 1024
@@ -228,6 +235,28 @@ def test_deflate_body_is_decoded_wrapped_or_raw(server: LocalHttpServer, make_fe
     assert make_fetcher().fetch(server.url(f"/deflate/{wbits}")).content == b"deflated " * 500
 
 
+@pytest.mark.parametrize("wbits", [zlib.MAX_WBITS, -zlib.MAX_WBITS], ids=["zlib", "raw"])
+def test_deflate_body_whose_first_chunk_is_one_byte_is_decoded(wbits):
+    compressor = zlib.compressobj(wbits=wbits)
+    body = compressor.compress(b"deflated " * 500) + compressor.flush()
+    decoder = _BodyDecoder("deflate")
+
+    decoded = b"".join(piece for chunk in (body[:1], body[1:2], body[2:]) for piece in decoder.decode(chunk))
+    decoder.finish()
+
+    assert decoded == b"deflated " * 500
+
+
+def test_deflate_body_dripped_one_byte_at_a_time_is_decoded(
+    server: LocalHttpServer, make_fetcher: MakeFetcher
+):
+    compressor = zlib.compressobj(wbits=zlib.MAX_WBITS)
+    body = compressor.compress(b"dripped " * 50) + compressor.flush()
+    server.add("/deflate/drip", body=body, headers={"Content-Encoding": "deflate"}, drip=0.01)
+
+    assert make_fetcher().fetch(server.url("/deflate/drip")).content == b"dripped " * 50
+
+
 def test_gzip_bomb_is_aborted_without_inflating_it(server: LocalHttpServer, make_fetcher: MakeFetcher):
     server.add("/bomb.gz", body=bytes(50 * MB), gzip=True)  # about 50 kB on the wire
     fetcher = make_fetcher(fetch_max_bytes=MB)
@@ -390,6 +419,176 @@ def test_redirect_from_a_public_host_to_a_private_address_is_refused(make_fetche
 
     assert isinstance(error, ForbiddenAddress)
     assert len(internet.requested) == 1  # the private hop was never sent
+
+
+# --- DNS rebinding: one lookup, and the connection goes to the checked address ------------------
+#
+# No packet leaves the machine: names resolve through a patched ``socket.getaddrinfo``, and every
+# connection to an address that is not loopback is refused, except PUBLIC_STAND_IN at one port,
+# which is forwarded to a local server (the "public" host of a test).
+
+PUBLIC_STAND_IN = "93.184.216.34"
+
+
+class FakeNetwork:
+    """Answers for names (one list per lookup, the last one repeating) and the connections made."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.answers: dict[str, list[list[str]]] = {}
+        self.lookups: dict[str, int] = {}
+        self.forward: dict[tuple[str, int], int] = {}
+        self.connected: list[tuple[str, int]] = []
+        self._getaddrinfo = socket.getaddrinfo
+        self._create_connection = socket.create_connection
+        monkeypatch.setattr(socket, "getaddrinfo", self.getaddrinfo)
+        monkeypatch.setattr(socket, "create_connection", self.create_connection)
+
+    def name(self, host: str, *answers: list[str]) -> None:
+        self.answers[host] = list(answers)
+
+    def getaddrinfo(self, host, port, *args, **kwargs):
+        name = host.decode() if isinstance(host, bytes) else host
+        if name not in self.answers:
+            return self._getaddrinfo(host, port, *args, **kwargs)
+        seen = self.lookups.get(name, 0)
+        self.lookups[name] = seen + 1
+        answers = self.answers[name]
+        addresses = answers[min(seen, len(answers) - 1)]
+        return [
+            (socket.AF_INET6 if ":" in a else socket.AF_INET, socket.SOCK_STREAM, 6, "", (a, int(port or 0)))
+            for a in addresses
+        ]
+
+    def create_connection(self, address, *args, **kwargs):
+        host, port = address[0], int(address[1])
+        for info in self.getaddrinfo(host, port, 0, socket.SOCK_STREAM):
+            ip = info[4][0]
+            self.connected.append((ip, port))
+            if (ip, port) in self.forward:
+                return self._create_connection(("127.0.0.1", self.forward[(ip, port)]), *args, **kwargs)
+            if ip.startswith("127.") or ip == "::1":
+                return self._create_connection((ip, port), *args, **kwargs)
+        raise ConnectionRefusedError(111, "no packet leaves this test")
+
+
+@pytest.fixture
+def network(monkeypatch: pytest.MonkeyPatch) -> FakeNetwork:
+    return FakeNetwork(monkeypatch)
+
+
+def test_a_name_that_rebinds_to_loopback_after_the_check_is_never_reached(
+    server: LocalHttpServer, make_fetcher: MakeFetcher, network: FakeNetwork
+):
+    server.add("/rebind/secret", body=b"admin panel")
+    network.name("rebind.example", [PUBLIC_STAND_IN], ["127.0.0.1"])
+
+    with pytest.raises(FetchError):
+        make_fetcher(fetch_allow_private=False).fetch(f"http://rebind.example:{server.port}/rebind/secret")
+
+    assert server.hits("/rebind/secret") == 0
+    assert network.lookups["rebind.example"] == 1  # resolved once
+    assert network.connected == [(PUBLIC_STAND_IN, server.port)]  # and connected where it was checked
+
+
+def test_a_redirect_to_a_name_that_rebinds_is_refused(make_fetcher: MakeFetcher, network: FakeNetwork):
+    with LocalHttpServer() as public, LocalHttpServer() as private:
+        private.add("/secret", body=b"admin panel")
+        public.add_redirect("/a.png", f"http://rebind.example:{private.port}/secret")
+        network.name("public.example", [PUBLIC_STAND_IN])
+        network.name("rebind.example", [PUBLIC_STAND_IN], ["127.0.0.1"])
+        network.forward[(PUBLIC_STAND_IN, public.port)] = public.port
+
+        with pytest.raises(FetchError):
+            make_fetcher(fetch_allow_private=False).fetch(f"http://public.example:{public.port}/a.png")
+
+        assert public.hits("/a.png") == 1
+        assert private.hits("/secret") == 0
+
+
+@pytest.mark.parametrize("answer", [["127.0.0.1"], [PUBLIC_STAND_IN, "10.0.0.1"], ["fec0::1"]])
+def test_a_name_with_any_non_public_address_is_refused_before_connecting(
+    make_fetcher: MakeFetcher, network: FakeNetwork, answer: list[str]
+):
+    network.name("mixed.example", answer)
+
+    error = raises_from(make_fetcher(fetch_allow_private=False), "http://mixed.example/a.png")
+
+    assert isinstance(error, ForbiddenAddress)
+    assert network.connected == []
+
+
+def test_a_public_host_is_fetched_through_the_checked_address(
+    make_fetcher: MakeFetcher, network: FakeNetwork
+):
+    with LocalHttpServer() as public:
+        public.add("/a.png", body=b"public image")
+        network.name("public.example", [PUBLIC_STAND_IN])
+        network.forward[(PUBLIC_STAND_IN, public.port)] = public.port
+
+        download = make_fetcher(fetch_allow_private=False).fetch(f"http://public.example:{public.port}/a.png")
+
+    assert download.content == b"public image"
+    assert network.lookups["public.example"] == 1
+
+
+def test_tls_verifies_the_certificate_and_sends_sni_for_the_host_name(
+    make_fetcher: MakeFetcher, network: FakeNetwork, tmp_path
+):
+    import ssl
+    import subprocess
+    import threading
+
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=images.example",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    server_names: list[str | None] = []
+    context.sni_callback = lambda _sock, name, _ctx: server_names.append(name)
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+
+    def serve_one() -> None:
+        connection, _ = listener.accept()
+        try:
+            with context.wrap_socket(connection, server_side=True) as tls:
+                tls.recv(1)
+        except (ssl.SSLError, OSError):
+            pass  # the client refuses our self-signed certificate
+
+    thread = threading.Thread(target=serve_one, daemon=True)
+    thread.start()
+    network.name("images.example", [PUBLIC_STAND_IN])
+    network.forward[(PUBLIC_STAND_IN, port)] = port
+    try:
+        error = raises_from(make_fetcher(fetch_allow_private=False), f"https://images.example:{port}/a.png")
+    finally:
+        thread.join(5)
+        listener.close()
+
+    assert error.reason == "tls certificate rejected"
+    assert server_names == ["images.example"]
+    assert network.connected == [(PUBLIC_STAND_IN, port)]
 
 
 def test_redirect_to_another_scheme_is_refused(make_fetcher: MakeFetcher):
