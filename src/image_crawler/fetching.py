@@ -147,9 +147,12 @@ def _is_public(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
     # special ranges through.
     if isinstance(ip, ipaddress.IPv6Address) and ip.is_site_local:
         return False
-    if isinstance(ip, ipaddress.IPv4Address) and ip not in _GLOBAL_EXCEPTIONS:
-        if any(ip in network for network in _NOT_GLOBAL):
-            return False
+    if (
+        isinstance(ip, ipaddress.IPv4Address)
+        and ip not in _GLOBAL_EXCEPTIONS
+        and any(ip in network for network in _NOT_GLOBAL)
+    ):
+        return False
     return ip.is_global and not (
         ip.is_private
         or ip.is_loopback
@@ -313,7 +316,8 @@ class Fetcher:
         """Request event hook for injected transports: the address policy of :class:`_CheckedBackend`."""
         if self._settings.fetch_allow_private:
             return  # nothing to check, and nothing of ours to connect
-        self._addresses(request.url.raw_host.decode("ascii"), request.url.port or _SCHEMES[request.url.scheme])
+        url = request.url
+        self._addresses(url.raw_host.decode("ascii"), url.port or _SCHEMES[url.scheme])
 
 
 def _check_scheme(request: httpx.Request) -> None:
