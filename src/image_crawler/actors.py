@@ -57,8 +57,11 @@ from .errors import CrawlError, FetchTimeout, ResultMissing
 from .fetching import Download
 from .middleware import Verdict, WorkerShape, reason_for, retry_transient
 from .outcomes import Job
+from .redaction import install_log_redaction
 
 logger = logging.getLogger(__name__)
+# Messages carry URLs as written, credentials included: no log line may show them.
+install_log_redaction()
 
 settings = get_settings()
 broker = setup_broker(settings)
@@ -321,7 +324,8 @@ class _Sorting:
         index = len(self.parcel["lines"])
         self.parcel["lines"].append([job.line, job.url, self.attempts[job.line]])  # attempts: for a split
         self.parcel["sizes"].append(len(download.content))
-        self.meta.append([download.content_type, len(download.content), download.final_url])
+        # Not the final URL: collect stores the line's URL, and a redirect's may carry credentials.
+        self.meta.append([download.content_type, len(download.content)])
         self.pending[index] = download.content
         if sum(len(body) for body in self.pending.values()) >= MOVE_BYTES:
             self.context.claims.put(self.parcel["claim"], BODIES, self.pending)
@@ -476,7 +480,7 @@ def _store_and_record(
         records = []
         for index in indexes:
             job, gray = jobs[index], grays[index]
-            content_type, byte_size, _ = meta[index]
+            content_type, byte_size = meta[index][:2]  # messages of earlier versions carry a third item
             record = storage.ImageRecord(
                 md5=digests[index],
                 width=gray["width"],

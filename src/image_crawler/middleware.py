@@ -71,7 +71,8 @@ class ExpectedFailures(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.exc_info and isinstance(record.exc_info[1], CrawlError):
-            record.msg = f"{record.msg} ({record.exc_info[1].reason})"
+            # The reason is an argument, never part of the format: it may hold a "%".
+            record.msg, record.args = "%s (%s)", (record.getMessage(), record.exc_info[1].reason)
             record.levelno, record.levelname = logging.WARNING, "WARNING"
             record.exc_info = record.exc_text = None
         return True

@@ -17,6 +17,7 @@ from pymongo.database import Database
 from pymongo.errors import BulkWriteError, DuplicateKeyError
 
 from . import storage
+from .redaction import redact_url
 
 SUCCESS = "success"
 DUPLICATE = "duplicate"
@@ -52,6 +53,7 @@ class Job:
 
 
 def _url_for_ledger(url: str) -> str:
+    url = redact_url(url)  # credentials stay in the message that fetches
     if len(url) <= MAX_STORED_URL:
         return url
     return f"{url[:MAX_STORED_URL]}… ({len(url)} characters)"

@@ -26,6 +26,7 @@ from pymongo.errors import BulkWriteError
 
 from .config import Settings
 from .errors import StoreBusy
+from .redaction import redact_url
 
 IMAGES = "images"
 OUTCOMES = "outcomes"
@@ -161,7 +162,7 @@ def _image_document(record: ImageRecord, png: bytes, job_id: str) -> dict:
         "width": record.width,
         "height": record.height,
         "inserted_at": utcnow(),
-        "source_url": record.source_url,
+        "source_url": redact_url(record.source_url),
         "content_type": record.content_type,
         "byte_size": record.byte_size,
         "gray_size": len(png),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import uuid
 
@@ -18,6 +19,7 @@ from image_crawler import errors, outcomes, storage
 from image_crawler.broker import PROCESS_QUEUE
 from image_crawler.middleware import (
     CrashGuard,
+    ExpectedFailures,
     RecordFailures,
     Verdict,
     _Turns,
@@ -490,3 +492,25 @@ def test_a_message_that_cannot_be_marked_is_retried_later_not_run_unguarded(redi
     assert isinstance(caught.value, MiddlewareError)  # what Dramatiq does not swallow
     assert is_transient(caught.value) and reason_for(caught.value) == "redis unavailable"
     assert guard._turns._sharing == 0  # its turn was given back
+
+
+def test_an_expected_failure_whose_reason_holds_a_percent_sign_still_logs_one_line():
+    try:
+        raise errors.CrawlError("100% broken, %s and %(name)s")
+    except errors.CrawlError:
+        record = logging.LogRecord(
+            "dramatiq.worker.WorkerThread",
+            logging.ERROR,
+            __file__,
+            1,
+            "Failed to process message %s with unhandled exception.",
+            ("fetch(...)",),
+            exc_info=sys.exc_info(),
+        )
+
+    assert ExpectedFailures().filter(record)
+
+    assert record.getMessage() == (
+        "Failed to process message fetch(...) with unhandled exception. (100% broken, %s and %(name)s)"
+    )
+    assert record.levelname == "WARNING"

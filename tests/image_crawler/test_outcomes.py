@@ -171,7 +171,7 @@ def _processed(pipeline, parcel: dict, body: bytes) -> tuple[dict, list, dict]:
     assert digest.get_result(backend=backend, block=True, timeout=20_000) == [hashlib.md5(body).hexdigest()]
     sizes = gray.get_result(backend=backend, block=True, timeout=20_000)
     assert [(size["width"], size["height"]) for size in sizes] == [(32, 24)]
-    meta = [["image/png", len(body), parcel["lines"][0][1]]]
+    meta = [["image/png", len(body)]]
     return parcel, meta, {"md5": digest.message_id, "grayscale": gray.message_id}
 
 

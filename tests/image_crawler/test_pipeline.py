@@ -513,3 +513,31 @@ def test_a_line_that_cannot_start_goes_again_untried_until_the_limit_then_counts
     sorting = actors._Sorting(idle_context, batch)
     sorting.postpone(job)
     assert sorting.again == [] and [doc["reason"] for doc in sorting.failed] == ["timeout"]
+
+
+def test_credentials_in_a_url_are_sent_but_never_stored_or_logged(make_pipeline, server, caplog):
+    import base64
+    import logging
+
+    pipeline = make_pipeline(fetch_retries=0)
+    server.add("/private/cat.png", body=png_bytes(30, 20, seed=77))
+    server.add("/private/missing.png", status=404)
+    authority = f"alice:s3cr%40t@127.0.0.1:{server.port}"
+    urls = [f"http://{authority}/private/cat.png", f"http://{authority}/private/missing.png"]
+    # An unexpected failure logs its whole message, URLs included.
+    caplog.set_level(logging.INFO)
+    logging.getLogger("image_crawler.test").warning("fetching %s", urls[0])
+
+    report = pipeline.enqueue_text("\n".join(urls))
+    pipeline.wait_for(report.run, 2)
+
+    sent = base64.b64encode(b"alice:s3cr@t").decode()
+    assert server.authorizations("/private/cat.png") == [f"Basic {sent}"]  # used for the request
+    ledger = {doc["line"]: doc for doc in storage.outcomes(pipeline.db).find({"run": report.run})}
+    shown = f"http://***@127.0.0.1:{server.port}"
+    assert ledger[1]["url"] == f"{shown}/private/cat.png"
+    assert ledger[2]["url"] == f"{shown}/private/missing.png"
+    assert storage.images(pipeline.db).find_one({})["source_url"] == f"{shown}/private/cat.png"
+    everything = repr([*storage.outcomes(pipeline.db).find(), *storage.images(pipeline.db).find()])
+    assert "s3cr" not in everything and "alice" not in everything
+    assert "s3cr" not in caplog.text and "alice" not in caplog.text

@@ -75,6 +75,7 @@ class LocalHttpServer:
         self._lock = threading.Lock()
         self._routes: dict[str, _Route] = {}
         self._hits: Counter[str] = Counter()
+        self._authorizations: dict[str, list[str | None]] = {}
         self._stopping = threading.Event()
         self._httpd = _Server(("127.0.0.1", 0), _Handler)
         self._httpd.owner = self
@@ -120,6 +121,11 @@ class LocalHttpServer:
         """How many requests ``path`` received (query strings ignored)."""
         with self._lock:
             return self._hits[path]
+
+    def authorizations(self, path: str) -> list[str | None]:
+        """The ``Authorization`` header of each request ``path`` received (None: none sent)."""
+        with self._lock:
+            return list(self._authorizations.get(path, []))
 
     def start(self) -> LocalHttpServer:
         """Start serving in a background thread."""
@@ -190,7 +196,10 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _answer(self, *, send_body: bool) -> None:
         owner = self.server.owner
-        response = owner._next_response(urlsplit(self.path).path)
+        path = urlsplit(self.path).path
+        with owner._lock:
+            owner._authorizations.setdefault(path, []).append(self.headers.get("Authorization"))
+        response = owner._next_response(path)
         if (response.delay and owner._wait(response.delay)) or response.abort:
             self.close_connection = True
             return
