@@ -409,6 +409,7 @@ def grayscale(parcel: dict[str, Any]) -> list[dict[str, Any]]:
                 max_pixels=context.settings.max_image_pixels,
                 compress_level=context.settings.png_compress_level,
                 budget=context.decode_budget,
+                formats=context.settings.allowed_image_formats,
             )
         except CrawlError as exc:
             results.append({"error": exc.reason})

@@ -9,6 +9,8 @@ from functools import cache
 from typing import Any
 from urllib.parse import urlsplit
 
+from PIL import Image, features
+
 from .redaction import redact
 
 
@@ -60,6 +62,62 @@ def _url(*schemes: str) -> Callable[[str], str]:
     return parse
 
 
+#: The raster formats of the web, IMAGE_FORMATS's default: whatever the Pillow build, these names
+#: are valid (one this Pillow cannot decode, AVIF without libavif or its plugin, is left out).
+WEB_IMAGE_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "ICO", "TIFF", "MPO", "AVIF")
+#: Refused even when named: Pillow hands EPS to Ghostscript, an interpreter with a history of exploits.
+REFUSED_IMAGE_FORMATS = frozenset({"EPS"})
+_ALL_FORMATS = "all"
+#: Formats whose Pillow plugin decodes only with an optional library, and the feature naming it.
+_CODEC_FEATURES = {"AVIF": "avif", "WEBP": "webp", "JPEG": "jpg", "MPO": "jpg", "JPEG2000": "jpg_2000"}
+
+
+@cache
+def _pillow_formats() -> frozenset[str]:
+    """Every format ``Image.open`` can give, EPS included: its openers, and MPO (opened by JPEG's)."""
+    Image.init()
+    names = set(Image.OPEN)
+    if "JPEG" in names:
+        names.add("MPO")
+    return frozenset(names)
+
+
+def _decodable(name: str) -> bool:
+    feature = _CODEC_FEATURES.get(name)
+    return name in _pillow_formats() and (feature is None or bool(features.check(feature)))
+
+
+def _image_formats(value: str) -> str:
+    """IMAGE_FORMATS, upper-cased and without spaces or repeats (``all`` stays ``all``)."""
+    listed = [name.strip() for name in value.split(",") if name.strip()]
+    if any(name.lower() == _ALL_FORMATS for name in listed):
+        if len(listed) > 1:
+            raise ValueError("must be all, alone, or a comma list of Pillow format names")
+        return _ALL_FORMATS
+    if not listed:
+        raise ValueError("must be a comma list of Pillow format names, or all; it names none")
+    names = list(dict.fromkeys(name.upper() for name in listed))
+    for name in names:
+        if name in REFUSED_IMAGE_FORMATS:
+            raise ValueError(f"{name} is always refused: Pillow would hand the bytes to Ghostscript")
+        if name not in _pillow_formats() and name not in WEB_IMAGE_FORMATS:
+            known = sorted((_pillow_formats() | set(WEB_IMAGE_FORMATS)) - REFUSED_IMAGE_FORMATS)
+            raise ValueError(
+                f"must be a comma list of Pillow format names, or all; {name!r} is none of {', '.join(known)}"
+            )
+    return ",".join(names)
+
+
+@cache
+def _allowed_image_formats(spec: str) -> frozenset[str]:
+    spec = _image_formats(spec)  # as load_settings leaves it, also for a Settings made in code
+    if spec == _ALL_FORMATS:
+        names = _pillow_formats() - REFUSED_IMAGE_FORMATS
+    else:
+        names = frozenset(spec.split(",")) - REFUSED_IMAGE_FORMATS
+    return frozenset(name for name in names if _decodable(name))
+
+
 @dataclass(frozen=True)
 class Settings:
     """Every setting of image-crawler, read from the environment variable named like its field."""
@@ -89,9 +147,17 @@ class Settings:
     #: Megabytes of estimated decoding peak (docs/architecture.md, "Memory") one worker process
     #: may hold at once; a larger image waits until nothing else decodes, then runs alone.
     decode_memory_mb: int = 1024
+    #: Pillow formats a body may be decoded as, comma-separated, or ``all`` (every one but EPS).
+    #: Any other format ends as ``unsupported format <NAME>`` without its decoder ever running.
+    image_formats: str = ",".join(WEB_IMAGE_FORMATS)
     #: HTTP basic auth for the web app: when both are set, every route but ``/healthz`` asks for them.
     web_user: str = ""
     web_password: str = field(default="", repr=False)
+
+    @property
+    def allowed_image_formats(self) -> frozenset[str]:
+        """The formats ``IMAGE_FORMATS`` names that this Pillow can decode (never EPS)."""
+        return _allowed_image_formats(self.image_formats)
 
     @property
     def mongo_database(self) -> str:
@@ -114,6 +180,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "fetch_concurrency": _int_in(1, 1000),
     "max_deliveries": _int_in(1, 100),
     "decode_memory_mb": _int_in(16),
+    "image_formats": _image_formats,
     "web_user": str,
     "web_password": str,
 }

@@ -106,6 +106,14 @@ class TooManyPixels(ImageError):
     """More pixels than ``MAX_IMAGE_PIXELS``: refused before decoding (decompression bomb)."""
 
 
+class UnsupportedFormat(ImageError):
+    """A format outside ``IMAGE_FORMATS`` (or EPS, always refused): named by its signature, never parsed."""
+
+    def __init__(self, format_name: str) -> None:
+        super().__init__(f"unsupported format {format_name}")
+        self.format_name = format_name
+
+
 # --- pipeline -------------------------------------------------------------------------
 
 

@@ -8,6 +8,10 @@ plays no part.
 Every failure is a typed :class:`~image_crawler.errors.ImageError`: Pillow's decoders
 raise a zoo of unrelated exceptions (``OSError``, ``SyntaxError``, ``struct.error``...)
 that callers must never have to know about.
+
+Only the plugins of the allowed formats (``IMAGE_FORMATS``) ever parse a body: Pillow's CVEs
+cluster in the plugins of rare formats (FLI, PSD, SGI, DDS...), and every plugin is otherwise
+reachable by anyone who can serve us a URL.
 """
 
 from __future__ import annotations
@@ -17,13 +21,15 @@ import io
 import math
 import threading
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 from PIL import Image, ImageMode, ImageOps
 
-from .errors import NotAnImage, TooManyPixels, TruncatedImage
+from .config import REFUSED_IMAGE_FORMATS, get_settings
+from .errors import ImageError, NotAnImage, TooManyPixels, TruncatedImage, UnsupportedFormat
 
 __all__ = ["DecodeBudget", "GrayImage", "estimated_decode_bytes", "to_grayscale"]
 
@@ -34,8 +40,10 @@ __all__ = ["DecodeBudget", "GrayImage", "estimated_decode_bytes", "to_grayscale"
 _MEAN_OF_RGB = (1 / 3, 1 / 3, 1 / 3, -0.5)
 
 # Pillow hands EPS to Ghostscript, an external interpreter with a history of exploits:
-# bytes from the internet must not reach it (and this module does no I/O).
-_REFUSED_FORMATS = frozenset({"EPS"})
+# bytes from the internet must not reach it (and this module does no I/O). REFUSED_IMAGE_FORMATS
+# is refused here too, whatever ``formats`` a caller passes.
+#: Bytes of a body Pillow shows each plugin's signature check (``Image.open`` reads as many).
+_PREFIX_BYTES = 16
 
 
 @dataclass(frozen=True)
@@ -49,21 +57,32 @@ class GrayImage:
 
 
 def to_grayscale(
-    data: bytes, *, max_pixels: int, compress_level: int = 6, budget: DecodeBudget | None = None
+    data: bytes,
+    *,
+    max_pixels: int,
+    compress_level: int = 6,
+    budget: DecodeBudget | None = None,
+    formats: Collection[str] | None = None,
 ) -> GrayImage:
     """Decode ``data`` and return its exact grayscale PNG (mode ``L``, or ``LA`` when it has transparency).
 
     Only the first frame of an animation is kept, and the EXIF orientation is applied.
     Raises :class:`NotAnImage` for bytes that are no image (empty, HTML, garbage),
-    :class:`TruncatedImage` when a recognised image is cut short or corrupt, and
-    :class:`TooManyPixels` — read from the header, before any pixel is decoded — when it
-    has more than ``max_pixels`` pixels (or more than Pillow's own ``Image.MAX_IMAGE_PIXELS``
-    guard, which we read but never change). ``compress_level`` is zlib's, 0 (none) to 9.
+    :class:`UnsupportedFormat` for an image in a format outside ``formats`` (Pillow's format
+    names; default: the process's ``Settings.allowed_image_formats``) or in EPS, whatever
+    ``formats`` says — named by its signature, never parsed —, :class:`TruncatedImage` when
+    a recognised image is cut short or corrupt, and :class:`TooManyPixels` — read from the
+    header, before any pixel is decoded — when it has more than ``max_pixels`` pixels.
+    ``max_pixels`` above Pillow's own ``Image.MAX_IMAGE_PIXELS`` guard raises that guard to
+    it (see :func:`_keep_pillow_guard_above`). ``compress_level`` is zlib's, 0 (none) to 9.
     With a ``budget``, the image's :func:`estimated_decode_bytes` are reserved from it once
     the header is read and accepted, and held until the PNG is encoded.
     """
     if not 0 <= compress_level <= 9:
         raise ValueError(f"compress_level must be 0..9, not {compress_level}")
+    allowed = frozenset(
+        name.upper() for name in (get_settings().allowed_image_formats if formats is None else formats)
+    )
     with contextlib.ExitStack() as reservation:
 
         def reserve(header: Image.Image) -> None:
@@ -72,7 +91,7 @@ def to_grayscale(
 
         # Passing the decoded image straight on, unnamed, lets _grayscale free each
         # intermediate full-size copy as soon as the next one exists.
-        gray = _grayscale(_decode(data, max_pixels, before_load=reserve))
+        gray = _grayscale(_decode(data, max_pixels, allowed, before_load=reserve))
         result = GrayImage(png=_encode_png(gray, compress_level), width=gray.width, height=gray.height)
         del gray  # released with the reservation, not after it
     return result
@@ -234,14 +253,22 @@ _CONVERSION_OVERHEAD = 1024 * 1024
 _PILLOW_BLOCK_SIZE = 64 * 1024 * 1024
 
 
-def _decode(data: bytes, max_pixels: int, before_load: Callable[[Image.Image], None]) -> Image.Image:
-    """Open ``data``, refuse it by its header size, call ``before_load``, load its first frame, upright."""
+def _decode(
+    data: bytes, max_pixels: int, allowed: frozenset[str], before_load: Callable[[Image.Image], None]
+) -> Image.Image:
+    """Open ``data`` as an ``allowed`` format, refuse it by its header size, call ``before_load``, load it.
+
+    What is loaded is the first frame, upright.
+    """
     if not data:
         raise NotAnImage("empty body")
+    _keep_pillow_guard_above(max_pixels)
+    openers = _openers(allowed)
     try:
-        image = Image.open(io.BytesIO(data), formats=_decodable_formats())
+        # Only these plugins are tried: the others' code never runs on the body.
+        image = Image.open(io.BytesIO(data), formats=openers)
     except Image.UnidentifiedImageError as exc:
-        raise NotAnImage() from exc
+        raise _unidentified(data[:_PREFIX_BYTES], openers) from exc
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         # Pillow's guard fires inside open(), before we see the size.
         raise TooManyPixels("too many pixels") from exc
@@ -250,6 +277,9 @@ def _decode(data: bytes, max_pixels: int, before_load: Callable[[Image.Image], N
     except Exception as exc:  # Pillow's exceptions share no base class (its fuzzers catch Exception too)
         # A decoder recognised its signature, then could not parse what follows.
         raise TruncatedImage("corrupt image") from exc
+    if image.format not in allowed:
+        # JPEG's opener also opens MPO (a JPEG with more pictures after it), and only then knows.
+        raise UnsupportedFormat(str(image.format))
     _refuse_oversized(image.size, max_pixels)
     before_load(image)
     try:
@@ -274,17 +304,64 @@ def _decode(data: bytes, max_pixels: int, before_load: Callable[[Image.Image], N
     return image
 
 
-def _decodable_formats() -> list[str]:
-    """Every format Pillow can open, in its own detection order, except the refused ones."""
+@lru_cache(maxsize=16)
+def _openers(allowed: frozenset[str]) -> tuple[str, ...]:
+    """The Pillow openers that may parse a body of the ``allowed`` formats, in Pillow's detection order."""
     Image.init()  # registers all plugins once; with an explicit list, open() will not do it
-    return [name for name in Image.ID if name not in _REFUSED_FORMATS]
+    wanted = (allowed | {"JPEG"}) if "MPO" in allowed else allowed  # MPO has no opener of its own
+    return tuple(name for name in Image.ID if name in wanted and name not in REFUSED_IMAGE_FORMATS)
+
+
+def _unidentified(prefix: bytes, openers: tuple[str, ...]) -> ImageError:
+    """Why no opener took a body starting with ``prefix``: the format it is in, if it is not ours.
+
+    Each plugin's signature check (its ``_accept``, a few byte comparisons) is run, as
+    ``Image.open`` does before it lets a plugin parse; the first one that recognises the
+    prefix names the format. A plugin without one (TGA, IM, SPIDER...) cannot be told from
+    garbage without parsing, so such a body stays "not an image".
+    """
+    for name in Image.ID:
+        accept = Image.OPEN[name][1]
+        if accept is None:
+            continue
+        try:
+            verdict = accept(prefix)
+        except Exception:  # a short prefix trips some of them up (struct.error); Pillow skips those too
+            continue
+        if isinstance(verdict, str):
+            return UnsupportedFormat(name)  # recognised, but this Pillow lacks its codec (WebP, AVIF)
+        if verdict:
+            # One of ours that recognised the signature was tried and could not parse the rest.
+            return NotAnImage() if name in openers else UnsupportedFormat(name)
+    return NotAnImage()
+
+
+_GUARD_RAISE = threading.Lock()
+
+
+def _keep_pillow_guard_above(max_pixels: int) -> None:
+    """Raise Pillow's process-wide ``Image.MAX_IMAGE_PIXELS`` to ``max_pixels`` if it is lower.
+
+    Pillow checks every size it reads (in ``open()``, and for the frames of GIFs, ICOs, TIFF
+    tiles...) against that module global, warning above it and raising above twice it. Left
+    at its 89,478,485, it would refuse images that MAX_IMAGE_PIXELS allows: our limit is the
+    one that counts, and Pillow's guard sits at or above it. It is only ever raised, under a
+    lock, so threads converting with different limits never lower it under one another; a
+    limit below Pillow's leaves it untouched.
+    """
+    guard = Image.MAX_IMAGE_PIXELS
+    if guard is None or guard >= max_pixels:
+        return
+    with _GUARD_RAISE:
+        guard = Image.MAX_IMAGE_PIXELS
+        if guard is not None and guard < max_pixels:
+            Image.MAX_IMAGE_PIXELS = max_pixels
 
 
 def _refuse_oversized(size: tuple[int, int], max_pixels: int) -> None:
-    """Raise TooManyPixels when ``size`` is over our limit or over Pillow's bomb guard."""
+    """Raise TooManyPixels when ``size`` is over ``max_pixels``."""
     width, height = size
-    limit = max_pixels if Image.MAX_IMAGE_PIXELS is None else min(max_pixels, Image.MAX_IMAGE_PIXELS)
-    if width * height > limit:
+    if width * height > max_pixels:
         raise TooManyPixels(f"too many pixels: {width}x{height}")
 
 

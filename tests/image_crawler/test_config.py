@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from PIL import Image, features
 
 from image_crawler.config import ConfigError, Settings, get_settings, load_settings
 
@@ -22,6 +23,7 @@ def test_an_empty_environment_gives_the_documented_defaults():
     assert settings.max_image_pixels == 50_000_000
     assert settings.png_compress_level == 1
     assert settings.claim_ttl == 3600
+    assert settings.image_formats == "JPEG,PNG,GIF,WEBP,BMP,ICO,TIFF,MPO,AVIF"
 
 
 @pytest.mark.parametrize(
@@ -51,6 +53,8 @@ def test_an_empty_environment_gives_the_documented_defaults():
         ("PNG_COMPRESS_LEVEL", "0", "png_compress_level", 0),
         ("PNG_COMPRESS_LEVEL", "9", "png_compress_level", 9),
         ("CLAIM_TTL", "600", "claim_ttl", 600),
+        ("IMAGE_FORMATS", "png,jpeg", "image_formats", "PNG,JPEG"),
+        ("IMAGE_FORMATS", "all", "image_formats", "all"),
     ],
 )
 def test_each_variable_sets_its_field(variable, raw, field, expected):
@@ -96,6 +100,10 @@ def test_variables_are_read_by_their_upper_case_names_only():
         ("MONGO_URI", "http://x"),
         ("MONGO_URI", "localhost:27017"),
         ("REDIS_URL", "http://localhost:6379"),
+        ("IMAGE_FORMATS", "JPEG,HEIC"),
+        ("IMAGE_FORMATS", "PDF"),
+        ("IMAGE_FORMATS", ","),
+        ("IMAGE_FORMATS", "all,SGI"),
     ],
 )
 def test_an_invalid_value_is_refused_naming_the_variable_and_the_value(variable, raw):
@@ -116,6 +124,58 @@ def test_a_fetch_timeout_the_workers_cannot_turn_into_a_time_limit_is_refused(ra
 
 def test_the_longest_fetch_timeout_is_an_hour():
     assert load_settings({"FETCH_TIMEOUT": "3600"}).fetch_timeout == 3600.0
+
+
+# --- IMAGE_FORMATS ----------------------------------------------------------------------
+
+WEB_FORMATS = {"JPEG", "PNG", "GIF", "WEBP", "BMP", "ICO", "TIFF", "MPO", "AVIF"}
+
+
+def test_the_default_formats_are_the_webs_raster_formats():
+    expected = WEB_FORMATS if features.check("avif") else WEB_FORMATS - {"AVIF"}
+    assert Settings().allowed_image_formats == expected
+
+
+def test_the_documented_default_reads_back_as_the_default():
+    # docker-compose.yml passes the default as written; it must parse to the very same settings.
+    assert load_settings({"IMAGE_FORMATS": "JPEG,PNG,GIF,WEBP,BMP,ICO,TIFF,MPO,AVIF"}) == Settings()
+
+
+def test_format_names_are_case_insensitive_and_whitespace_is_tolerated():
+    settings = load_settings({"IMAGE_FORMATS": " jpeg , Png,\tgif ,, sgi "})
+    assert settings.image_formats == "JPEG,PNG,GIF,SGI"
+    assert settings.allowed_image_formats == {"JPEG", "PNG", "GIF", "SGI"}
+
+
+def test_a_format_named_twice_counts_once():
+    assert load_settings({"IMAGE_FORMATS": "PNG,png,JPEG"}).image_formats == "PNG,JPEG"
+
+
+@pytest.mark.parametrize("raw", ["all", "ALL", " All "])
+def test_all_is_every_format_pillow_decodes_but_eps(raw):
+    Image.init()
+    allowed = load_settings({"IMAGE_FORMATS": raw}).allowed_image_formats
+    assert allowed == (set(Image.OPEN) | {"MPO"}) - {"EPS"}
+    assert {"SGI", "PSD", "DDS", "FLI", "PCX", "TGA"} <= allowed
+
+
+@pytest.mark.parametrize("raw", ["EPS", "eps", "PNG,EPS"])
+def test_eps_is_refused_even_when_named(raw):
+    with pytest.raises(ConfigError) as caught:
+        load_settings({"IMAGE_FORMATS": raw})
+    message = str(caught.value)
+    assert message.startswith(f"IMAGE_FORMATS={raw!r} is invalid: ")
+    assert "EPS is always refused" in message
+
+
+def test_an_unknown_format_is_refused_listing_the_known_ones():
+    with pytest.raises(ConfigError) as caught:
+        load_settings({"IMAGE_FORMATS": "JPEG,HEIC"})
+    message = str(caught.value)
+    assert "'HEIC'" in message
+    for known in ("JPEG", "PNG", "SGI", "TIFF", "MPO", "all"):
+        assert known in message
+    assert "EPS" not in message
 
 
 def test_config_error_is_a_value_error():

@@ -15,9 +15,10 @@ import numpy as np
 import pytest
 from PIL import Image, ImageCms, ImageFile, features
 
-from image_crawler.errors import ImageError, NotAnImage, TooManyPixels, TruncatedImage
+from image_crawler.config import load_settings
+from image_crawler.errors import ImageError, NotAnImage, TooManyPixels, TruncatedImage, UnsupportedFormat
 from image_crawler.imaging import DecodeBudget, GrayImage, estimated_decode_bytes, to_grayscale
-from support.images import decode_png, encode, photo
+from support.images import decode_png, encode, in_format, photo
 from support.peak_memory import can_measure, conversion_peak
 
 MAX_PIXELS = 50_000_000
@@ -365,17 +366,56 @@ def test_size_is_checked_from_the_header_before_any_pixel_is_read() -> None:
         to_grayscale(header_only, max_pixels=MAX_PIXELS)
 
 
-def test_pillow_bomb_guard_applies_even_when_max_pixels_is_higher() -> None:
-    with pytest.raises(TooManyPixels):
-        to_grayscale(black_bilevel_png(40_000, 40_000), max_pixels=10**12)
+PILLOW_GUARD = Image.MAX_IMAGE_PIXELS  # 89,478,485 unless something raised it
 
 
-def test_pillow_global_limit_is_left_untouched() -> None:
+@pytest.fixture
+def pillow_guard(monkeypatch) -> None:
+    """Put Pillow's process-wide guard back as it was once the test is over."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)
+
+
+def test_max_pixels_above_pillows_own_guard_is_honoured(pillow_guard) -> None:
+    # 100 MP: over Pillow's 89,478,485 but within the limit set, as for a large scan.
+    assert PILLOW_GUARD is not None and PILLOW_GUARD < 10_000 * 10_000
+    result = to_grayscale(black_bilevel_png(10_000, 10_000), max_pixels=120_000_000, compress_level=1)
+    assert (result.width, result.height) == (10_000, 10_000)
+
+
+def test_max_pixels_above_twice_pillows_guard_is_honoured(pillow_guard) -> None:
+    # 182 MP, past where Pillow's guard raises instead of warning: only the header and 10 rows,
+    # so getting as far as loading the pixels (and finding them cut short) is the proof.
+    header_only = black_bilevel_png(13_500, 13_500, rows=10)
+    with pytest.raises(TruncatedImage):
+        to_grayscale(header_only, max_pixels=200_000_000)
+
+
+# Pillow warns of any size over its guard, now ours, before we refuse it.
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_over_a_max_pixels_above_pillows_guard_is_still_refused_with_the_size(pillow_guard) -> None:
+    with pytest.raises(TooManyPixels) as refused:
+        to_grayscale(black_bilevel_png(11_000, 11_000, rows=10), max_pixels=120_000_000)
+    assert refused.value.reason == "too many pixels: 11000x11000"
+
+
+def test_pillow_guard_is_left_untouched_by_a_limit_below_it(pillow_guard) -> None:
     before = Image.MAX_IMAGE_PIXELS
     with pytest.raises(TooManyPixels):
         to_grayscale(black_bilevel_png(40_000, 40_000), max_pixels=MAX_PIXELS)
     to_grayscale(black_bilevel_png(100, 100), max_pixels=MAX_PIXELS)
     assert before == Image.MAX_IMAGE_PIXELS
+
+
+def test_pillow_guard_is_only_ever_raised_to_the_largest_limit_used(pillow_guard) -> None:
+    # Pillow reads its guard from a module global on every check: lowering it again for a
+    # smaller limit would refuse the larger limit's images in another thread.
+    to_grayscale(black_bilevel_png(100, 100), max_pixels=150_000_000)
+    assert Image.MAX_IMAGE_PIXELS == 150_000_000
+    to_grayscale(black_bilevel_png(100, 100), max_pixels=MAX_PIXELS)
+    assert Image.MAX_IMAGE_PIXELS == 150_000_000
+    # Our own limit is still exact for the smaller one.
+    with pytest.raises(TooManyPixels, match="8000x8000"):
+        to_grayscale(black_bilevel_png(8_000, 8_000, rows=10), max_pixels=MAX_PIXELS)
 
 
 # --- bytes that are not (whole) images --------------------------------------------------
@@ -401,12 +441,6 @@ def test_bytes_that_are_no_image_are_not_an_image(body: bytes) -> None:
     with pytest.raises(NotAnImage) as refused:
         to_grayscale(body, max_pixels=MAX_PIXELS)
     assert refused.value.reason == "not an image"
-
-
-def test_postscript_is_never_handed_to_ghostscript() -> None:
-    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nnewpath 0 0 moveto showpage\n%%EOF\n"
-    with pytest.raises(NotAnImage):
-        to_grayscale(eps, max_pixels=MAX_PIXELS)
 
 
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG", "GIF", "TIFF", "BMP"])
@@ -441,6 +475,133 @@ def test_damaged_bytes_only_ever_raise_image_errors(fmt: str) -> None:
         except ImageError:
             continue
         assert decode_png(result.png)[0] in ("L", "LA")
+
+
+# --- formats (IMAGE_FORMATS) ------------------------------------------------------------
+
+WEB_FORMATS = ["JPEG", "PNG", "GIF", "WEBP", "BMP", "ICO", "TIFF", "MPO", "AVIF"]
+#: Formats Pillow decodes and writes, outside the default, that carry a signature to be named by.
+OTHER_FORMATS = ["SGI", "PCX", "DDS", "QOI", "PPM", "XBM", "MSP", "ICNS", "DIB", "JPEG2000"]
+_CODECS = {"WEBP": "webp", "AVIF": "avif", "JPEG2000": "jpg_2000"}
+
+
+def allowed(spec: str) -> frozenset[str]:
+    """The formats ``IMAGE_FORMATS=spec`` allows."""
+    return load_settings({"IMAGE_FORMATS": spec}).allowed_image_formats
+
+
+def writable(formats: list[str]) -> list:
+    """``formats`` as parameters, each skipped when this Pillow lacks its codec."""
+    return [
+        pytest.param(
+            fmt,
+            marks=pytest.mark.skipif(
+                fmt in _CODECS and not features.check(_CODECS[fmt]), reason=f"Pillow built without {fmt}"
+            ),
+        )
+        for fmt in formats
+    ]
+
+
+@pytest.fixture
+def parsed_by() -> list[str]:
+    """The formats whose plugin parsed a body (their opener ran), in order.
+
+    Each opener Pillow has is wrapped to note its name and then run as it is: what decodes
+    is Pillow's own code, the test only sees which of it was reached.
+    """
+    Image.init()
+    reached: list[str] = []
+    originals = dict(Image.OPEN)
+    for name, (factory, accept) in originals.items():
+
+        def noting(fp, filename, *, _name=name, _factory=factory):
+            reached.append(_name)
+            return _factory(fp, filename)
+
+        Image.OPEN[name] = (noting, accept)
+    yield reached
+    Image.OPEN.clear()
+    Image.OPEN.update(originals)
+
+
+@pytest.mark.parametrize("fmt", writable(WEB_FORMATS))
+def test_the_webs_formats_are_decoded_by_default(fmt: str) -> None:
+    data = in_format(fmt, seed=30)
+    with Image.open(io.BytesIO(data)) as image:
+        assert image.format == fmt  # the test exercises the format it names
+    result = to_grayscale(data, max_pixels=MAX_PIXELS)
+    assert (result.width, result.height) == (24, 16)
+    np.testing.assert_array_equal(decode_png(result.png)[1], floor_mean(decoded_rgb(data)))
+
+
+@pytest.mark.parametrize("fmt", writable(OTHER_FORMATS))
+def test_a_real_image_outside_the_default_is_an_unsupported_format_never_parsed(fmt, parsed_by) -> None:
+    data = in_format(fmt, seed=31)
+    with pytest.raises(UnsupportedFormat) as refused:
+        to_grayscale(data, max_pixels=MAX_PIXELS)
+    assert refused.value.reason == f"unsupported format {fmt}"
+    assert fmt not in parsed_by
+
+
+@pytest.mark.parametrize("fmt", writable([*OTHER_FORMATS, "TGA", "SPIDER"]))
+def test_all_decodes_every_format(fmt: str) -> None:
+    data = in_format(fmt, seed=32)
+    result = to_grayscale(data, max_pixels=MAX_PIXELS, formats=allowed("all"))
+    with Image.open(io.BytesIO(data)) as image:
+        assert (result.width, result.height) == image.size  # 24x16 but for ICNS, always 1024²
+    gray = decode_png(result.png)[1]
+    if fmt not in ("SPIDER", "ICNS"):  # floats are clipped, not meaned; ICNS keeps its alpha
+        np.testing.assert_array_equal(gray, floor_mean(decoded_rgb(data)))
+
+
+def test_a_format_without_a_signature_is_not_an_image_when_not_allowed(parsed_by) -> None:
+    # Naming SPIDER would take running its parser on the bytes, which not allowing it forbids.
+    with pytest.raises(NotAnImage) as refused:
+        to_grayscale(in_format("SPIDER", seed=33), max_pixels=MAX_PIXELS)
+    assert refused.value.reason == "not an image"
+    assert "SPIDER" not in parsed_by
+
+
+def test_only_the_formats_listed_are_decoded(parsed_by) -> None:
+    formats = allowed("png")
+    assert to_grayscale(in_format("PNG", seed=34), max_pixels=MAX_PIXELS, formats=formats).width == 24
+    for fmt in ("JPEG", "GIF", "BMP"):
+        with pytest.raises(UnsupportedFormat) as refused:
+            to_grayscale(in_format(fmt, seed=34), max_pixels=MAX_PIXELS, formats=formats)
+        assert refused.value.reason == f"unsupported format {fmt}"
+    assert parsed_by == ["PNG"]
+
+
+def test_a_multi_picture_jpeg_is_refused_when_only_jpeg_is_listed() -> None:
+    # Pillow opens both with its JPEG plugin and only then knows which one it has.
+    formats = allowed("JPEG")
+    assert to_grayscale(in_format("JPEG", seed=35), max_pixels=MAX_PIXELS, formats=formats).width == 24
+    with pytest.raises(UnsupportedFormat) as refused:
+        to_grayscale(in_format("MPO", seed=35), max_pixels=MAX_PIXELS, formats=formats)
+    assert refused.value.reason == "unsupported format MPO"
+
+
+EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nnewpath 0 0 moveto showpage\n%%EOF\n"
+
+
+@pytest.mark.parametrize(
+    "formats",
+    [None, "all", frozenset({"EPS", "PNG"})],
+    ids=["default", "all", "passed by name, past the settings"],
+)
+@pytest.mark.parametrize("body", [EPS, in_format("EPS", seed=36)], ids=["hand-written", "written by Pillow"])
+def test_postscript_is_never_handed_to_ghostscript(body: bytes, formats, parsed_by) -> None:
+    chosen = {} if formats is None else {"formats": allowed(formats) if formats == "all" else formats}
+    with pytest.raises(UnsupportedFormat) as refused:
+        to_grayscale(body, max_pixels=MAX_PIXELS, **chosen)
+    assert refused.value.reason == "unsupported format EPS"
+    assert "EPS" not in parsed_by
+
+
+def test_unsupported_format_is_an_image_error() -> None:
+    assert issubclass(UnsupportedFormat, ImageError)
+    assert UnsupportedFormat("SGI").transient is False
 
 
 # --- decode memory ----------------------------------------------------------------------

@@ -32,6 +32,22 @@ def encode(image: Image.Image, fmt: str, **params) -> bytes:
     return buffer.getvalue()
 
 
+#: The mode each format is written in when it cannot write RGB (the rest are written as RGB).
+_WRITTEN_AS = {"XBM": "1", "MSP": "1", "SPIDER": "F", "ICNS": "RGBA"}
+
+
+def in_format(fmt: str, seed: int, size: tuple[int, int] = (24, 16)) -> bytes:
+    """A small real image written by Pillow in ``fmt`` (MPO: two frames, so it is one)."""
+    image = photo(*size, seed=seed)
+    if fmt in _WRITTEN_AS:
+        image = image.convert(_WRITTEN_AS[fmt])
+    if fmt == "MPO":
+        return encode(image, fmt, save_all=True, append_images=[photo(*size, seed=seed + 1)])
+    if fmt == "ICO":
+        return encode(image, fmt, sizes=[size])  # not Pillow's default: the icon sizes under it
+    return encode(image, fmt)
+
+
 def png_bytes(width: int, height: int, seed: int) -> bytes:
     """A distinct RGB PNG."""
     return encode(photo(width, height, seed), "PNG")
