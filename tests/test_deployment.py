@@ -37,10 +37,13 @@ CONSTRAINTS = ROOT / "constraints.txt"
 URL_LIST = ROOT / "urls.txt"
 WORKFLOW = ROOT / ".github" / "workflows" / "ci.yml"
 README = ROOT / "README.md"
+ENV_EXAMPLE = ROOT / ".env.example"
 
 #: The services that run the image-crawler image (the others are MongoDB and Redis).
 APP_SERVICES = ("worker", "web", "crawl")
 SETTING_NAMES = {field.name.upper() for field in fields(Settings)}
+#: Settings only the web app reads: the other services are not given the dashboard's password.
+WEB_ONLY_SETTINGS = {"WEB_USER", "WEB_PASSWORD"}
 
 _VARIABLE = re.compile(r"\$\{(?P<name>\w+)(?:(?P<op>:?-)(?P<default>[^}]*))?\}|\$\$")
 
@@ -224,11 +227,13 @@ def test_dockerfile_passes_hadolint():
 # --- docker-compose.yml ---------------------------------------------------------------
 
 
-def test_only_the_web_app_publishes_a_port_and_it_is_5000(services):
+def test_only_the_web_app_publishes_a_port_and_only_on_loopback_by_default(compose, services):
     published = {name: service["ports"] for name, service in services.items() if service.get("ports")}
-    assert published == {"web": ["5000:5000"]}
+    assert published == {"web": ["127.0.0.1:5000:5000"]}
     for service in services.values():
         assert service.get("network_mode") != "host"
+    elsewhere = interpolate(compose["services"]["web"]["ports"], {"WEB_BIND": "0.0.0.0", "WEB_PORT": "8080"})
+    assert elsewhere == ["0.0.0.0:8080:5000"]
 
 
 def test_stores_and_web_app_have_healthchecks(services):
@@ -297,8 +302,17 @@ def test_crawl_enqueues_the_mounted_url_list_once(services):
 
 
 def test_compose_sets_every_setting_and_nothing_else(services):
-    for name in APP_SERVICES:
-        assert set(services[name]["environment"]) == SETTING_NAMES, name
+    assert set(services["web"]["environment"]) == SETTING_NAMES
+    for name in ("worker", "crawl"):
+        assert set(services[name]["environment"]) == SETTING_NAMES - WEB_ONLY_SETTINGS, name
+
+
+def test_web_user_and_password_reach_the_web_app(compose):
+    environment = interpolate(
+        compose["services"]["web"]["environment"], {"WEB_USER": "crawler", "WEB_PASSWORD": "pw: with $ and #"}
+    )
+    settings = load_settings({key: str(value) for key, value in environment.items()})
+    assert (settings.web_user, settings.web_password) == ("crawler", "pw: with $ and #")
 
 
 def test_compose_defaults_are_the_programs_defaults(compose):
@@ -402,6 +416,44 @@ def test_readme_documents_every_setting_with_its_default():
         assert row in readme, f"README's configuration table lacks {row}"
     for knob in ("WORKER_PROCESSES", "WORKER_THREADS", "WEB_WORKERS", "WEB_PORT"):
         assert f"`{knob}`" in readme
+
+
+def _compose_variables() -> dict[str, str]:
+    """Every ``${NAME:-default}`` that docker-compose.yml reads: name → default."""
+    return {
+        match["name"]: match["default"]
+        for match in _VARIABLE.finditer(COMPOSE_FILE.read_text())
+        if match["name"] and match["op"] == ":-"
+    }
+
+
+def test_env_example_and_readme_give_every_compose_variable_with_its_default():
+    variables = _compose_variables()
+    assert {"WEB_BIND", "WEB_PORT", "WEB_USER", "WEB_PASSWORD"} <= set(variables)
+    assert (variables["WEB_BIND"], variables["WEB_USER"], variables["WEB_PASSWORD"]) == ("127.0.0.1", "", "")
+    example = dict(re.findall(r"^# ([A-Z][A-Z0-9_]*)=(.*)$", ENV_EXAMPLE.read_text(), flags=re.MULTILINE))
+    assert example == variables, ".env.example and docker-compose.yml disagree"
+    readme = README.read_text()
+    for name, default in variables.items():
+        row = f"| `{name}` | `{default}` |"
+        assert row in readme, f"README lacks {row}"
+
+
+def test_env_example_warns_before_the_dashboard_leaves_this_machine():
+    text = ENV_EXAMPLE.read_text()
+    before_bind = text[: text.index("# WEB_BIND=")]
+    warning = before_bind[before_bind.rindex("\n\n") :]
+    assert "0.0.0.0" in warning and "WEB_USER" in warning and "WEB_PASSWORD" in warning
+
+
+def test_readme_says_what_is_refused_and_how_to_expose_the_dashboard():
+    readme = README.read_text()
+    assert "\n## Security\n" in readme
+    security = readme.split("\n## Security\n", 1)[1].split("\n## ", 1)[0]
+    for fact in ("FETCH_ALLOW_PRIVATE", "IMAGE_FORMATS", "EPS", "MAX_IMAGE_PIXELS", "FETCH_MAX_BYTES"):
+        assert fact in security, fact
+    for step in ("WEB_USER", "WEB_PASSWORD", "WEB_BIND", "TLS"):
+        assert step in security, step
 
 
 def test_ci_runs_the_suite_against_real_mongodb_and_redis():

@@ -13,8 +13,9 @@ from flask import Flask, Response
 from flask.json.provider import DefaultJSONProvider
 
 from image_crawler.config import get_settings
+from image_crawler.redaction import install_log_redaction
 
-from . import dashboard, db, errors, health, images, monitoring
+from . import auth, dashboard, db, errors, health, images, monitoring
 
 #: Pages and JSON load nothing from elsewhere and run only our own script files.
 CONTENT_SECURITY_POLICY = (
@@ -26,21 +27,27 @@ CONTENT_SECURITY_POLICY = (
 def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     """Build the app from the environment's settings, overridden by ``test_config``.
 
-    Besides Flask's own keys the config holds ``MONGO_URI`` and ``REDIS_URL`` (from the
-    settings), ``MONGO_DATABASE`` (a ready ``Database`` object to use instead of ``MONGO_URI``),
+    Besides Flask's own keys the config holds ``MONGO_URI``, ``REDIS_URL``, ``WEB_USER`` and
+    ``WEB_PASSWORD`` (from the settings; with both set, every route but ``/healthz`` asks for
+    them), ``MONGO_DATABASE`` (a ready ``Database`` object to use instead of ``MONGO_URI``),
     ``SERVICE_TIMEOUT`` (seconds to wait for MongoDB or Redis), the histogram windows
     ``DEFAULT_MINUTES``/``MAX_MINUTES``, and the dashboard's ``GALLERY_PAGE_SIZE``, ``MAX_PAGE``,
     ``RECENT_ERRORS``, ``LIVE_MINUTES``, ``REFRESH_SECONDS`` and ``IDLE_REFRESH_SECONDS``.
     """
+    # As in the workers: no log line of this process (an error's text, a traceback) shows the
+    # credentials of a URL, MONGO_URI and REDIS_URL included.
+    install_log_redaction()
     app = Flask(__name__)
     settings = get_settings()
     app.config.from_mapping(
         MONGO_URI=settings.mongo_uri,
         REDIS_URL=settings.redis_url,
+        WEB_USER=settings.web_user,
+        WEB_PASSWORD=settings.web_password,
         MONGO_DATABASE=None,
         SERVICE_TIMEOUT=3.0,
         DEFAULT_MINUTES=60,
-        MAX_MINUTES=1440,
+        MAX_MINUTES=monitoring.LONGEST_WINDOW,
         GALLERY_PAGE_SIZE=24,
         MAX_PAGE=100_000,
         RECENT_ERRORS=15,
@@ -52,6 +59,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     if test_config is not None:
         app.config.from_mapping(test_config)
 
+    auth.init_app(app)
     db.init_app(app)
     # After Flask-PyMongo, which installs a BSON provider: the views only write plain values.
     app.json = _DocumentOrderJSON(app)

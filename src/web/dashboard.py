@@ -40,8 +40,11 @@ def index() -> str:
     db = get_db()
 
     totals = outcome_totals(db)
-    latest = latest_minute(db)
-    live = latest is not None and this_minute() - latest <= dt.timedelta(minutes=config["LIVE_MINUTES"])
+    # Up to the next minute, like the chart: an outcome from a worker whose clock runs far ahead
+    # would otherwise keep the page "live" (and refreshing every few seconds) until that date.
+    now = this_minute()
+    latest = latest_minute(db, until=now + dt.timedelta(minutes=1))
+    live = latest is not None and now - latest <= dt.timedelta(minutes=config["LIVE_MINUTES"])
     page_size = int(config["GALLERY_PAGE_SIZE"])
     image_count = count_images(db)
     # Changes whenever an outcome or an image is added: the page script swaps content only then.

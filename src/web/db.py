@@ -102,9 +102,10 @@ def outcome_totals(db: Database) -> dict[str, int]:
     return {name: ledger.count_documents({"outcome": name}) for name in outcomes.OUTCOMES}
 
 
-def latest_minute(db: Database) -> dt.datetime | None:
-    """The UTC minute of the most recent outcome, or None before the first one."""
-    row = storage.outcomes(db).find_one({}, projection={"minute": 1}, sort=[("minute", DESCENDING)])
+def latest_minute(db: Database, until: dt.datetime | None = None) -> dt.datetime | None:
+    """The UTC minute of the most recent outcome (at ``until`` or before, if given), or None."""
+    query = {} if until is None else {"minute": {"$lte": until}}
+    row = storage.outcomes(db).find_one(query, projection={"minute": 1}, sort=[("minute", DESCENDING)])
     minute = None if row is None else row.get("minute")
     return as_utc(minute) if isinstance(minute, dt.datetime) else None
 

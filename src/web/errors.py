@@ -12,20 +12,22 @@ def _wants_json() -> bool:
     return request.path.endswith(".json") or request.path == "/healthz"
 
 
-def _answer(error: HTTPException) -> tuple[Response | str, int]:
+def _answer(error: HTTPException) -> tuple[Response | str, int, list[tuple[str, str]]]:
+    """JSON or the error page for ``error``, with its headers (``Allow``, ``WWW-Authenticate``…)."""
     code = error.code or 500
+    headers = [(name, value) for name, value in error.get_headers() if name.lower() != "content-type"]
     if _wants_json():
-        return jsonify({"error": error.name, "status": code, "message": error.description}), code
-    return render_template("error.html", error=error, code=code), code
+        return jsonify({"error": error.name, "status": code, "message": error.description}), code, headers
+    return render_template("error.html", error=error, code=code), code, headers
 
 
-def _database_down(exc: pymongo.errors.PyMongoError) -> tuple[Response | str, int]:
+def _database_down(exc: pymongo.errors.PyMongoError) -> tuple[Response | str, int, list[tuple[str, str]]]:
     # The app is fine but cannot answer without MongoDB: a 503 tells clients to retry later.
     current_app.logger.warning("MongoDB unavailable: %s", exc)
     return _answer(ServiceUnavailable("The database does not answer right now; try again shortly."))
 
 
-def _unexpected(error: InternalServerError) -> tuple[Response | str, int]:
+def _unexpected(error: InternalServerError) -> tuple[Response | str, int, list[tuple[str, str]]]:
     # Flask has logged the original exception; the client learns nothing about our internals.
     return _answer(InternalServerError())
 

@@ -19,6 +19,9 @@ bp = Blueprint("monitoring", __name__)
 
 _MINUTE = dt.timedelta(minutes=1)
 
+#: The default of the app's ``MAX_MINUTES``: a day, the longest window a request may ask for.
+LONGEST_WINDOW = 1440
+
 #: The chart has an inline stylesheet and no script; opened on its own it needs nothing else.
 _SVG_CSP = "default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'self'"
 
@@ -40,27 +43,50 @@ def this_minute() -> dt.datetime:
     return storage.utcnow().replace(second=0, microsecond=0)
 
 
-def minute_buckets(db: Database, minutes: int | None, now: dt.datetime | None = None) -> list[Bucket]:
-    """One bucket per UTC minute, oldest first, empty minutes included.
+def minute_buckets(
+    db: Database, minutes: int | None, now: dt.datetime | None = None, *, longest: int = LONGEST_WINDOW
+) -> list[Bucket]:
+    """Buckets of UTC minutes, oldest first: every outcome is counted in exactly one of them.
 
-    The window is the ``minutes`` minutes ending with the current one, or with ``None`` every
-    minute from the first outcome on. It is stretched to the newest outcome should a worker's
-    clock run ahead of ours, so that no recorded outcome is left out.
+    The window is the ``minutes`` minutes ending with the current one, empty minutes included.
+    Outcomes dated after it (a worker whose clock runs ahead of ours) are not left out, nor do
+    they stretch the window: they add one bucket, the next minute, which counts every one of
+    them however far ahead they are. So totals stay true, and a clock a year ahead costs one
+    bucket, not 525,600.
+
+    With ``None`` (every outcome) the buckets start at the first outcome and run without holes
+    over at most the ``longest`` minutes ending with the current one; before those, only the
+    minutes that had outcomes are listed. The answer then grows with the minutes a crawl was
+    busy, never with the time since its first outcome.
     """
     now = (now or this_minute()).replace(second=0, microsecond=0)
     since = None if minutes is None else now - (minutes - 1) * _MINUTE
-    counts = count_by_minute(db, since)
+    counts = _fold_later_minutes(count_by_minute(db, since), now + _MINUTE)
     if since is None:
         if not counts:
             return []
-        since = min(counts)
-    until = max(now, *counts) if counts else now
-    buckets = []
+        since = max(min(counts), now - (longest - 1) * _MINUTE)
+    until = now + _MINUTE if now + _MINUTE in counts else now
+    buckets = [Bucket(minute, counts[minute]) for minute in sorted(counts) if minute < since]
     minute = since
     while minute <= until:
         buckets.append(Bucket(minute, counts.get(minute, dict.fromkeys(OUTCOMES, 0))))
         minute += _MINUTE
     return buckets
+
+
+def _fold_later_minutes(
+    counts: dict[dt.datetime, dict[str, int]], last: dt.datetime
+) -> dict[dt.datetime, dict[str, int]]:
+    """``counts`` with the counts of every minute after ``last`` added to those of ``last``."""
+    later = [minute for minute in counts if minute > last]
+    if not later:
+        return counts
+    folded = counts.setdefault(last, dict.fromkeys(OUTCOMES, 0))
+    for minute in later:
+        for name, count in counts.pop(minute).items():
+            folded[name] += count
+    return counts
 
 
 def requested_minutes(*, allow_all: bool) -> int | None:
@@ -96,7 +122,9 @@ def histogram() -> Response:
 @bp.get("/monitoring.json")
 def histogram_json() -> Response:
     """The same buckets as JSON: ``{"buckets": [{"minute": …, "success": n, …}, …]}``."""
-    buckets = minute_buckets(get_db(), requested_minutes(allow_all=True))
+    buckets = minute_buckets(
+        get_db(), requested_minutes(allow_all=True), longest=int(current_app.config["MAX_MINUTES"])
+    )
     response = jsonify({"buckets": [bucket.to_json() for bucket in buckets]})
     response.cache_control.no_cache = True
     return response

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
 from web import create_app
@@ -45,10 +48,11 @@ def test_unknown_path_is_404_html_and_unknown_json_path_is_404_json(client):
 
 
 @pytest.mark.parametrize("path", ["/", "/monitoring", "/monitoring.json", "/healthz"])
-def test_wrong_method_is_405(client, path):
+def test_wrong_method_is_405_and_says_which_are_allowed(client, path):
     response = client.post(path)
 
     assert response.status_code == 405
+    assert "GET" in response.headers.get("Allow", "").split(", ")
 
 
 @pytest.mark.parametrize(
@@ -82,3 +86,26 @@ def test_pages_say_503_while_mongo_is_down(mongo_down_client):
     assert html.status_code == 503 and html.mimetype == "text/html" and "try again" in html.text
     assert json.status_code == 503 and json.get_json()["error"] == "Service Unavailable"
     assert png.status_code == 503
+
+
+def test_the_web_process_logs_no_url_credentials():
+    # In a process of its own: importing image_crawler.actors (other tests do) would install the
+    # redaction for the whole test session.
+    script = """
+import logging, sys
+from web import create_app
+app = create_app({"MONGO_URI": "mongodb://127.0.0.1:1/x", "REDIS_URL": "redis://127.0.0.1:1/0"})
+logging.basicConfig(stream=sys.stderr, level=logging.INFO)
+app.logger.warning("MongoDB unavailable: %s", "auth failed for mongodb://crawler:hunter2@db.internal/x")
+try:
+    raise RuntimeError("cannot reach redis://:hunter2@cache.internal:6379/0")
+except RuntimeError:
+    app.logger.exception("unexpected")
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
+    )
+
+    assert done.returncode == 0, done.stderr
+    assert "mongodb://***@db.internal/x" in done.stderr and "redis://***@cache.internal" in done.stderr
+    assert "hunter2" not in done.stderr

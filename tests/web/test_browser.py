@@ -25,6 +25,8 @@ from flask import Flask
 from PIL import Image
 from werkzeug.serving import make_server
 
+from web import create_app
+
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(
     CHROMIUM is None, reason="Chromium is not installed (apt-get install chromium; .ci/run does)"
@@ -239,3 +241,31 @@ def test_the_checks_see_script_errors_refusals_and_failed_loads(app, served, bro
     assert "Content Security Policy" in console and "Uncaught ReferenceError" in console, console
     # Chromium does not print failed loads on stderr: the server's log of statuses catches them.
     assert ("/image/nope?", 400) in answered
+
+
+def test_dashboard_works_behind_basic_auth_in_the_browser(mongo_db, redis_url, crawled, serve, browser):
+    app = create_app(
+        {
+            "MONGO_DATABASE": mongo_db,
+            "REDIS_URL": redis_url,
+            "WEB_USER": "crawler",
+            "WEB_PASSWORD": "s3cret pw",
+        }
+    )
+    base, answered = serve(app)
+    signed_in = base.replace("http://", "http://crawler:s3cret%20pw@")
+
+    browser.dom(f"{base}/")
+    refused = list(answered)
+    page = _Page(browser.dom(f"{signed_in}/", "--virtual-time-budget=12000"))
+
+    assert refused and all(status == 401 for _, status in refused), refused
+    assert {f"/image/{md5}" for md5 in crawled} <= set(page.images)
+    assert "data-refreshed-at" in page.html_attrs, "the refresh script did not run"
+    assert browser.console == []
+    signed = answered[len(refused) :]
+    paths = [path for path, status in signed if status in (200, 304)]
+    assert sum(1 for path in paths if path.startswith("/?")) >= 2  # the page, and the script's refresh
+    for needed in ("/static/style.css?", "/static/dashboard.js?", "/monitoring?minutes=60"):
+        assert any(path.startswith(needed) for path in paths), needed
+    assert {f"/image/{md5}?" for md5 in crawled} <= set(paths), "gallery images were not loaded"

@@ -135,6 +135,25 @@ def test_refreshes_slowly_when_idle(client, seed):
     assert 'http-equiv="refresh"' not in page and "Idle" in page
 
 
+def test_an_outcome_from_a_clock_far_ahead_does_not_keep_the_page_live(client, seed):
+    seed.outcome("success", minutes_ago=30)
+    seed.outcome("success", minutes_ago=-30 * 24 * 60)  # a worker whose clock runs a month ahead
+
+    page = client.get("/").text
+
+    assert Elements(page).all("main")[0]["data-refresh-seconds"] == "30"
+    assert 'http-equiv="refresh"' not in page and "Idle" in page
+    assert '<span class="count">2</span> urls' in page
+
+
+def test_outcomes_all_dated_ahead_are_not_called_none(client, seed):
+    seed.outcome("error", minutes_ago=-600, reason="timeout")
+
+    page = client.get("/").text
+
+    assert "No outcomes yet" not in page and "Idle" in page and "ahead" in page
+
+
 def test_version_changes_with_new_outcomes(client, seed):
     before = Elements(client.get("/").text).all("main")[0]["data-version"]
     seed.outcome("error", reason="timeout")

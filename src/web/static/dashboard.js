@@ -6,6 +6,16 @@
 (() => {
   const byId = () => document.getElementById("dashboard");
 
+  // This page's URL without user:password@ (opened so, some browsers keep them in location,
+  // and fetch() refuses a URL with credentials); the browser sends them for the page's own
+  // origin by itself.
+  const here = () => {
+    const url = new URL(window.location.href);
+    url.username = "";
+    url.password = "";
+    return url.href;
+  };
+
   const schedule = (main) => {
     const seconds = Number(main.dataset.refreshSeconds) || 30;
     window.setTimeout(refresh, seconds * 1000);
@@ -19,7 +29,7 @@
     }
     let next = current;
     try {
-      const response = await fetch(window.location.href, { cache: "no-store", headers: { Accept: "text/html" } });
+      const response = await fetch(here(), { cache: "no-store", headers: { Accept: "text/html" } });
       if (response.ok) {
         const page = new DOMParser().parseFromString(await response.text(), "text/html");
         const fresh = page.getElementById("dashboard");
