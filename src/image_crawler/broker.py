@@ -7,6 +7,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 import dramatiq
@@ -34,7 +35,8 @@ RESULT_TTL_MS = 60 * 60 * 1000
 #: While Redis is unreachable (a restart, a failover), every Redis call of a worker — fetching,
 #: acking, enqueueing a retry or a group callback, storing a result — waits and tries again for
 #: about this long instead of failing: a failed enqueue inside Dramatiq's after-hooks is only
-#: logged, and the message would then be acknowledged with its follow-up lost.
+#: logged, and the message would then be acknowledged with its follow-up lost. A process a
+#: person waits for (``image-crawler``) makes its clients inside :func:`outage_budget` instead.
 REDIS_OUTAGE_BUDGET_S = 300
 
 #: How often a consumer looks for messages of its own that it lost track of (see below).
@@ -60,15 +62,61 @@ ADMIT_PRIORITY = 200
 BARRIER_TTL_MS = RESULT_TTL_MS
 
 
+_outage_budget_s: ContextVar[float] = ContextVar("outage_budget_s", default=REDIS_OUTAGE_BUDGET_S)
+
+
+@contextmanager
+def outage_budget(seconds: float) -> Iterator[None]:
+    """Make the Redis clients created in this block ride out an outage of ``seconds``, not minutes.
+
+    For a process a person waits for: enter it before :mod:`image_crawler.actors` is first
+    imported (that import creates the broker and its client). Clients made outside the block,
+    the workers' among them, keep ``REDIS_OUTAGE_BUDGET_S``.
+    """
+    token = _outage_budget_s.set(seconds)
+    try:
+        yield
+    finally:
+        _outage_budget_s.reset(token)
+
+
+class _OutageRetry(Retry):
+    """redis-py's retry, bounded by time: a call gives up ``budget_s`` seconds after it began.
+
+    A count of retries alone does not bound an outage: each try may wait for a whole socket
+    timeout first (a Redis that accepts connections and never answers).
+    """
+
+    def __init__(self, budget_s: float) -> None:
+        backoff = ExponentialWithJitterBackoff(cap=min(5.0, budget_s / 5), base=0.25)
+        super().__init__(backoff, retries=-1)
+        self.budget_s = budget_s
+
+    def call_with_retry(
+        self, do: Callable[[], Any], fail: Callable[..., Any], *args: Any, **kwargs: Any
+    ) -> Any:
+        deadline = time.monotonic() + self.budget_s
+
+        def fail_within_budget(error: Exception, *failures: int) -> None:
+            fail(error, *failures)  # redis-py's clean-up (disconnect) first
+            if time.monotonic() >= deadline:
+                raise error
+
+        return super().call_with_retry(do, fail_within_budget, *args, **kwargs)
+
+
 def connect_redis(url: str) -> redis.Redis:
-    """A Redis client that rides out an outage of up to ``REDIS_OUTAGE_BUDGET_S`` seconds."""
-    backoff = ExponentialWithJitterBackoff(cap=5.0, base=0.25)
+    """A Redis client that rides out an outage of up to ``REDIS_OUTAGE_BUDGET_S`` seconds.
+
+    Inside :func:`outage_budget`, of that many seconds instead (and no socket waits longer).
+    """
+    budget_s = _outage_budget_s.get()
     return redis.Redis.from_url(
         url,
-        retry=Retry(backoff, retries=REDIS_OUTAGE_BUDGET_S // 5 * 2),
+        retry=_OutageRetry(budget_s),
         retry_on_error=[redis.exceptions.ConnectionError, redis.exceptions.TimeoutError],
-        socket_connect_timeout=5,
-        socket_timeout=60,
+        socket_connect_timeout=min(5.0, budget_s),
+        socket_timeout=min(60.0, budget_s),
         health_check_interval=30,
     )
 

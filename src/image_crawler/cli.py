@@ -4,22 +4,31 @@ from __future__ import annotations
 
 import codecs
 import itertools
+import re
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import IO, Any
 
 import click
+import pymongo
 import pymongo.errors
 import redis.exceptions
 from pymongo.database import Database
 
 from . import outcomes, storage
+from .broker import outage_budget
 from .config import ConfigError, Settings, get_settings
 from .errors import InvalidUrl
 from .fetching import check_url
 from .outcomes import Job
+from .redaction import redact, redact_url
+
+#: How long the command waits for an unreachable Redis or MongoDB before it says so. Workers ride
+#: out minutes (``broker.REDIS_OUTAGE_BUDGET_S``); a person at a prompt wants to know.
+OUTAGE_BUDGET_S = 5.0
 
 
 @dataclass
@@ -161,13 +170,68 @@ def summary_line(total: int, counts: dict[str, int]) -> str:
     return f"done: {total} urls — {parts}"
 
 
-def _database(settings: Settings) -> Database:
-    db = storage.get_database(settings)
+class ServiceUnreachable(click.ClickException):
+    """Redis or MongoDB failed the command (unreachable for ``OUTAGE_BUDGET_S``, or refusing it).
+
+    Reported in one line on stderr, with exit code 2; the command's other errors exit with 1.
+    """
+
+    exit_code = 2
+
+
+#: What pymongo appends to a connection error: the timeouts in force, the whole topology.
+_PYMONGO_DETAILS = re.compile(r" \(configured timeouts:[^)]*\)|, Timeout: .*", re.DOTALL)
+_MAX_CAUSE = 300
+
+
+def _cause(exc: Exception) -> str:
+    """What went wrong, in one short line without credentials."""
+    text = " ".join(_PYMONGO_DETAILS.sub("", str(exc)).split()) or type(exc).__name__
+    text = redact(text)
+    return text if len(text) <= _MAX_CAUSE else text[: _MAX_CAUSE - 1] + "…"
+
+
+@contextmanager
+def _reporting_outages(settings: Settings) -> Iterator[None]:
+    """Turn a Redis or MongoDB failure, whenever it happens, into :class:`ServiceUnreachable`."""
     try:
-        storage.ensure_indexes(db)
+        yield
+    except redis.exceptions.RedisError as exc:
+        where = redact_url(settings.redis_url)
+        raise ServiceUnreachable(f"cannot reach Redis at {where}: {_cause(exc)}") from None
     except pymongo.errors.PyMongoError as exc:
-        raise click.ClickException(f"cannot reach MongoDB at {settings.mongo_uri}: {exc}") from None
+        where = redact_url(settings.mongo_uri)
+        raise ServiceUnreachable(f"cannot reach MongoDB at {where}: {_cause(exc)}") from None
+
+
+def _connect_database(settings: Settings) -> Database:
+    """A handle on ``MONGO_URI`` that gives up on an unreachable server within ``OUTAGE_BUDGET_S``.
+
+    Its own client, not the workers' (``storage.get_database``), whose patience is theirs.
+    """
+    timeout_ms = int(OUTAGE_BUDGET_S * 1000)
+    client: pymongo.MongoClient = pymongo.MongoClient(
+        settings.mongo_uri,
+        tz_aware=True,
+        appname="image-crawler",
+        serverSelectionTimeoutMS=timeout_ms,
+        # Below the selection timeout, so that a server that never answers is reported as such.
+        connectTimeoutMS=timeout_ms // 2,
+    )
+    return client[settings.mongo_database]
+
+
+def _database(settings: Settings) -> Database:
+    db = _connect_database(settings)
+    click.get_current_context().call_on_close(db.client.close)
+    storage.ensure_indexes(db)
     return db
+
+
+def _check_redis() -> None:
+    from .actors import broker  # sets up the broker, within the command's outage budget
+
+    broker.client.ping()
 
 
 def _settings() -> Settings:
@@ -179,8 +243,12 @@ def _settings() -> Settings:
 
 @click.group()
 @click.version_option(package_name="image-crawler")
-def main() -> None:
+@click.pass_context
+def main(ctx: click.Context) -> None:
     """Crawl image URLs into MongoDB with Dramatiq workers (run `dramatiq image_crawler.actors`)."""
+    # Every Redis client of this command (the broker's, made when the actors are imported) gives
+    # up after seconds; the workers' ride out minutes.
+    ctx.with_resource(outage_budget(OUTAGE_BUDGET_S))
 
 
 @main.command()
@@ -199,40 +267,42 @@ def main() -> None:
 def enqueue(file: IO[bytes], wait: bool, timeout: float | None, max_in_flight: int) -> None:
     """Enqueue every URL line of FILE (- for stdin); blank and # lines are skipped."""
     settings = _settings()
-    db = _database(settings)
-    try:
+    with _reporting_outages(settings):
+        # Both services answer before a line is read: nothing is recorded for a run never sent.
+        _check_redis()
+        db = _database(settings)
         report = enqueue_lines(file, db, max_in_flight=max_in_flight)
-    except redis.exceptions.ConnectionError as exc:
-        raise click.ClickException(f"cannot reach Redis at {settings.redis_url}: {exc}") from None
-    click.echo(
-        f"run {report.run}: enqueued {report.enqueued} urls"
-        f" ({report.rejected} rejected lines, {report.skipped} blank or comment lines skipped)"
-    )
-    if not wait:
-        return
-    if not wait_for_run(db, report.run, report.jobs, timeout=timeout):
-        missing = report.jobs - _done(db, report.run)
-        raise click.ClickException(f"gave up after {timeout:g} s: {missing} urls still have no outcome")
-    click.echo(summary_line(report.jobs, outcomes.count_outcomes(db, report.run)))
+        click.echo(
+            f"run {report.run}: enqueued {report.enqueued} urls"
+            f" ({report.rejected} rejected lines, {report.skipped} blank or comment lines skipped)"
+        )
+        if not wait:
+            return
+        if not wait_for_run(db, report.run, report.jobs, timeout=timeout):
+            missing = report.jobs - _done(db, report.run)
+            raise click.ClickException(f"gave up after {timeout:g} s: {missing} urls still have no outcome")
+        click.echo(summary_line(report.jobs, outcomes.count_outcomes(db, report.run)))
 
 
 @main.command()
 @click.option("--run", default=None, help="Only this run (as printed by enqueue).")
 def status(run: str | None) -> None:
     """Totals of outcomes so far, and the most frequent error reasons."""
-    db = _database(_settings())
-    counts = outcomes.count_outcomes(db, run)
-    click.echo(summary_line(sum(counts.values()), counts))
-    match: dict[str, Any] = {"outcome": outcomes.ERROR}
-    if run is not None:
-        match["run"] = run
-    reasons = storage.outcomes(db).aggregate(
-        [
-            {"$match": match},
-            {"$group": {"_id": "$reason", "n": {"$sum": 1}}},
-            {"$sort": {"n": -1}},
-            {"$limit": 10},
-        ]
-    )
-    for row in reasons:
-        click.echo(f"  {row['n']:>8}  {row['_id']}")
+    settings = _settings()
+    with _reporting_outages(settings):
+        db = _database(settings)
+        counts = outcomes.count_outcomes(db, run)
+        click.echo(summary_line(sum(counts.values()), counts))
+        match: dict[str, Any] = {"outcome": outcomes.ERROR}
+        if run is not None:
+            match["run"] = run
+        reasons = storage.outcomes(db).aggregate(
+            [
+                {"$match": match},
+                {"$group": {"_id": "$reason", "n": {"$sum": 1}}},
+                {"$sort": {"n": -1}},
+                {"$limit": 10},
+            ]
+        )
+        for row in reasons:
+            click.echo(f"  {row['n']:>8}  {row['_id']}")

@@ -3,21 +3,29 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import socket
+import subprocess
+import sys
 import threading
+import time
 import uuid
 from urllib.parse import urlsplit
 
 import dramatiq
 import pytest
+import redis
 from dramatiq.brokers.redis import DEFAULT_HEARTBEAT_TIMEOUT, DEFAULT_MAINTENANCE_CHANCE, RedisBroker
 from dramatiq.middleware import AgeLimit, Callbacks, Pipelines, Retries, ShutdownNotifications, TimeLimit
 from dramatiq.results import Results
 from dramatiq.results.middleware import DEFAULT_RESULT_TTL
 
 from image_crawler import broker as broker_module
-from image_crawler.broker import create_broker, setup_broker
+from image_crawler import cli
+from image_crawler.broker import REDIS_OUTAGE_BUDGET_S, connect_redis, create_broker, setup_broker
 from image_crawler.config import get_settings
 from image_crawler.middleware import CrashGuard, DistinctGroupCallbacks, RecordFailures, WorkerShape
+from support.services import free_port, start_redis
 
 
 @pytest.fixture
@@ -335,3 +343,98 @@ def test_a_member_of_a_group_whose_barrier_is_gone_fires_the_callback(group_call
 
 def test_group_barriers_expire_with_the_results(broker):
     assert _middleware(broker, DistinctGroupCallbacks).barrier_ttl == broker_module.RESULT_TTL_MS
+
+
+# --- riding out a Redis outage, or not ------------------------------------------------------
+
+#: Generous bound on how long a short budget may take to run out (it used to be minutes).
+_BOUND_S = 30
+
+
+@pytest.fixture
+def dead_redis_url() -> str:
+    """A Redis URL on which nothing listens."""
+    return f"redis://127.0.0.1:{free_port()}/0"
+
+
+@pytest.fixture
+def silent_redis_url():
+    """A Redis URL whose server accepts connections and never answers (a hung Redis)."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(16)
+        yield f"redis://127.0.0.1:{listener.getsockname()[1]}/0"
+
+
+def _outage_budget_of(client: redis.Redis) -> float:
+    return client.get_retry().budget_s
+
+
+def test_a_client_made_within_a_short_outage_budget_gives_up_after_it(dead_redis_url):
+    with broker_module.outage_budget(1.0):
+        client = connect_redis(dead_redis_url)
+
+    started = time.monotonic()
+    with pytest.raises(redis.exceptions.ConnectionError):
+        client.ping()
+    assert 1.0 <= time.monotonic() - started < _BOUND_S
+
+
+def test_a_short_outage_budget_also_bounds_a_redis_that_never_answers(silent_redis_url):
+    with broker_module.outage_budget(1.0):
+        client = connect_redis(silent_redis_url)
+
+    started = time.monotonic()
+    with pytest.raises(redis.exceptions.TimeoutError):
+        client.ping()
+    assert time.monotonic() - started < _BOUND_S
+
+
+def test_the_outage_budget_applies_only_to_clients_made_inside_the_block(redis_url):
+    with broker_module.outage_budget(2.0):
+        inside = connect_redis(redis_url)
+    after = connect_redis(redis_url)
+
+    assert _outage_budget_of(inside) == 2.0
+    assert _outage_budget_of(after) == REDIS_OUTAGE_BUDGET_S
+    assert inside.ping() and after.ping()
+
+
+def test_the_workers_budget_is_minutes_and_the_commands_seconds():
+    assert REDIS_OUTAGE_BUDGET_S >= 60
+    assert 1 <= cli.OUTAGE_BUDGET_S <= 10
+
+
+def test_a_workers_client_rides_out_an_outage_longer_than_the_commands_budget(tmp_path):
+    port = free_port()
+    client = connect_redis(f"redis://127.0.0.1:{port}/0")  # as every worker's, outside any budget block
+    replies: list[object] = []
+    pinging = threading.Thread(target=lambda: replies.append(client.ping()), daemon=True)
+    pinging.start()
+
+    pinging.join(timeout=cli.OUTAGE_BUDGET_S + 2)
+    assert pinging.is_alive(), replies  # still waiting for Redis, long after the command would have given up
+    process, _ = start_redis(tmp_path, port=port)
+    try:
+        pinging.join(timeout=_BOUND_S)
+        assert replies == [True]
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+        client.close()
+
+
+def test_the_workers_broker_keeps_the_workers_outage_budget(redis_url):
+    """``dramatiq image_crawler.actors`` imports the module just so, outside any budget block."""
+    probe = "import image_crawler.actors as actors; print(actors.broker.client.get_retry().budget_s)"
+
+    finished = subprocess.run(
+        [sys.executable, "-c", probe],
+        env={**os.environ, "REDIS_URL": redis_url},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+    assert finished.returncode == 0, finished.stderr
+    assert float(finished.stdout) == REDIS_OUTAGE_BUDGET_S

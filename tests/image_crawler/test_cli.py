@@ -1,30 +1,42 @@
 """The ``image-crawler`` command, as a user runs it: enqueue a list, wait for it, read the totals.
 
-MongoDB is mongomock here (no server can run on these machines): ``storage.get_database`` is
-pointed at the test's database. Redis, the broker and the worker are real.
+MongoDB is mongomock here (no server can run on these machines): the command's database is
+the test's. Redis, the broker and the worker are real. Unreachable services are real too: the
+command runs as a process against a closed port, or a port that accepts and never answers.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import io
 import os
 import re
+import socket
 import subprocess
 import sys
 import threading
 import time
+import uuid
+from pathlib import Path
+from urllib.parse import urlsplit
 
 import dramatiq
+import pymongo
 import pytest
 from click.testing import CliRunner
 
-from image_crawler import outcomes, storage
-from image_crawler.broker import ADMIT_QUEUE
+from image_crawler import actors, cli, outcomes, storage
+from image_crawler.broker import ADMIT_QUEUE, REDIS_OUTAGE_BUDGET_S, connect_redis
 from image_crawler.cli import enqueue_lines, main, summary_line
 from image_crawler.config import get_settings
 from image_crawler.outcomes import Job
 from support.http_server import LocalHttpServer
 from support.images import png_bytes
+from support.services import free_port
+
+# ``actors`` is imported above, at collection, as a worker imports it: its broker is set up outside
+# any command's Redis outage budget, whichever test runs the command first.
 
 _ENQUEUED = re.compile(
     r"^run (\w+): enqueued (\d+) urls \((\d+) rejected lines, (\d+) blank or comment lines skipped\)$"
@@ -34,15 +46,13 @@ _ENQUEUED = re.compile(
 @pytest.fixture
 def db(mongo_db, monkeypatch):
     """The database the command will use."""
-    monkeypatch.setattr(storage, "get_database", lambda settings: mongo_db)
+    monkeypatch.setattr(cli, "_connect_database", lambda settings: mongo_db)
     return mongo_db
 
 
 @pytest.fixture
 def no_workers(redis_url):
     """The broker with nobody consuming; whatever a test leaves on its queues is thrown away."""
-    from image_crawler import actors
-
     actors.broker.flush_all()
     yield actors.broker
     actors.broker.flush_all()
@@ -365,3 +375,204 @@ def test_progress_polls_leave_mongodb_idle_twenty_times_as_long_as_a_count_takes
     done, pause = cli._poll_done(db, "large", poll_interval=0.5)
     assert done == 7
     assert 1.0 <= pause < 2.0
+
+
+# --- unreachable services -----------------------------------------------------------------
+
+#: Generous bound on how long the command may take to give up (it used to be minutes, or hours).
+_BOUND_S = 30
+_SECRET = "hunter2-secret"
+
+
+@pytest.fixture
+def closed_port() -> int:
+    """A port on 127.0.0.1 nothing listens on."""
+    return free_port()
+
+
+@pytest.fixture
+def silent_port():
+    """A port on 127.0.0.1 that accepts connections and never answers (a hung server)."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(16)
+        yield listener.getsockname()[1]
+
+
+@pytest.fixture
+def url_file(tmp_path) -> Path:
+    path = tmp_path / "urls.txt"
+    path.write_text("http://example.com/a.png\n")
+    return path
+
+
+def _command(env: dict[str, str], *args: str) -> tuple[subprocess.CompletedProcess, float]:
+    """Run the real ``image-crawler ARGS``; what it did and how many seconds it took."""
+    started = time.monotonic()
+    try:
+        finished = subprocess.run(
+            [sys.executable, "-m", "image_crawler", *map(str, args)],
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **env},
+            capture_output=True,
+            text=True,
+            timeout=_BOUND_S,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"image-crawler {' '.join(map(str, args))} was still waiting after {_BOUND_S} s")
+    return finished, time.monotonic() - started
+
+
+def _the_one_error_line(finished: subprocess.CompletedProcess) -> str:
+    """The command's only line on stderr (no traceback), with the exit code of an unreachable service."""
+    assert "Traceback" not in finished.stderr, finished.stderr
+    assert len(finished.stderr.splitlines()) == 1, finished.stderr
+    assert _SECRET not in finished.stderr
+    assert finished.returncode == 2, finished.stderr
+    return finished.stderr.rstrip("\n")
+
+
+def test_enqueue_with_redis_down_says_so_in_one_line_after_a_few_seconds(closed_port, url_file):
+    redis_url = f"redis://:{_SECRET}@127.0.0.1:{closed_port}/0"
+
+    finished, took = _command({"REDIS_URL": redis_url}, "enqueue", url_file)
+
+    line = _the_one_error_line(finished)
+    where = rf"redis://\*\*\*@127\.0\.0\.1:{closed_port}/0"
+    assert re.fullmatch(rf"Error: cannot reach Redis at {where}: .*Connection refused\.?", line), line
+    assert finished.stdout == ""
+    assert took >= cli.OUTAGE_BUDGET_S  # it rode out a blip of the command's budget, no more
+
+
+def test_enqueue_with_a_redis_that_never_answers_says_so_in_one_line(silent_port, url_file):
+    redis_url = f"redis://:{_SECRET}@127.0.0.1:{silent_port}/0"
+
+    finished, _ = _command({"REDIS_URL": redis_url}, "enqueue", url_file, "--wait")
+
+    line = _the_one_error_line(finished)
+    assert re.fullmatch(
+        rf"Error: cannot reach Redis at redis://\*\*\*@127\.0\.0\.1:{silent_port}/0: Timeout .+", line
+    ), line
+    assert finished.stdout == ""
+
+
+@pytest.mark.parametrize("args", [("enqueue", "URLS"), ("enqueue", "URLS", "--wait"), ("status",)])
+def test_mongodb_down_is_one_line_naming_it_without_its_password(
+    redis_url, no_workers, closed_port, url_file, args
+):
+    mongo_uri = f"mongodb://crawler:{_SECRET}@127.0.0.1:{closed_port}/image_crawler"
+    args = tuple(url_file if arg == "URLS" else arg for arg in args)
+
+    finished, _ = _command({"REDIS_URL": redis_url, "MONGO_URI": mongo_uri}, *args)
+
+    assert _the_one_error_line(finished) == (
+        f"Error: cannot reach MongoDB at mongodb://***@127.0.0.1:{closed_port}/image_crawler:"
+        f" 127.0.0.1:{closed_port}: [Errno 111] Connection refused"
+    )
+    assert finished.stdout == ""
+    assert _queued_urls(no_workers) == 0  # nothing was sent that could never be recorded
+
+
+def test_status_with_a_mongodb_that_never_answers_says_so_in_one_line(silent_port):
+    mongo_uri = f"mongodb://127.0.0.1:{silent_port}/image_crawler"
+
+    finished, _ = _command({"MONGO_URI": mongo_uri}, "status")
+
+    line = _the_one_error_line(finished)
+    assert line.startswith(f"Error: cannot reach MongoDB at {mongo_uri}: 127.0.0.1:{silent_port}: "), line
+    assert "timed out" in line
+
+
+def test_the_commands_mongodb_client_gives_up_within_its_budget(closed_port):
+    settings = dataclasses.replace(
+        get_settings(), mongo_uri=f"mongodb://127.0.0.1:{closed_port}/image_crawler"
+    )
+
+    database = cli._connect_database(settings)
+    try:
+        assert database.client.options.server_selection_timeout == cli.OUTAGE_BUDGET_S
+        assert database.client.options.pool_options.connect_timeout < cli.OUTAGE_BUDGET_S
+        assert database.name == "image_crawler"
+    finally:
+        database.client.close()
+
+
+def test_the_command_leaves_the_workers_redis_budget_to_the_rest_of_the_process(db, no_workers, run_cli):
+    result = run_cli("enqueue", "-", input=b"http://example.com/a.png\n")
+
+    assert result.exit_code == 0, result.output
+    client = connect_redis(actors.settings.redis_url)
+    assert client.get_retry().budget_s == REDIS_OUTAGE_BUDGET_S
+    client.close()
+
+
+class _Relay:
+    """A TCP relay to ``upstream`` that can be cut, as a failing network or server would be."""
+
+    def __init__(self, upstream: tuple[str, int]) -> None:
+        self.upstream = upstream
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.sockets: list[socket.socket] = []
+        self.lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                downstream, _ = self.listener.accept()
+                upstream = socket.create_connection(self.upstream)
+            except OSError:
+                return
+            with self.lock:
+                self.sockets += [downstream, upstream]
+            for source, sink in ((downstream, upstream), (upstream, downstream)):
+                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+
+    @staticmethod
+    def _pump(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+
+    def cut(self) -> None:
+        """Refuse new connections and reset the open ones."""
+        self.listener.shutdown(socket.SHUT_RDWR)  # wakes the accepting thread
+        self.listener.close()
+        with self.lock:
+            for sock in self.sockets:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+                sock.close()
+
+
+def test_wait_when_mongodb_goes_away_mid_run_is_one_line(mongo_uri, redis_url, no_workers, url_file):
+    parts = urlsplit(mongo_uri)
+    relay = _Relay((parts.hostname or "127.0.0.1", parts.port or 27017))
+    database = f"cli_{uuid.uuid4().hex[:8]}"
+    relayed_uri = f"mongodb://127.0.0.1:{relay.port}/{database}"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "REDIS_URL": redis_url, "MONGO_URI": relayed_uri}
+    command = subprocess.Popen(
+        [sys.executable, "-m", "image_crawler", "enqueue", str(url_file), "--wait"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + _BOUND_S
+        while _queued_urls(no_workers) < 1 and command.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _queued_urls(no_workers) == 1  # sent, and now waiting for outcomes in MongoDB
+        relay.cut()
+        stdout, stderr = command.communicate(timeout=_BOUND_S)
+    finally:
+        if command.poll() is None:
+            command.kill()
+            command.wait()
+        pymongo.MongoClient(mongo_uri).drop_database(database)
+
+    finished = subprocess.CompletedProcess(command.args, command.returncode, stdout, stderr)
+    assert _the_one_error_line(finished).startswith(f"Error: cannot reach MongoDB at {relayed_uri}: ")
+    assert _enqueued(stdout)[1:] == (1, 0, 0)
