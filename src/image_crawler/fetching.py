@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import re
 import socket
 import ssl
 import time
@@ -72,6 +73,8 @@ MAX_URL_LENGTH = 8192
 Resolver = Callable[[str, int], Iterable[str]]
 
 _SCHEMES = {"http": 80, "https": 443}
+#: What RFC 3986 allows in a URL's userinfo: unreserved, percent-encoded, sub-delims and ":".
+_USERINFO = re.compile(r"[A-Za-z0-9\-._~%!$&'()*+,;=:]*")
 #: Largest piece of decompressed output produced from one step of inflating.
 _DECODE_STEP = 64 * 1024
 #: Compressed bytes allowed per allowed decoded byte: stops a stream that inflates to nothing.
@@ -115,6 +118,11 @@ def check_url(url: str) -> str:
             raise InvalidUrl("url has no host")
         if any(char.isspace() for char in parts.hostname):
             raise InvalidUrl("unparsable url")
+        userinfo, at, _ = parts.netloc.rpartition("@")
+        if at and not _USERINFO.fullmatch(userinfo):
+            # Spaces, quotes or brackets would be sent, yet could hide the credentials from
+            # redaction wherever the URL is quoted (a log line, a repr): they must be %-encoded.
+            raise InvalidUrl("credentials in url need percent-encoding")
         parts.port  # noqa: B018 -- raises ValueError on a port that is not a number in range
         httpx.URL(url)  # what will actually be sent must parse too (IDNA, control characters)
     except (ValueError, httpx.InvalidURL):

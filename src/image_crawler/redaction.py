@@ -13,15 +13,27 @@ from typing import Any
 
 __all__ = ["install_log_redaction", "redact", "redact_url"]
 
-#: ``scheme://userinfo@``: the userinfo runs to the last ``@`` before the authority ends, so a
-#: password holding an unescaped ``@`` is hidden whole.
-_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.\-]*://)[^/?#\s\"'<>]*@")
+#: ``scheme://userinfo@`` in free text. A match starts only where a run of scheme characters
+#: starts, and the scheme is matched possessively: hostile text (``a.a.a.a…``) costs linear time,
+#: not quadratic. The userinfo runs to the last ``@`` before the authority ends (``/ ? #``,
+#: whitespace, or a double quote or angle bracket, which end a URL in a repr, JSON or HTML).
+_USERINFO = re.compile(r"(?i)(?<![a-z0-9+.\-])([a-z][a-z0-9+.\-]*+://)[^/?#\s\"<>]*@")
 _HIDDEN = r"\1***@"
 
 
 def redact_url(url: str) -> str:
-    """``url`` with its userinfo (user name and password) replaced by ``***``."""
-    return _USERINFO.sub(_HIDDEN, url, count=1)
+    """``url`` with its userinfo (user name and password) replaced by ``***``.
+
+    The authority is split as httpx splits it: it runs from ``://`` to the first ``/``, ``?`` or
+    ``#``, and its userinfo to the last ``@`` in it, whatever characters the userinfo holds.
+    """
+    scheme_end = url.find("://")
+    if scheme_end < 0:
+        return url
+    start = scheme_end + 3
+    ends = [index for index in (url.find(mark, start) for mark in "/?#") if index >= 0]
+    at = url.rfind("@", start, min(ends, default=len(url)))
+    return url if at < 0 else f"{url[:start]}***{url[at:]}"
 
 
 def redact(text: str) -> str:
@@ -50,8 +62,12 @@ def install_log_redaction() -> None:
         record = make_record(*args, **kwargs)
         try:
             message = record.getMessage()
-        except Exception:  # a bad format string: let the handler report it as usual
-            return record
+        except Exception:  # arguments that do not fit the format: the handler would print them raw
+            try:
+                message = f"{record.msg!s} % {record.args!r}"
+            except Exception:
+                message = "unprintable log record"
+            record.msg, record.args = redact(message), None
         if "@" in message:
             record.msg, record.args = redact(message), None
         if record.exc_info and record.exc_info[1] is not None:

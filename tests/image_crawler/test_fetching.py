@@ -667,6 +667,10 @@ def test_public_addresses_are_allowed(address: str):
         ("//example.com/a.png", "not an http(s) url"),
         ("", "not an http(s) url"),
         ("http://", "url has no host"),
+        ("http://user:pa ss@host/a.png", "credentials in url need percent-encoding"),
+        ('http://user:pa"ss@host/a.png', "credentials in url need percent-encoding"),
+        ("http://user:<pass>@host/a.png", "credentials in url need percent-encoding"),
+        ("http://user:pa\u00a0ss@host/a.png", "credentials in url need percent-encoding"),
         ("http:///a.png", "url has no host"),
         ("http://example.com:99999/a.png", "unparsable url"),
         ("http://[::1/a.png", "unparsable url"),
@@ -683,6 +687,14 @@ def test_check_url_rejects(line: str, reason: str):
 
 def test_check_url_strips_whitespace_and_keeps_the_url():
     assert check_url("  \thttps://Example.com/a%20b.png?x=1 \r\n") == "https://Example.com/a%20b.png?x=1"
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["http://user:p%20w@host/a.png", "http://u:it's(ok)~!$&*+,;=@host/a.png", "http://user@host/a@b.png"],
+)
+def test_check_url_accepts_credentials_as_rfc_3986_writes_them(url: str):
+    assert check_url(url) == url
 
 
 def test_check_url_accepts_the_longest_allowed_url():

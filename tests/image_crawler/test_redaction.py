@@ -25,6 +25,11 @@ from image_crawler.redaction import install_log_redaction, redact, redact_url
         ("http://host?who=a@b", "http://host?who=a@b"),
         ("http://host#a@b", "http://host#a@b"),
         ("http://host/a.png", "http://host/a.png"),
+        ("HTTP://U:P@H/a.png", "HTTP://***@H/a.png"),
+        ("http://user:pa ss@host/a.png", "http://***@host/a.png"),  # as httpx splits it, whatever it holds
+        ("http://user:pa'ss@host/a.png", "http://***@host/a.png"),
+        ('http://u:p"<>@h/x', "http://***@h/x"),
+        ("http://u:p\u3000q@h/x", "http://***@h/x"),
     ],
 )
 def test_redact_url_hides_userinfo_only(url: str, shown: str):
@@ -35,6 +40,28 @@ def test_redact_hides_every_url_in_a_text():
     text = "fetch(http://a:1@x/1.png, https://b:2@y/2.png) failed; mail me at a@example.com"
 
     assert redact(text) == "fetch(http://***@x/1.png, https://***@y/2.png) failed; mail me at a@example.com"
+
+
+def test_redact_finds_credentials_in_a_repr_of_a_message():
+    text = repr({"lines": [[1, "http://host", 0], [2, "http://user:it's@host/a.png", 0]]})
+
+    assert "it's" not in redact(text)
+    assert "http://***@host/a.png" in redact(text)
+
+
+def test_a_log_call_whose_arguments_do_not_fit_its_format_shows_no_credentials(
+    capsys: pytest.CaptureFixture[str],
+):
+    install_log_redaction()
+    logger = logging.getLogger("image_crawler.test_redaction.unfit")
+    handler = logging.StreamHandler()
+    logger.addHandler(handler)
+    try:
+        logger.warning("fetching %s", "http://alice:hunter2@host/a.jpg", "three")
+    finally:
+        logger.removeHandler(handler)
+
+    assert "hunter2" not in capsys.readouterr().err
 
 
 def test_log_records_are_redacted_messages_and_tracebacks_alike(caplog: pytest.LogCaptureFixture):
