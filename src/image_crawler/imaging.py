@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import io
 import math
+import struct
 import threading
 from collections import deque
 from collections.abc import Callable, Collection, Iterator
@@ -85,9 +86,9 @@ def to_grayscale(
     )
     with contextlib.ExitStack() as reservation:
 
-        def reserve(header: Image.Image) -> None:
+        def reserve(nbytes: int) -> None:
             if budget is not None:
-                reservation.enter_context(budget.reserve(estimated_decode_bytes(header)))
+                reservation.enter_context(budget.reserve(nbytes))
 
         # Passing the decoded image straight on, unnamed, lets _grayscale free each
         # intermediate full-size copy as soon as the next one exists.
@@ -254,16 +255,28 @@ _PILLOW_BLOCK_SIZE = 64 * 1024 * 1024
 
 
 def _decode(
-    data: bytes, max_pixels: int, allowed: frozenset[str], before_load: Callable[[Image.Image], None]
+    data: bytes, max_pixels: int, allowed: frozenset[str], before_load: Callable[[int], None]
 ) -> Image.Image:
-    """Open ``data`` as an ``allowed`` format, refuse it by its header size, call ``before_load``, load it.
+    """Open ``data`` as an ``allowed`` format, refuse it by its header size, reserve, load it.
 
-    What is loaded is the first frame, upright.
+    ``before_load`` is given the image's :func:`estimated_decode_bytes` before any pixel is
+    decoded. What is loaded is the first frame, upright.
     """
     if not data:
         raise NotAnImage("empty body")
     _keep_pillow_guard_above(max_pixels)
     openers = _openers(allowed)
+    reserved = False
+    if data.startswith(_ICO_SIGNATURE) and "ICO" in openers:
+        # Pillow's ICO plugin decodes its largest frame inside open(): size and memory must be
+        # settled from the frames' own headers first (a directory entry says at most 256×256).
+        frames = _ico_frame_sizes(data)
+        for size in frames:
+            _refuse_oversized(size, max_pixels)
+        if frames:
+            width, height = max(frames, key=lambda size: size[0] * size[1])
+            before_load(_ico_decode_bytes(width, height))
+            reserved = True
     try:
         # Only these plugins are tried: the others' code never runs on the body.
         image = Image.open(io.BytesIO(data), formats=openers)
@@ -281,7 +294,8 @@ def _decode(
         # JPEG's opener also opens MPO (a JPEG with more pictures after it), and only then knows.
         raise UnsupportedFormat(str(image.format))
     _refuse_oversized(image.size, max_pixels)
-    before_load(image)
+    if not reserved:
+        before_load(estimated_decode_bytes(image))
     try:
         image.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -302,6 +316,42 @@ def _decode(
     except Exception:  # unreadable EXIF: show the pixels as stored, as browsers do
         return image
     return image
+
+
+_ICO_SIGNATURE = b"\0\0\1\0"
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_ICO_ENTRY = struct.Struct("<BBBBHHII")  # width, height, colours, 0, planes, bpp, size, offset
+
+
+def _ico_frame_sizes(data: bytes) -> list[tuple[int, int]]:
+    """The sizes of an ICO's frames as their own headers give them (PNG IHDR, or BMP header).
+
+    The directory's sizes cannot be trusted: a PNG frame may be any size whatever its entry
+    says. A frame whose header lies outside ``data`` is left out (Pillow will fail on it).
+    """
+    count = int.from_bytes(data[4:6], "little")
+    sizes = []
+    for index in range(count):
+        start = 6 + index * _ICO_ENTRY.size
+        if start + _ICO_ENTRY.size > len(data):
+            break
+        offset = _ICO_ENTRY.unpack_from(data, start)[7]
+        frame = data[offset : offset + 24]
+        if frame.startswith(_PNG_SIGNATURE) and len(frame) >= 24:
+            sizes.append(struct.unpack(">II", frame[16:24]))
+        elif len(frame) >= 12 and int.from_bytes(frame[:4], "little") == 12:  # BITMAPCOREHEADER
+            width, height = struct.unpack("<HH", frame[4:8])
+            sizes.append((width, height // 2))  # the XOR image, then the AND mask
+        elif len(frame) >= 12:
+            width, height = struct.unpack("<ii", frame[4:12])
+            sizes.append((abs(width), abs(height) // 2))
+    return sizes
+
+
+def _ico_decode_bytes(width: int, height: int) -> int:
+    """Estimated peak of converting an ICO frame of this size (Pillow decodes one as RGBA)."""
+    factor = _PEAK_FACTORS.get(("RGBA", True), _UNMEASURED_FACTOR)
+    return math.ceil(width * height * 4 * factor) + _CONVERSION_OVERHEAD
 
 
 @lru_cache(maxsize=16)

@@ -865,3 +865,56 @@ def test_a_corrupt_image_gives_its_reservation_back() -> None:
         to_grayscale(data[: len(data) // 2], max_pixels=MAX_PIXELS, budget=budget)
     assert len(budget.requests) == 1
     assert budget.reserved_bytes == 0
+
+
+# --- ICO: Pillow decodes the largest frame inside open() ---------------------------------
+
+
+def _ico(frame: bytes, listed: tuple[int, int] = (16, 16)) -> bytes:
+    """An ICO of one frame whose directory entry claims ``listed`` (as any entry can)."""
+    entry = struct.pack("<BBBBHHII", listed[0] % 256, listed[1] % 256, 0, 0, 1, 32, len(frame), 22)
+    return struct.pack("<HHH", 0, 1, 1) + entry + frame
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG signature and IHDR for ``width`` × ``height`` RGBA, then a few bytes of nothing."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 6, 0, 0, 0)
+    chunk = struct.pack(">I", len(ihdr)) + b"IHDR" + ihdr + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+    return b"\x89PNG\r\n\x1a\n" + chunk + bytes(16)
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        _png_header_only(3000, 3000),
+        struct.pack("<IiiHH", 40, 3000, 6000, 1, 32) + bytes(24),  # a BMP frame: XOR 3000×3000 + AND mask
+    ],
+    ids=["png frame", "bmp frame"],
+)
+def test_an_ico_frame_larger_than_max_pixels_is_refused_from_its_own_header(frame: bytes):
+    with pytest.raises(TooManyPixels) as refused:
+        to_grayscale(_ico(frame), max_pixels=1_000_000, formats={"ICO"})
+
+    assert refused.value.reason == "too many pixels: 3000x3000"
+
+
+def test_an_ico_frame_is_reserved_at_its_real_size_before_it_is_decoded(monkeypatch: pytest.MonkeyPatch):
+    picture = photo(600, 400, seed=3, mode="RGBA")
+    data = _ico(encode(picture, "PNG"))  # the directory says 16×16
+    events: list[tuple[str, int]] = []
+    real_getdecoder = Image._getdecoder
+    monkeypatch.setattr(
+        Image, "_getdecoder", lambda *args: events.append(("decode", 0)) or real_getdecoder(*args)
+    )
+    budget = DecodeBudget(64 * 1024 * 1024)
+    real_reserve = budget.reserve
+    monkeypatch.setattr(
+        budget, "reserve", lambda nbytes: events.append(("reserve", nbytes)) or real_reserve(nbytes)
+    )
+
+    mode, pixels = gray_of(data, budget=budget, formats={"ICO"})
+
+    assert events[0][0] == "reserve" and events[0][1] >= 600 * 400 * 4
+    assert [kind for kind, _ in events].count("reserve") == 1
+    assert mode == "LA"
+    assert pixels.shape[:2] == (400, 600)
