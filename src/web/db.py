@@ -25,6 +25,7 @@ from pymongo.database import Database
 
 from image_crawler import outcomes, storage
 from image_crawler.config import Settings
+from image_crawler.redaction import redact_url
 
 _DB = "image_crawler.db"
 _REDIS = "image_crawler.redis"
@@ -118,7 +119,7 @@ def latest_errors(db: Database, limit: int) -> list[dict[str, Any]]:
         sort=[("ended_at", DESCENDING)],
         limit=limit,
     )
-    return list(cursor)
+    return [_shown(document, "url") for document in cursor]
 
 
 def count_images(db: Database) -> int:
@@ -135,12 +136,23 @@ def latest_images(db: Database, *, skip: int, limit: int) -> list[dict[str, Any]
         skip=skip,
         limit=limit,
     )
-    return list(cursor)
+    return [_shown(document, "source_url") for document in cursor]
 
 
 def find_image(db: Database, md5: str) -> dict[str, Any] | None:
     """The ``images`` document of ``md5``, or None."""
     document: dict[str, Any] | None = storage.images(db).find_one({"_id": md5})
+    return None if document is None else _shown(document, "source_url")
+
+
+def _shown(document: dict[str, Any], field: str) -> dict[str, Any]:
+    """``document`` with the URL in ``field`` shown without credentials.
+
+    The pipeline stores URLs redacted; this also covers documents stored before it did
+    (docs/architecture.md, "Credentials").
+    """
+    if isinstance(document.get(field), str):
+        document[field] = redact_url(document[field])
     return document
 
 

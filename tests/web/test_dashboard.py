@@ -160,3 +160,22 @@ def test_version_changes_with_new_outcomes(client, seed):
     after = Elements(client.get("/").text).all("main")[0]["data-version"]
 
     assert before != after
+
+
+def test_credentials_stored_by_an_earlier_version_are_never_shown(client, seed, mongo_db):
+    from image_crawler import storage
+
+    md5 = seed.image(2)
+    seed.outcome("error", reason="http 404")
+    # As versions before the redaction wrote them: the URL as it was in the list.
+    storage.images(mongo_db).update_one(
+        {"_id": md5}, {"$set": {"source_url": "http://bob:hunter2@old.test/a.png"}}
+    )
+    storage.outcomes(mongo_db).update_many({}, {"$set": {"url": "http://bob:hunter2@old.test/b.png"}})
+
+    page = client.get("/").text
+    details = client.get(f"/image/{md5}.json").get_json()
+
+    assert "hunter2" not in page and "bob" not in page
+    assert "http://***@old.test/a.png" in page and "http://***@old.test/b.png" in page
+    assert details["source_url"] == "http://***@old.test/a.png"
