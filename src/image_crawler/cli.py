@@ -115,11 +115,13 @@ def _parse_line(run: str, number: int, raw: bytes) -> tuple[Job, str | None]:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
-        return Job.new(run, number, raw.decode("utf-8", "replace")), "invalid utf-8"
+        return Job.new(
+            run, number, redact_url(raw.decode("utf-8", "replace"), checked=False)
+        ), "invalid utf-8"
     try:
         return Job.new(run, number, check_url(text)), None
     except InvalidUrl as exc:
-        return Job.new(run, number, text), exc.reason
+        return Job.new(run, number, redact_url(text, checked=False)), exc.reason
 
 
 def _flush_rejections(db: Database, report: EnqueueReport) -> None:
@@ -197,10 +199,10 @@ def _reporting_outages(settings: Settings) -> Iterator[None]:
     try:
         yield
     except redis.exceptions.RedisError as exc:
-        where = redact_url(settings.redis_url)
+        where = redact_url(settings.redis_url, checked=False)
         raise ServiceUnreachable(f"cannot reach Redis at {where}: {_cause(exc)}") from None
     except pymongo.errors.PyMongoError as exc:
-        where = redact_url(settings.mongo_uri)
+        where = redact_url(settings.mongo_uri, checked=False)
         raise ServiceUnreachable(f"cannot reach MongoDB at {where}: {_cause(exc)}") from None
 
 

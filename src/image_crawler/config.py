@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 
 from PIL import Image, features
 
-from .redaction import redact
+from .redaction import redact_url
 
 
 class ConfigError(ValueError):
@@ -195,14 +195,27 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         raw = environ.get(name)
         if raw is None or raw.strip() == "":
             continue
+        # A password is taken as written: spaces around it are part of it.
+        value = raw if setting.name == "web_password" else raw.strip()
         try:
-            values[setting.name] = _PARSERS[setting.name](raw.strip())
+            values[setting.name] = _PARSERS[setting.name](value)
         except ValueError as exc:
-            shown = "***" if setting.name == "web_password" else repr(redact(raw))
+            shown = "***" if setting.name == "web_password" else repr(redact_url(raw, checked=False))
             raise ConfigError(f"{name}={shown} is invalid: {exc}") from None
-    if bool(values.get("web_user")) != bool(values.get("web_password")):
-        raise ConfigError("WEB_USER and WEB_PASSWORD must be set together (or neither)")
+    check_web_credentials(values.get("web_user", ""), values.get("web_password", ""))
     return Settings(**values)
+
+
+def check_web_credentials(user: str, password: str) -> None:
+    """Raise ConfigError unless ``WEB_USER``/``WEB_PASSWORD`` are both set, or neither, and usable.
+
+    An app meant to be closed must not start open; and basic auth ends a user name at its
+    first colon, so a user name holding one could never sign in.
+    """
+    if bool(user) != bool(password):
+        raise ConfigError("WEB_USER and WEB_PASSWORD must be set together (or neither)")
+    if ":" in user:
+        raise ConfigError("WEB_USER cannot hold a colon: basic auth ends the user name there")
 
 
 @cache

@@ -21,17 +21,21 @@ _USERINFO = re.compile(r"(?i)(?<![a-z0-9+.\-])([a-z][a-z0-9+.\-]*+://)[^/?#\s\"<
 _HIDDEN = r"\1***@"
 
 
-def redact_url(url: str) -> str:
+def redact_url(url: str, *, checked: bool = True) -> str:
     """``url`` with its userinfo (user name and password) replaced by ``***``.
 
-    The authority is split as httpx splits it: it runs from ``://`` to the first ``/``, ``?`` or
-    ``#``, and its userinfo to the last ``@`` in it, whatever characters the userinfo holds.
+    A ``checked`` URL (one ``fetching.check_url`` accepted) is split as httpx splits it: the
+    authority runs from ``://`` to the first ``/``, ``?`` or ``#``, its userinfo to the last
+    ``@`` in it. Any other text (a rejected line, ``REDIS_URL``, ``MONGO_URI``) may hold a
+    password with an unescaped ``/``, ``?`` or ``#``: everything from ``://`` to the last ``@``
+    before the first whitespace is hidden, which may hide too much but never too little.
     """
     scheme_end = url.find("://")
     if scheme_end < 0:
         return url
     start = scheme_end + 3
-    ends = [index for index in (url.find(mark, start) for mark in "/?#") if index >= 0]
+    marks = "/?#" if checked else " \t\r\n\f\v"
+    ends = [index for index in (url.find(mark, start) for mark in marks) if index >= 0]
     at = url.rfind("@", start, min(ends, default=len(url)))
     return url if at < 0 else f"{url[:start]}***{url[at:]}"
 

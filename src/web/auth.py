@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any
 from flask import Flask, current_app, request
 from werkzeug.exceptions import Unauthorized
 
+from image_crawler.config import check_web_credentials
+
 if TYPE_CHECKING:
     from _typeshed.wsgi import WSGIEnvironment
 
@@ -42,14 +44,11 @@ class CredentialsRequired(Unauthorized):
 def init_app(app: Flask) -> None:
     """Make ``app`` ask for ``WEB_USER``/``WEB_PASSWORD`` from its config when both are set.
 
-    Raises ValueError when only one of them is set (an app meant to be closed must not start
-    open), or when the user name holds a colon (basic auth splits there: no one could sign in).
+    Raises :class:`~image_crawler.config.ConfigError` as
+    :func:`~image_crawler.config.check_web_credentials` does (the config may be overridden).
     """
     user, password = app.config.get("WEB_USER") or "", app.config.get("WEB_PASSWORD") or ""
-    if bool(user) != bool(password):
-        raise ValueError("WEB_USER and WEB_PASSWORD must be set together (or neither)")
-    if ":" in user:
-        raise ValueError("WEB_USER cannot hold a colon: basic auth ends the user name there")
+    check_web_credentials(user, password)
     if user:
         app.before_request(_require_credentials)
 

@@ -169,6 +169,18 @@ def test_a_line_that_is_not_utf8_ends_in_an_error_outcome(db, no_workers, run_cl
     assert entry["url"] == "http://example.com/caf\ufffd.png"
 
 
+def test_a_rejected_line_keeps_no_credentials_however_badly_written(db, no_workers, run_cli):
+    lines = b"http://user:pa/ss@host.test/a.png\nhttp://user:pa ss@host.test/b.png\nhttp://u:p#w@h/c.png\n"
+
+    result = run_cli("enqueue", "-", "--wait", input=lines)
+
+    assert result.exit_code == 0, result.output
+    run, enqueued, rejected, _ = _enqueued(result.stdout)
+    assert (enqueued, rejected) == (0, 3)
+    urls = [outcomes.get_outcome(db, f"{run}:{line}")["url"] for line in (1, 2, 3)]
+    assert urls == ["http://***@host.test/a.png", "http://***@host.test/b.png", "http://***@h/c.png"]
+
+
 def test_a_100_kb_line_ends_in_error_with_its_url_truncated(db, no_workers, run_cli):
     line = "http://example.com/" + "a" * 100_000
 

@@ -228,3 +228,21 @@ def test_get_settings_raises_config_error_for_a_bad_environment(monkeypatch):
     finally:
         monkeypatch.undo()
         get_settings.cache_clear()
+
+
+def test_web_credentials_are_set_together_and_the_user_name_holds_no_colon():
+    with pytest.raises(ConfigError, match="set together"):
+        load_settings({"WEB_USER": "admin"})
+    with pytest.raises(ConfigError, match="colon"):
+        load_settings({"WEB_USER": "ad:min", "WEB_PASSWORD": "secret"})
+
+
+def test_the_web_password_is_taken_as_written():
+    assert load_settings({"WEB_USER": "admin", "WEB_PASSWORD": " two words "}).web_password == " two words "
+
+
+def test_a_refused_url_setting_shows_no_password_however_it_is_written():
+    with pytest.raises(ConfigError) as refused:
+        load_settings({"MONGO_URI": "http://admin:pa/ss@mongo:27017/db"})
+
+    assert "pa/ss" not in str(refused.value) and "admin" not in str(refused.value)

@@ -36,6 +36,19 @@ def test_redact_url_hides_userinfo_only(url: str, shown: str):
     assert redact_url(url) == shown
 
 
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        ("http://user:pa/ss@host/a.png", "http://***@host/a.png"),
+        ("mongodb://u:p?w#x@one,two/db", "mongodb://***@one,two/db"),
+        ("redis://:secret@redis:6379/0", "redis://***@redis:6379/0"),
+        ("http://host/a.png", "http://host/a.png"),
+    ],
+)
+def test_redact_url_of_unchecked_text_hides_up_to_the_last_at_sign(text: str, shown: str):
+    assert redact_url(text, checked=False) == shown
+
+
 def test_redact_hides_every_url_in_a_text():
     text = "fetch(http://a:1@x/1.png, https://b:2@y/2.png) failed; mail me at a@example.com"
 
