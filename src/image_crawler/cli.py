@@ -175,7 +175,8 @@ def summary_line(total: int, counts: dict[str, int]) -> str:
 class ServiceUnreachable(click.ClickException):
     """Redis or MongoDB failed the command (unreachable for ``OUTAGE_BUDGET_S``, or refusing it).
 
-    Reported in one line on stderr, with exit code 2; the command's other errors exit with 1.
+    Reported in one line on stderr, with exit code 2 (as click's usage errors); the command's
+    other errors exit with 1.
     """
 
     exit_code = 2

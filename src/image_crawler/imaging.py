@@ -29,7 +29,7 @@ from functools import lru_cache
 import numpy as np
 from PIL import Image, ImageMode, ImageOps
 
-from .config import REFUSED_IMAGE_FORMATS, get_settings
+from .config import REFUSED_IMAGE_FORMATS, Settings
 from .errors import ImageError, NotAnImage, TooManyPixels, TruncatedImage, UnsupportedFormat
 
 __all__ = ["DecodeBudget", "GrayImage", "estimated_decode_bytes", "to_grayscale"]
@@ -40,9 +40,6 @@ __all__ = ["DecodeBudget", "GrayImage", "estimated_decode_bytes", "to_grayscale"
 # triples (tests/image_crawler/test_imaging.py); it runs ~20x faster than numpy.
 _MEAN_OF_RGB = (1 / 3, 1 / 3, 1 / 3, -0.5)
 
-# Pillow hands EPS to Ghostscript, an external interpreter with a history of exploits:
-# bytes from the internet must not reach it (and this module does no I/O). REFUSED_IMAGE_FORMATS
-# is refused here too, whatever ``formats`` a caller passes.
 #: Bytes of a body Pillow shows each plugin's signature check (``Image.open`` reads as many).
 _PREFIX_BYTES = 16
 
@@ -70,7 +67,7 @@ def to_grayscale(
     Only the first frame of an animation is kept, and the EXIF orientation is applied.
     Raises :class:`NotAnImage` for bytes that are no image (empty, HTML, garbage),
     :class:`UnsupportedFormat` for an image in a format outside ``formats`` (Pillow's format
-    names; default: the process's ``Settings.allowed_image_formats``) or in EPS, whatever
+    names; default: ``IMAGE_FORMATS``'s default, the web's raster formats) or in EPS, whatever
     ``formats`` says — named by its signature, never parsed —, :class:`TruncatedImage` when
     a recognised image is cut short or corrupt, and :class:`TooManyPixels` — read from the
     header, before any pixel is decoded — when it has more than ``max_pixels`` pixels.
@@ -82,7 +79,7 @@ def to_grayscale(
     if not 0 <= compress_level <= 9:
         raise ValueError(f"compress_level must be 0..9, not {compress_level}")
     allowed = frozenset(
-        name.upper() for name in (get_settings().allowed_image_formats if formats is None else formats)
+        name.upper() for name in (Settings().allowed_image_formats if formats is None else formats)
     )
     with contextlib.ExitStack() as reservation:
 
@@ -354,6 +351,8 @@ def _ico_decode_bytes(width: int, height: int) -> int:
     return math.ceil(width * height * 4 * factor) + _CONVERSION_OVERHEAD
 
 
+# EPS (REFUSED_IMAGE_FORMATS) is never an opener, whatever ``formats`` a caller passes: Pillow
+# hands it to Ghostscript, an external interpreter with a history of exploits.
 @lru_cache(maxsize=16)
 def _openers(allowed: frozenset[str]) -> tuple[str, ...]:
     """The Pillow openers that may parse a body of the ``allowed`` formats, in Pillow's detection order."""

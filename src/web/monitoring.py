@@ -19,7 +19,8 @@ bp = Blueprint("monitoring", __name__)
 
 _MINUTE = dt.timedelta(minutes=1)
 
-#: The default of the app's ``MAX_MINUTES``: a day, the longest window a request may ask for.
+#: Default of the app's ``MAX_MINUTES`` (the longest ``?minutes=N``) and of how far back
+#: ``?minutes=all`` lists every minute: a day.
 LONGEST_WINDOW = 1440
 
 #: The chart has an inline stylesheet and no script; opened on its own it needs nothing else.
@@ -46,7 +47,7 @@ def this_minute() -> dt.datetime:
 def minute_buckets(
     db: Database, minutes: int | None, now: dt.datetime | None = None, *, longest: int = LONGEST_WINDOW
 ) -> list[Bucket]:
-    """Buckets of UTC minutes, oldest first: every outcome is counted in exactly one of them.
+    """Buckets of UTC minutes, oldest first: every outcome from the window's first minute on is in one.
 
     The window is the ``minutes`` minutes ending with the current one, empty minutes included.
     Outcomes dated after it (a worker whose clock runs ahead of ours) are not left out, nor do
@@ -121,7 +122,12 @@ def histogram() -> Response:
 
 @bp.get("/monitoring.json")
 def histogram_json() -> Response:
-    """The same buckets as JSON: ``{"buckets": [{"minute": …, "success": n, …}, …]}``."""
+    """The same buckets as JSON: ``{"buckets": [{"minute": …, "success": n, …}, …]}``.
+
+    ``?minutes=all``: every minute of the last ``MAX_MINUTES``, before that only the minutes
+    that had outcomes (buckets may be hours apart); a last bucket dated the next minute holds
+    every outcome dated ahead of this server's clock.
+    """
     buckets = minute_buckets(
         get_db(), requested_minutes(allow_all=True), longest=int(current_app.config["MAX_MINUTES"])
     )
