@@ -212,16 +212,7 @@ def _connect_database(settings: Settings) -> Database:
 
     Its own client, not the workers' (``storage.get_database``), whose patience is theirs.
     """
-    timeout_ms = int(OUTAGE_BUDGET_S * 1000)
-    client: pymongo.MongoClient = pymongo.MongoClient(
-        settings.mongo_uri,
-        tz_aware=True,
-        appname="image-crawler",
-        serverSelectionTimeoutMS=timeout_ms,
-        # Below the selection timeout, so that a server that never answers is reported as such.
-        connectTimeoutMS=timeout_ms // 2,
-    )
-    return client[settings.mongo_database]
+    return storage.connect(settings, timeout_s=OUTAGE_BUDGET_S)
 
 
 def _database(settings: Settings) -> Database:

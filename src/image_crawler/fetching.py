@@ -74,7 +74,7 @@ Resolver = Callable[[str, int], Iterable[str]]
 
 _SCHEMES = {"http": 80, "https": 443}
 #: What RFC 3986 allows in a URL's userinfo: unreserved, percent-encoded, sub-delims and ":".
-_USERINFO = re.compile(r"[A-Za-z0-9\-._~%!$&'()*+,;=:]*")
+_RFC3986_USERINFO = re.compile(r"[A-Za-z0-9\-._~%!$&'()*+,;=:]*")
 #: Largest piece of decompressed output produced from one step of inflating.
 _DECODE_STEP = 64 * 1024
 #: Compressed bytes allowed per allowed decoded byte: stops a stream that inflates to nothing.
@@ -119,7 +119,7 @@ def check_url(url: str) -> str:
         if any(char.isspace() for char in parts.hostname):
             raise InvalidUrl("unparsable url")
         userinfo, at, _ = parts.netloc.rpartition("@")
-        if at and not _USERINFO.fullmatch(userinfo):
+        if at and not _RFC3986_USERINFO.fullmatch(userinfo):
             # Spaces, quotes or brackets would be sent, yet could hide the credentials from
             # redaction wherever the URL is quoted (a log line, a repr): they must be %-encoded.
             raise InvalidUrl("credentials in url need percent-encoding")

@@ -43,10 +43,19 @@ def utcnow() -> dt.datetime:
     return now.replace(microsecond=now.microsecond // 1000 * 1000)
 
 
-def connect(settings: Settings) -> Database:
-    """A database handle for ``MONGO_URI`` (one client, and so one pool, per call)."""
+def connect(settings: Settings, *, timeout_s: float = 10.0) -> Database:
+    """A database handle for ``MONGO_URI`` (one client, and so one pool, per call).
+
+    An operation waits at most ``timeout_s`` for a server to answer (connecting takes at most
+    half of it, so that a server that never answers is reported as such).
+    """
+    timeout_ms = int(timeout_s * 1000)
     client: pymongo.MongoClient = pymongo.MongoClient(
-        settings.mongo_uri, tz_aware=True, serverSelectionTimeoutMS=10_000, appname="image-crawler"
+        settings.mongo_uri,
+        tz_aware=True,
+        serverSelectionTimeoutMS=timeout_ms,
+        connectTimeoutMS=timeout_ms // 2,
+        appname="image-crawler",
     )
     return client[settings.mongo_database]
 
