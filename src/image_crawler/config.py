@@ -150,6 +150,18 @@ class Settings:
     #: Pillow formats a body may be decoded as, comma-separated, or ``all`` (every one but EPS).
     #: Any other format ends as ``unsupported format <NAME>`` without its decoder ever running.
     image_formats: str = ",".join(WEB_IMAGE_FORMATS)
+    #: Requests in flight to one host name at once, over every worker (0: no limit).
+    host_concurrency: int = 8
+    #: Least milliseconds between the starts of two requests to one host name, over every worker.
+    host_delay_ms: int = 0
+    #: Longest ``Retry-After`` (seconds) a URL waits for; one asking for longer ends in error.
+    retry_after_max: int = 600
+    #: The User-Agent of every request; empty: ``image-crawler/<version> (+<project URL>)``.
+    user_agent: str = ""
+    #: Whether robots.txt (and ``X-Robots-Tag: noimageindex``/``noai``) is obeyed.
+    obey_robots: bool = False
+    #: Whether each worker process serves Dramatiq's Prometheus metrics (README: Metrics).
+    worker_metrics: bool = False
     #: HTTP basic auth for the web app: when both are set, every route but ``/healthz`` asks for them.
     web_user: str = ""
     web_password: str = field(default="", repr=False)
@@ -181,6 +193,12 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "max_deliveries": _int_in(1, 100),
     "decode_memory_mb": _int_in(16),
     "image_formats": _image_formats,
+    "host_concurrency": _int_in(0, 10_000),
+    "host_delay_ms": _int_in(0, 3_600_000),
+    "retry_after_max": _int_in(1, 86_400),
+    "user_agent": str,
+    "obey_robots": _flag,
+    "worker_metrics": _flag,
     "web_user": str,
     "web_password": str,
 }
