@@ -145,9 +145,24 @@ def make_pipeline(redis_url, mongo_db):
         started.append(Pipeline(mongo_db, settings, threads))
         return started[-1]
 
+    _forget_hosts(redis_url)
     yield make
     for pipeline in started:
         pipeline.close()
+    _forget_hosts(redis_url)
+
+
+def _forget_hosts(redis_url: str) -> None:
+    """Drop what the suite's Redis knows of hosts (turns, pauses after a 429): tests share it."""
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    try:
+        keys = list(client.scan_iter("image-crawler:host:*"))
+        if keys:
+            client.delete(*keys)
+    finally:
+        client.close()
 
 
 @pytest.fixture

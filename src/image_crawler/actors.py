@@ -53,10 +53,11 @@ from .claims import BODIES, PNGS
 from .config import get_settings
 from .context import Context, get_context
 from .context import share_redis as _share_redis
-from .errors import CrawlError, FetchTimeout, ResultMissing
+from .errors import CrawlError, FetchTimeout, HttpStatusError, ResultMissing
 from .fetching import Download
 from .middleware import Verdict, WorkerShape, reason_for, retry_transient
 from .outcomes import Job
+from .politeness import HostBusy, host_of
 from .redaction import install_log_redaction
 
 logger = logging.getLogger(__name__)
@@ -95,6 +96,8 @@ POSTPONE_LIMIT = 10
 #: Backoff of a URL's transient failures (ms): 2 s, 4 s, 8 s… with jitter, at most 5 minutes.
 RETRY_MIN_BACKOFF_MS = 2_000
 RETRY_MAX_BACKOFF_MS = 300_000
+#: Shortest wait of a line whose host had no turn free (ms): less would only churn the queue.
+HOST_WAIT_MIN_MS = 250
 
 
 def admitted_key(batch: dict[str, Any]) -> str:
@@ -280,6 +283,14 @@ def fetch(batch: dict[str, Any]) -> None:
         context.claims.put(parcel["claim"], BODIES, sorting.pending, pipe=pipe)
         for line, delay in sorting.again:
             fetch.send_with_options(args=(fetch_message(batch["run"], [line]),), delay=delay or None)
+        if sorting.waiting:
+            # Lines waiting for their hosts go on together, as soon as the first host may be free.
+            delay = max(HOST_WAIT_MIN_MS, min(wait for _, wait in sorting.waiting))
+            lines = [line for line, _ in sorting.waiting]
+            logger.info(
+                "%d lines wait %d ms for their hosts' turns (%s)", len(lines), delay, sorting.busy_hosts()
+            )
+            fetch.send_with_options(args=(fetch_message(batch["run"], lines),), delay=delay)
         if parcel["lines"]:
             digests, grays = md5.message(parcel), grayscale.message(parcel)
             group = dramatiq.group([digests, grays])
@@ -306,6 +317,7 @@ class _Sorting:
         self.pending: dict[int, bytes] = {}  # bodies not parked yet
         self.failed: list[dict[str, Any]] = []
         self.again: list[tuple[list[Any], int]] = []  # ([line, url, attempts, postponed], delay ms)
+        self.waiting: list[tuple[list[Any], int]] = []  # lines whose host had no turn free, and the wait
 
     def file(self, job: Job, future: Future) -> None:
         """File one finished download."""
@@ -313,6 +325,11 @@ class _Sorting:
             download: Download = future.result()
         except _NotStarted:
             self.postpone(job)
+            return
+        except HostBusy as busy:
+            # Not the line's fault, nor a try: it goes again with its attempts as they were.
+            line = [job.line, job.url, self.attempts[job.line], self.postponed[job.line]]
+            self.waiting.append((line, busy.wait_ms))
             return
         except CrawlError as exc:
             self.retry_or_end(job, exc)
@@ -332,13 +349,31 @@ class _Sorting:
             self.pending.clear()
 
     def retry_or_end(self, job: Job, exc: CrawlError) -> None:
-        """A transient failure with retries left goes again, alone, with backoff; any other ends the line."""
+        """A transient failure with retries left goes again, alone, with backoff; any other ends the line.
+
+        A ``Retry-After`` is honoured: the line goes no sooner than it says, and ends at once
+        (naming the wait) when it says longer than ``RETRY_AFTER_MAX``.
+        """
         tries = self.attempts[job.line]
-        if exc.transient and tries < self.context.settings.fetch_retries:
+        retry_after = exc.retry_after if isinstance(exc, HttpStatusError) else None
+        if retry_after is not None and retry_after > self.context.settings.retry_after_max:
+            reason = f"{exc.reason}: retry-after {retry_after:.0f} s is over RETRY_AFTER_MAX"
+            self.failed.append(outcomes.outcome_document(job, outcomes.ERROR, reason=reason))
+        elif exc.transient and tries < self.context.settings.fetch_retries:
             _, delay = compute_backoff(tries, factor=RETRY_MIN_BACKOFF_MS, max_backoff=RETRY_MAX_BACKOFF_MS)
+            if retry_after is not None:
+                delay = max(delay, int(retry_after * 1000))
+                logger.info(
+                    "%s: %s, tried again in %.0f s as Retry-After asks", job.url, exc.reason, delay / 1000
+                )
             self.again.append(([job.line, job.url, tries + 1], delay))
         else:
             self.failed.append(outcomes.outcome_document(job, outcomes.ERROR, reason=exc.reason))
+
+    def busy_hosts(self) -> str:
+        """The hosts the waiting lines wait for, for the log: a few of them."""
+        hosts = sorted({host_of(line[1]) for line, _ in self.waiting})
+        return ", ".join(hosts[:5]) + (f" and {len(hosts) - 5} more" if len(hosts) > 5 else "")
 
     def postpone(self, job: Job) -> None:
         """A line that could not start (every download thread busy) goes again later, untried; after
@@ -355,10 +390,21 @@ class _NotStarted(Exception):
 
 
 def _download(context: Context, url: str, cutoff: float) -> Download:
-    """Download ``url``, unless it is already past ``cutoff`` (then :class:`_NotStarted`)."""
+    """Download ``url`` in a turn of its host (else :class:`HostBusy`), unless it is past ``cutoff``."""
     if time.monotonic() >= cutoff:
         raise _NotStarted()
-    return context.fetcher.fetch(url)
+    host = host_of(url)
+    with context.hosts.turn(host, until=cutoff):
+        try:
+            return context.fetcher.fetch(url)
+        except HttpStatusError as exc:
+            if exc.overloaded:
+                now = context.hosts.slow_down(host, retry_after_s=exc.retry_after)
+                wait = "" if exc.retry_after is None else f", paused {exc.retry_after:.0f} s"
+                logger.warning(
+                    "%s answered %s: %d requests at once for a while%s", host, exc.reason, now, wait
+                )
+            raise
 
 
 def _unfinished(context: Context, jobs: list[Job]) -> list[Job]:

@@ -16,6 +16,7 @@ from .claims import ClaimCheck
 from .config import Settings, get_settings
 from .fetching import Fetcher
 from .imaging import DecodeBudget
+from .politeness import HostGate
 
 
 @dataclass
@@ -31,10 +32,19 @@ class Context:
     downloads: ThreadPoolExecutor = field(init=False)
     #: Bytes of decoded pixels this process's threads may hold at once (``DECODE_MEMORY_MB``).
     decode_budget: DecodeBudget = field(init=False)
+    #: Turns to request each host, shared with every worker (``HOST_CONCURRENCY``, ``HOST_DELAY_MS``).
+    hosts: HostGate = field(init=False)
 
     def __post_init__(self) -> None:
         self.downloads = ThreadPoolExecutor(self.settings.fetch_concurrency, thread_name_prefix="download")
         self.decode_budget = DecodeBudget(self.settings.decode_memory_mb * 1024 * 1024)
+        self.hosts = HostGate(
+            self.claims.client,
+            concurrency=self.settings.host_concurrency,
+            delay_ms=self.settings.host_delay_ms,
+            # A download ends within twice FETCH_TIMEOUT (fetching.py); a dead worker's turn comes back after.
+            turn_ms=int(2 * self.settings.fetch_timeout * 1000) + 10_000,
+        )
 
     @classmethod
     def create(

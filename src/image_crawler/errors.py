@@ -45,11 +45,18 @@ class ForbiddenAddress(FetchError):
 class HttpStatusError(FetchError):
     """The server answered with a non-2xx status."""
 
-    def __init__(self, status: int) -> None:
+    def __init__(self, status: int, *, retry_after: float | None = None) -> None:
         super().__init__(f"http {status}")
         self.status = status
+        #: Seconds the server asked us to wait (``Retry-After`` of a 429 or 503), if it said.
+        self.retry_after = retry_after
         # 408/429 and 5xx are the server asking us to come back later.
         self.transient = status in (408, 429) or status >= 500
+
+    @property
+    def overloaded(self) -> bool:
+        """Whether the host said it gets too many requests (429, or 503 with ``Retry-After``)."""
+        return self.status == 429 or (self.status == 503 and self.retry_after is not None)
 
 
 class FetchTimeout(FetchError):

@@ -31,6 +31,8 @@ body in a content encoding we did not ask for (``br``, ``zstd``) is a permanent 
 
 from __future__ import annotations
 
+import datetime as dt
+import email.utils
 import ipaddress
 import logging
 import re
@@ -64,7 +66,16 @@ from .errors import (
 # httpx logs every request at INFO: a crawl makes millions, and each costs a worker time.
 logging.getLogger("httpx").setLevel(logging.WARNING)
 
-__all__ = ["MAX_URL_LENGTH", "Download", "Fetcher", "Resolver", "check_url", "is_public_address"]
+__all__ = [
+    "MAX_URL_LENGTH",
+    "Download",
+    "Fetcher",
+    "Resolver",
+    "check_url",
+    "default_user_agent",
+    "is_public_address",
+    "parse_retry_after",
+]
 
 #: Longest URL we accept; longer lines are garbage, not links.
 MAX_URL_LENGTH = 8192
@@ -176,12 +187,33 @@ def _resolve(host: str, port: int) -> list[str]:
     return [str(info[4][0]) for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)]
 
 
-def _user_agent() -> str:
+#: Where a site owner who sees our requests reads what this crawler is.
+PROJECT_URL = "https://github.com/image-crawler/image-crawler"
+
+
+def default_user_agent() -> str:
+    """``image-crawler/<version> (+<project URL>)``: who we are, and where to read about it."""
     try:
         version = metadata.version("image-crawler")
     except metadata.PackageNotFoundError:
         version = "0"
-    return f"image-crawler/{version}"
+    return f"image-crawler/{version} (+{PROJECT_URL})"
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Seconds a ``Retry-After`` header asks for (delay-seconds or an HTTP date), None if unreadable."""
+    if value is None:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:  # an HTTP date is always GMT (RFC 9110)
+        when = when.replace(tzinfo=dt.UTC)
+    return max(0.0, (when - dt.datetime.now(dt.UTC)).total_seconds())
 
 
 class Fetcher:
@@ -221,7 +253,7 @@ class Fetcher:
             limits=limits,
             timeout=httpx.Timeout(settings.fetch_timeout),
             headers={
-                "User-Agent": _user_agent(),
+                "User-Agent": settings.user_agent or default_user_agent(),
                 "Accept": "image/*,*/*;q=0.8",
                 # Only what _BodyDecoder can inflate in bounded steps.
                 "Accept-Encoding": "gzip, deflate",
@@ -279,7 +311,10 @@ class Fetcher:
     def _read(self, response: httpx.Response, deadline: float) -> Download:
         """Read the body of a final response within the size and time limits."""
         if not response.is_success:
-            raise HttpStatusError(response.status_code)
+            retry_after = None
+            if response.status_code in (429, 503):
+                retry_after = parse_retry_after(response.headers.get("retry-after"))
+            raise HttpStatusError(response.status_code, retry_after=retry_after)
         limit = self._settings.fetch_max_bytes
         decoder = _BodyDecoder(response.headers.get("content-encoding", ""))
         declared = _content_length(response)

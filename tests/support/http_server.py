@@ -19,6 +19,7 @@ from __future__ import annotations
 import gzip as gzip_module
 import sys
 import threading
+import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -76,6 +77,9 @@ class LocalHttpServer:
         self._routes: dict[str, _Route] = {}
         self._hits: Counter[str] = Counter()
         self._authorizations: dict[str, list[str | None]] = {}
+        self._requests: list[tuple[float, str, str, str | None]] = []  # (time, Host, path, User-Agent)
+        self._in_flight: Counter[str] = Counter()
+        self._most_in_flight: Counter[str] = Counter()
         self._stopping = threading.Event()
         self._httpd = _Server(("127.0.0.1", 0), _Handler)
         self._httpd.owner = self
@@ -126,6 +130,16 @@ class LocalHttpServer:
         """The ``Authorization`` header of each request ``path`` received (None: none sent)."""
         with self._lock:
             return list(self._authorizations.get(path, []))
+
+    def requests(self) -> list[tuple[float, str, str, str | None]]:
+        """Every request so far: ``(time.monotonic() it arrived, Host header, path, User-Agent)``."""
+        with self._lock:
+            return list(self._requests)
+
+    def most_in_flight(self, host: str) -> int:
+        """The most requests with this ``Host`` header that were being answered at once."""
+        with self._lock:
+            return self._most_in_flight[host]
 
     def start(self) -> LocalHttpServer:
         """Start serving in a background thread."""
@@ -196,9 +210,22 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _answer(self, *, send_body: bool) -> None:
         owner = self.server.owner
+        host = self.headers.get("Host", "")
+        with owner._lock:
+            owner._in_flight[host] += 1
+            owner._most_in_flight[host] = max(owner._most_in_flight[host], owner._in_flight[host])
+        try:
+            self._answer_in_flight(send_body=send_body, host=host)
+        finally:
+            with owner._lock:
+                owner._in_flight[host] -= 1
+
+    def _answer_in_flight(self, *, send_body: bool, host: str) -> None:
+        owner = self.server.owner
         path = urlsplit(self.path).path
         with owner._lock:
             owner._authorizations.setdefault(path, []).append(self.headers.get("Authorization"))
+            owner._requests.append((time.monotonic(), host, path, self.headers.get("User-Agent")))
         response = owner._next_response(path)
         if (response.delay and owner._wait(response.delay)) or response.abort:
             self.close_connection = True

@@ -1,0 +1,224 @@
+"""Politeness: per-host turns shared through Redis, Retry-After, and an honest User-Agent."""
+
+from __future__ import annotations
+
+import datetime as dt
+import email.utils
+import itertools
+import time
+import uuid
+
+import pytest
+import redis
+
+from image_crawler import outcomes, storage
+from image_crawler.fetching import parse_retry_after
+from image_crawler.politeness import HostBusy, HostGate, host_of
+from support.http_server import LocalHttpServer, Response
+from support.images import png_bytes
+
+
+@pytest.fixture
+def client(redis_url):
+    connection = redis.Redis.from_url(redis_url)
+    yield connection
+    connection.close()
+
+
+@pytest.fixture
+def host() -> str:
+    return f"host-{uuid.uuid4().hex[:8]}.test"
+
+
+def gate(client, **options) -> HostGate:
+    defaults = {"concurrency": 2, "delay_ms": 0, "turn_ms": 10_000, "patience_s": 0.2}
+    return HostGate(client, **{**defaults, **options})
+
+
+# --- HostGate -----------------------------------------------------------------------------
+
+
+def test_no_more_turns_than_the_host_concurrency_are_held_at_once(client, host):
+    first, second = gate(client), gate(client)  # two workers
+
+    with first.turn(host), second.turn(host):
+        with pytest.raises(HostBusy) as busy, first.turn(host):
+            pass
+        assert busy.value.wait_ms > 0
+    with first.turn(host):  # given back
+        pass
+
+
+def test_a_host_concurrency_of_zero_is_no_limit(client, host):
+    unlimited = gate(client, concurrency=0)
+
+    with unlimited.turn(host), unlimited.turn(host), unlimited.turn(host):
+        pass
+
+
+def test_another_host_has_turns_of_its_own(client, host):
+    limited = gate(client, concurrency=1)
+
+    with limited.turn(host), limited.turn("other-" + host):
+        pass
+
+
+def test_the_turn_of_a_worker_that_died_comes_back(client, host):
+    dying = gate(client, concurrency=1, turn_ms=300)
+    held = dying.turn(host)
+    held.__enter__()  # and never left: the worker died
+
+    with pytest.raises(HostBusy), dying.turn(host):
+        pass
+    time.sleep(0.35)
+    with dying.turn(host):
+        pass
+
+
+def test_requests_to_a_host_start_at_least_the_host_delay_apart(client, host):
+    spaced = gate(client, concurrency=0, delay_ms=300, patience_s=2.0)
+    starts = []
+
+    for _ in range(3):
+        with spaced.turn(host):
+            starts.append(time.monotonic())
+
+    assert all(later - earlier >= 0.28 for earlier, later in itertools.pairwise(starts))
+
+
+def test_a_host_that_waits_longer_than_the_patience_is_busy_for_that_long(client, host):
+    spaced = gate(client, concurrency=0, delay_ms=5_000, patience_s=0.1)
+    with spaced.turn(host):
+        pass
+
+    with pytest.raises(HostBusy) as busy, spaced.turn(host):
+        pass
+
+    assert 4_000 <= busy.value.wait_ms <= 5_000
+
+
+def test_an_overloaded_host_is_paused_then_served_at_half_its_concurrency(client, host):
+    polite = gate(client, concurrency=8, patience_s=0.1)
+
+    assert polite.slow_down(host, retry_after_s=1) == 4
+    with pytest.raises(HostBusy) as busy, polite.turn(host):
+        pass
+    assert 500 <= busy.value.wait_ms <= 1_000
+    time.sleep(1.05)
+    held = [polite.turn(host) for _ in range(4)]
+    for turn in held:
+        turn.__enter__()
+    with pytest.raises(HostBusy), polite.turn(host):
+        pass
+    for turn in held:
+        turn.__exit__(None, None, None)
+    assert polite.slow_down(host, retry_after_s=None) == 2  # and halved again, never below one
+
+
+@pytest.mark.parametrize(
+    ("url", "host"),
+    [("http://User:pw@Images.Example.:8080/a.png", "images.example"), ("https://[::1]/a", "::1")],
+)
+def test_host_of_is_the_lower_case_name(url: str, host: str):
+    assert host_of(url) == host
+
+
+# --- Retry-After ----------------------------------------------------------------------------
+
+
+def test_retry_after_is_read_as_seconds_or_as_an_http_date():
+    later = email.utils.format_datetime(dt.datetime.now(dt.UTC) + dt.timedelta(seconds=120), usegmt=True)
+
+    assert parse_retry_after("7") == 7.0
+    assert 110 <= parse_retry_after(later) <= 120
+    assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0  # in the past: now
+    assert parse_retry_after("soon") is None
+    assert parse_retry_after(None) is None
+
+
+# --- through the pipeline -------------------------------------------------------------------
+
+
+@pytest.fixture
+def server():
+    with LocalHttpServer() as running:
+        yield running
+
+
+def test_the_host_limit_holds_over_two_workers_of_eight_threads(make_pipeline, server):
+    pipeline = make_pipeline(threads=8, host_concurrency=3, batch_size=4)
+    make_pipeline(threads=8, host_concurrency=3, batch_size=4)
+    for n in range(24):
+        server.add_sequence(f"/slow/{n}.png", [Response(body=png_bytes(20, 20, seed=n), delay=0.2)])
+        server.add(f"/other/{n}.png", body=png_bytes(20, 20, seed=100 + n))
+    lines = [server.url(f"/slow/{n}.png") for n in range(24)]
+    lines += [server.url(f"/other/{n}.png").replace("127.0.0.1", "localhost") for n in range(24)]
+
+    report = pipeline.enqueue_text("\n".join(lines))
+    pipeline.wait_for(report.run, 48, timeout=120)
+
+    assert outcomes.count_outcomes(pipeline.db, report.run) == {"success": 48, "duplicate": 0, "error": 0}
+    assert server.most_in_flight(f"127.0.0.1:{server.port}") == 3
+    assert server.most_in_flight(f"localhost:{server.port}") <= 3
+
+
+def test_a_429_with_retry_after_is_retried_no_sooner_and_pauses_its_host(make_pipeline, server):
+    pipeline = make_pipeline(threads=2, host_concurrency=2, batch_size=1, fetch_retries=2)
+    server.add_sequence(
+        "/wall.png",
+        [
+            Response(status=429, headers={"Retry-After": "2"}, content_type="text/plain"),
+            Response(body=png_bytes(20, 20, seed=1)),
+        ],
+    )
+    server.add("/after.png", body=png_bytes(20, 20, seed=2))
+
+    report = pipeline.enqueue_text(server.url("/wall.png"))
+    deadline = time.monotonic() + 30
+    while server.hits("/wall.png") == 0 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.2)  # the 429 has been answered: another URL of the host now waits for the pause
+    second = pipeline.enqueue_text(server.url("/after.png"))
+    pipeline.wait_for(report.run, 1, timeout=60)
+    pipeline.wait_for(second.run, 1, timeout=60)
+
+    times: dict[str, list[float]] = {}
+    for at, _, path, _ in server.requests():
+        times.setdefault(path, []).append(at)
+    assert outcomes.count_outcomes(pipeline.db, report.run)["success"] == 1
+    assert times["/wall.png"][1] - times["/wall.png"][0] >= 1.9  # no sooner than Retry-After
+    assert times["/after.png"][0] - times["/wall.png"][0] >= 1.9  # the host was paused for all
+
+
+def test_a_retry_after_longer_than_the_maximum_ends_the_url_naming_it(make_pipeline, server):
+    pipeline = make_pipeline(retry_after_max=600)
+    server.add("/later.png", status=429, headers={"Retry-After": "3600"}, content_type="text/plain")
+
+    report = pipeline.enqueue_text(server.url("/later.png"))
+    pipeline.wait_for(report.run, 1)
+
+    entry = storage.outcomes(pipeline.db).find_one({"run": report.run})
+    assert (entry["outcome"], entry["reason"]) == (
+        "error",
+        "http 429: retry-after 3600 s is over RETRY_AFTER_MAX",
+    )
+    assert server.hits("/later.png") == 1
+
+
+def test_every_request_says_who_is_asking(make_pipeline, server):
+    pipeline = make_pipeline(user_agent="acme-crawler/2 (+mailto:crawl@acme.test)")
+    server.add("/ua.png", body=png_bytes(20, 20, seed=3))
+
+    report = pipeline.enqueue_text(server.url("/ua.png"))
+    pipeline.wait_for(report.run, 1)
+
+    assert [agent for _, _, path, agent in server.requests() if path == "/ua.png"] == [
+        "acme-crawler/2 (+mailto:crawl@acme.test)"
+    ]
+
+
+def test_the_default_user_agent_names_the_crawler_and_where_to_read_about_it():
+    from image_crawler.fetching import PROJECT_URL, default_user_agent
+
+    assert default_user_agent().startswith("image-crawler/")
+    assert default_user_agent().endswith(f"(+{PROJECT_URL})")
