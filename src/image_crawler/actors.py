@@ -59,6 +59,7 @@ from .middleware import Verdict, WorkerShape, reason_for, retry_transient
 from .outcomes import Job
 from .politeness import HostBusy, host_of
 from .redaction import install_log_redaction
+from .robots import TAG_DISALLOWED, RobotsDisallowed, RobotsPending, forbids_indexing
 
 logger = logging.getLogger(__name__)
 # Messages carry URLs as written, credentials included: no log line may show them.
@@ -326,7 +327,7 @@ class _Sorting:
         except _NotStarted:
             self.postpone(job)
             return
-        except HostBusy as busy:
+        except (HostBusy, RobotsPending) as busy:
             # Not the line's fault, nor a try: it goes again with its attempts as they were.
             line = [job.line, job.url, self.attempts[job.line], self.postponed[job.line]]
             self.waiting.append((line, busy.wait_ms))
@@ -396,7 +397,13 @@ def _download(context: Context, url: str, cutoff: float) -> Download:
     host = host_of(url)
     with context.hosts.turn(host, until=cutoff):
         try:
-            return context.fetcher.fetch(url)
+            if context.robots is None:
+                return context.fetcher.fetch(url)
+            context.robots.check(url, until=cutoff)  # its robots.txt, once a day, in this turn
+            download = context.fetcher.fetch(url)
+            if forbids_indexing(download.robots_tags, user_agent=context.robots.user_agent):
+                raise RobotsDisallowed(TAG_DISALLOWED)
+            return download
         except HttpStatusError as exc:
             if exc.overloaded:
                 now = context.hosts.slow_down(host, retry_after_s=exc.retry_after)

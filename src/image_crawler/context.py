@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import redis
 from pymongo.database import Database
@@ -17,6 +17,10 @@ from .config import Settings, get_settings
 from .fetching import Fetcher
 from .imaging import DecodeBudget
 from .politeness import HostGate
+from .robots import MAX_ROBOTS_BYTES, Robots, product_token
+
+#: Seconds a robots.txt may take to download (at most FETCH_TIMEOUT).
+ROBOTS_TIMEOUT_S = 10.0
 
 
 @dataclass
@@ -34,6 +38,9 @@ class Context:
     decode_budget: DecodeBudget = field(init=False)
     #: Turns to request each host, shared with every worker (``HOST_CONCURRENCY``, ``HOST_DELAY_MS``).
     hosts: HostGate = field(init=False)
+    #: What each host's robots.txt allows, with ``OBEY_ROBOTS`` (None: not asked).
+    robots: Robots | None = field(init=False, default=None)
+    _robots_fetcher: Fetcher | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         self.downloads = ThreadPoolExecutor(self.settings.fetch_concurrency, thread_name_prefix="download")
@@ -45,6 +52,22 @@ class Context:
             # A download ends within twice FETCH_TIMEOUT (fetching.py); a dead worker's turn comes back after.
             turn_ms=int(2 * self.settings.fetch_timeout * 1000) + 10_000,
         )
+        if self.settings.obey_robots:
+            # robots.txt has limits of its own (Google reads 500 KiB of it), and the same
+            # address policy as every other request.
+            robots_settings = replace(
+                self.settings,
+                fetch_max_bytes=2 * MAX_ROBOTS_BYTES,
+                fetch_timeout=min(self.settings.fetch_timeout, ROBOTS_TIMEOUT_S),
+            )
+            self._robots_fetcher = Fetcher(robots_settings)
+            fetch_robots = self._robots_fetcher.fetch
+            self.robots = Robots(
+                self.claims.client,
+                lambda url: fetch_robots(url).content,
+                user_agent=product_token(self.settings.user_agent),
+                lock_ttl=2 * robots_settings.fetch_timeout + 10,
+            )
 
     @classmethod
     def create(
@@ -65,6 +88,8 @@ class Context:
         """Release the download threads, the HTTP client and the Redis pool (unless it is shared)."""
         self.downloads.shutdown(wait=True, cancel_futures=True)
         self.fetcher.close()
+        if self._robots_fetcher is not None:
+            self._robots_fetcher.close()
         if self.owns_redis:
             self.claims.client.close()
 

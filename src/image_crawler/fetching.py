@@ -111,6 +111,8 @@ class Download:
     content_type: str | None
     #: The URL that answered, after redirects.
     final_url: str
+    #: Its ``X-Robots-Tag`` headers, each as sent.
+    robots_tags: tuple[str, ...] = ()
 
 
 def check_url(url: str) -> str:
@@ -337,7 +339,12 @@ class Fetcher:
             if time.monotonic() > deadline:
                 raise FetchTimeout()
         decoder.finish()
-        return Download(bytes(body), response.headers.get("content-type"), str(response.url))
+        return Download(
+            bytes(body),
+            response.headers.get("content-type"),
+            str(response.url),
+            tuple(response.headers.get_list("x-robots-tag")),
+        )
 
     def _addresses(self, host: str, port: int) -> list[str]:
         """The addresses ``host`` may be reached at: all of them public unless ``fetch_allow_private``.

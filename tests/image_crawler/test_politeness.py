@@ -222,3 +222,39 @@ def test_the_default_user_agent_names_the_crawler_and_where_to_read_about_it():
 
     assert default_user_agent().startswith("image-crawler/")
     assert default_user_agent().endswith(f"(+{PROJECT_URL})")
+
+
+# --- robots.txt and X-Robots-Tag, with OBEY_ROBOTS=1 ----------------------------------------
+
+
+def test_with_obey_robots_disallowed_urls_are_never_requested(make_pipeline, server):
+    pipeline = make_pipeline(obey_robots=True)
+    server.add("/robots.txt", body=b"User-agent: *\nDisallow: /private/\n", content_type="text/plain")
+    server.add("/private/a.png", body=png_bytes(20, 20, seed=4))
+    server.add("/public/b.png", body=png_bytes(20, 20, seed=5))
+    server.add(
+        "/public/ai.png", body=png_bytes(20, 20, seed=6), headers={"X-Robots-Tag": "image-crawler: noai"}
+    )
+
+    urls = [server.url(path) for path in ("/private/a.png", "/public/b.png", "/public/ai.png")]
+    report = pipeline.enqueue_text("\n".join(urls))
+    pipeline.wait_for(report.run, 3)
+
+    ledger = {doc["line"]: doc for doc in storage.outcomes(pipeline.db).find({"run": report.run})}
+    assert (ledger[1]["outcome"], ledger[1]["reason"]) == ("error", "disallowed by robots.txt")
+    assert ledger[2]["outcome"] == "success"
+    assert (ledger[3]["outcome"], ledger[3]["reason"]) == ("error", "disallowed by x-robots-tag")
+    assert server.hits("/private/a.png") == 0
+    assert server.hits("/robots.txt") == 1
+
+
+def test_without_obey_robots_robots_txt_is_not_even_asked_for(make_pipeline, server):
+    pipeline = make_pipeline()
+    server.add("/robots.txt", body=b"User-agent: *\nDisallow: /\n", content_type="text/plain")
+    server.add("/any.png", body=png_bytes(20, 20, seed=7))
+
+    report = pipeline.enqueue_text(server.url("/any.png"))
+    pipeline.wait_for(report.run, 1)
+
+    assert outcomes.count_outcomes(pipeline.db, report.run)["success"] == 1
+    assert server.hits("/robots.txt") == 0
