@@ -63,6 +63,8 @@ def main() -> None:
             urls = work / "urls.txt"
             urls.write_text("".join(f"http://127.0.0.1:{port}/{image.path.name}\n" for image in images))
             env = dict(os.environ, REDIS_URL=redis_url, MONGO_URI=mongo_uri, FETCH_ALLOW_PRIVATE="1")
+            # One local server stands in for the many hosts of a real list: no per-host limit.
+            env.setdefault("HOST_CONCURRENCY", "0")
             command = [sys.executable, "-m", "dramatiq", "image_crawler.actors", "--path", str(REPO)]
             command += ["--processes", str(args.processes), "--threads", str(args.threads)]
             workers = subprocess.Popen(

@@ -54,6 +54,8 @@ def main() -> None:
         urls = work / "urls.txt"
         urls.write_text("\n".join(lines) + "\n")
         env = dict(os.environ, REDIS_URL=redis_url, MONGO_URI=mongo_uri, FETCH_ALLOW_PRIVATE="1")
+        # One local server stands in for the many hosts of a real list: no per-host limit.
+        env.setdefault("HOST_CONCURRENCY", "0")
         env["PYTHONPATH"] = str(args.src)
         log = open(work / "workers.log", "wb")  # noqa: SIM115 - closed with the workers
         workers = subprocess.Popen(
