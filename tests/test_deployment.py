@@ -44,6 +44,8 @@ APP_SERVICES = ("worker", "web", "crawl")
 SETTING_NAMES = {field.name.upper() for field in fields(Settings)}
 #: Settings only the web app reads: the other services are not given the dashboard's password.
 WEB_ONLY_SETTINGS = {"WEB_USER", "WEB_PASSWORD"}
+#: Dramatiq's own variables for the exporter of WORKER_METRICS (image_crawler.broker), workers only.
+WORKER_METRICS_VARIABLES = {"dramatiq_prom_host", "dramatiq_prom_db"}
 
 _VARIABLE = re.compile(r"\$\{(?P<name>\w+)(?:(?P<op>:?-)(?P<default>[^}]*))?\}|\$\$")
 
@@ -303,8 +305,19 @@ def test_crawl_enqueues_the_mounted_url_list_once(services):
 
 def test_compose_sets_every_setting_and_nothing_else(services):
     assert set(services["web"]["environment"]) == SETTING_NAMES
-    for name in ("worker", "crawl"):
-        assert set(services[name]["environment"]) == SETTING_NAMES - WEB_ONLY_SETTINGS, name
+    assert set(services["crawl"]["environment"]) == SETTING_NAMES - WEB_ONLY_SETTINGS
+    worker = set(services["worker"]["environment"])
+    assert worker == (SETTING_NAMES - WEB_ONLY_SETTINGS) | WORKER_METRICS_VARIABLES
+
+
+def test_worker_metrics_stay_on_the_compose_network(services):
+    worker = services["worker"]
+    # Bound to every interface of the container, so a Prometheus on the compose network can
+    # scrape it, and published on none of the host's (dramatiq#309: it has no authentication).
+    assert worker["environment"]["dramatiq_prom_host"] == "0.0.0.0"
+    assert "ports" not in worker and worker.get("network_mode") != "host"
+    # Metric files of a previous start of the container would be counted as live processes.
+    assert worker["environment"]["dramatiq_prom_db"] in worker["tmpfs"]
 
 
 def test_web_user_and_password_reach_the_web_app(compose):

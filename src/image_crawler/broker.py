@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any
@@ -13,7 +14,16 @@ from typing import Any
 import dramatiq
 import redis
 from dramatiq.brokers.redis import RedisBroker, _RedisConsumer
-from dramatiq.middleware import AgeLimit, Callbacks, Pipelines, Retries, ShutdownNotifications, TimeLimit
+from dramatiq.middleware import (
+    AgeLimit,
+    Callbacks,
+    Middleware,
+    Pipelines,
+    Retries,
+    ShutdownNotifications,
+    TimeLimit,
+    prometheus,
+)
 from dramatiq.rate_limits.backends import RedisBackend as RateLimiterBackend
 from dramatiq.results import Results
 from dramatiq.results.backends import RedisBackend as ResultBackend
@@ -53,6 +63,13 @@ ADMIT_QUEUE = "admit"
 PROCESS_PRIORITY = 0
 FETCH_PRIORITY = 100
 ADMIT_PRIORITY = 200
+
+
+#: Where a worker host's exporter serves Dramatiq's metrics with ``WORKER_METRICS=1``, unless
+#: Dramatiq's own ``dramatiq_prom_host``/``dramatiq_prom_port`` say otherwise. Dramatiq's
+#: exporter listens on every interface (dramatiq#309); ours on this machine only.
+WORKER_METRICS_HOST = "127.0.0.1"
+WORKER_METRICS_PORT = 9191
 
 
 #: Group barriers live as long as results (and claim checks) when their group never completes;
@@ -238,6 +255,40 @@ class PipelinedRedisBroker(RedisBroker):
             pipe.execute()
 
 
+def worker_metrics_address(environ: Mapping[str, str] = os.environ) -> tuple[str, int]:
+    """The host and port the worker metrics exporter listens on, from Dramatiq's variables."""
+    host = environ.get("dramatiq_prom_host") or WORKER_METRICS_HOST
+    return host, int(environ.get("dramatiq_prom_port") or WORKER_METRICS_PORT)
+
+
+class WorkerMetrics(prometheus.Prometheus):
+    """Dramatiq's Prometheus middleware, its exporter at :func:`worker_metrics_address`.
+
+    Each worker process counts its messages in files under ``dramatiq_prom_db`` (default:
+    ``<tmp>/dramatiq-prometheus``); one process forked by the ``dramatiq`` command serves the sum.
+    """
+
+    @property
+    def forks(self) -> list[Callable[[], int]]:
+        return [serve_worker_metrics]
+
+
+def serve_worker_metrics() -> int:
+    """Serve the metrics of every worker process of this ``dramatiq`` command (a fork function)."""
+    # Imported here, not at the top: worker processes import this module before the middleware
+    # points prometheus_client at the shared files (after_process_boot), and a process that
+    # imported it before then would count in its own memory, unseen by this exporter.
+    import prometheus_client
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    registry = prometheus_client.CollectorRegistry()
+    MultiProcessCollector(registry, path=prometheus.DB_PATH)
+    host, port = worker_metrics_address()
+    _, thread = prometheus_client.start_http_server(port, addr=host, registry=registry)
+    thread.join()
+    return 0
+
+
 def create_broker(settings: Settings) -> PipelinedRedisBroker:
     """A Redis broker for ``REDIS_URL`` with the pipeline's middleware, in an order that matters.
 
@@ -245,12 +296,15 @@ def create_broker(settings: Settings) -> PipelinedRedisBroker:
     before TimeLimit does not count waiting for a turn as running, and drops its mark only
     after every other hook is done; listing the group callbacks before Results stores a
     member's result before its group's callback is enqueued; listing RecordFailures before
-    Retries lets it see the verdict Retries gave a failed message.
+    Retries lets it see the verdict Retries gave a failed message. With ``WORKER_METRICS``,
+    :class:`WorkerMetrics` comes first, as in Dramatiq's own default list: its after-hooks
+    then see every message its before-hook saw, even one a later middleware skips.
     """
     client = connect_redis(settings.redis_url)
     result_backend = ResultBackend(client=client)
     rate_limiter_backend = RateLimiterBackend(client=client)
-    middleware = [
+    middleware: list[Middleware] = [WorkerMetrics()] if settings.worker_metrics else []
+    middleware += [
         AgeLimit(),
         CrashGuard(client),
         TimeLimit(),

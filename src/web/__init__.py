@@ -15,7 +15,7 @@ from flask.json.provider import DefaultJSONProvider
 from image_crawler.config import get_settings
 from image_crawler.redaction import install_log_redaction
 
-from . import auth, dashboard, db, errors, health, images, monitoring
+from . import auth, dashboard, db, errors, health, images, metrics, monitoring
 
 #: Pages and JSON load nothing from elsewhere and run only our own script files.
 CONTENT_SECURITY_POLICY = (
@@ -65,7 +65,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     app.json = _DocumentOrderJSON(app)
     errors.init_app(app)
     app.after_request(_security_headers)
-    for blueprint in (dashboard.bp, images.bp, monitoring.bp, health.bp):
+    for blueprint in (dashboard.bp, images.bp, monitoring.bp, metrics.bp, health.bp):
         app.register_blueprint(blueprint)
     return app
 

@@ -1,0 +1,180 @@
+"""The metrics blueprint: ``GET /metrics``, the crawl's state for Prometheus, read at each scrape.
+
+Every value is read from MongoDB and Redis when Prometheus asks, by a collector in a registry of
+the app's own (never prometheus_client's global one). What a scrape reads stays the same size
+however long the ledger grows (README: Metrics):
+
+* outcomes by outcome — one count per outcome on the ``outcome_ended`` index
+  (:func:`~web.db.outcome_totals`);
+* images stored — the collection's metadata (:func:`~web.db.count_images`);
+* recent errors by reason — at most :data:`RECENT_ERROR_SAMPLE` of the latest error outcomes
+  (:func:`~web.db.latest_errors`), those of the last :data:`RECENT_ERROR_MINUTES` minutes;
+* queues — four counters per Dramatiq queue, in one Redis transaction.
+
+A store that does not answer leaves its metrics out and ``image_crawler_up{store=…}`` at 0:
+the scrape still answers 200, and why the store is down goes to the log.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+
+import pymongo.errors
+import redis.exceptions
+from dramatiq.common import dq_name, xq_name
+from flask import Blueprint, Response, current_app
+from flask.blueprints import BlueprintSetupState
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from image_crawler.broker import ADMIT_QUEUE, FETCH_QUEUE, PROCESS_QUEUE
+from image_crawler.redaction import redact
+
+from .db import as_utc, count_images, get_db, get_redis, latest_errors, outcome_totals
+
+bp = Blueprint("metrics", __name__)
+
+#: Errors count as recent for this many minutes after they ended.
+RECENT_ERROR_MINUTES = 5
+#: A scrape reads at most this many of the latest error outcomes, however many there are.
+RECENT_ERROR_SAMPLE = 1_000
+#: Reasons named in ``image_crawler_recent_errors``; the rest are summed as ``other``.
+TOP_REASONS = 20
+
+#: The queues of the pipeline, as the workers consume them.
+QUEUES = (ADMIT_QUEUE, FETCH_QUEUE, PROCESS_QUEUE)
+#: The key prefix of Dramatiq's RedisBroker: its default namespace, which the pipeline keeps.
+_NAMESPACE = "dramatiq"
+
+_REGISTRY = "image_crawler.metrics"
+_FAILURES: dict[str, tuple[type[BaseException], ...]] = {
+    "mongo": (pymongo.errors.PyMongoError, OSError),
+    "redis": (redis.exceptions.RedisError, OSError),
+}
+
+
+@bp.record_once
+def _give_the_app_its_registry(state: BlueprintSetupState) -> None:
+    registry = CollectorRegistry()
+    registry.register(CrawlCollector())
+    state.app.extensions[_REGISTRY] = registry
+
+
+@bp.get("/metrics")
+def metrics() -> Response:
+    """The crawl's metrics in Prometheus' text format, read now from MongoDB and Redis."""
+    registry: CollectorRegistry = current_app.extensions[_REGISTRY]
+    response = Response(generate_latest(registry), content_type=CONTENT_TYPE_LATEST)
+    response.cache_control.no_store = True
+    return response
+
+
+class CrawlCollector:
+    """A prometheus_client collector of the crawl's state; reads the current app's stores."""
+
+    def collect(self) -> Iterator[Metric]:
+        """Every metric of both stores, then ``image_crawler_up`` saying which store answered."""
+        up = GaugeMetricFamily(
+            "image_crawler_up",
+            "Whether this scrape could read the store (1) or it did not answer (0).",
+            labels=["store"],
+        )
+        readers: dict[str, Callable[[], Iterable[Metric]]] = {"mongo": _from_mongo, "redis": _from_redis}
+        for store, read in readers.items():
+            try:
+                families = list(read())
+            except _FAILURES[store] as exc:
+                up.add_metric([store], 0)
+                current_app.logger.warning(
+                    "metrics: %s is down: %s", store, redact(f"{type(exc).__name__}: {exc}")
+                )
+            else:
+                up.add_metric([store], 1)
+                yield from families
+        yield up
+
+
+def _from_mongo() -> Iterator[Metric]:
+    db = get_db()
+    outcomes = CounterMetricFamily(
+        "image_crawler_outcomes",
+        "URL lines that ended, by outcome (success, duplicate, error).",
+        labels=["outcome"],
+    )
+    for outcome, count in outcome_totals(db).items():
+        outcomes.add_metric([outcome], count)
+    yield outcomes
+
+    yield GaugeMetricFamily(
+        "image_crawler_images_stored",
+        "Distinct images stored (MongoDB's estimate from collection metadata).",
+        value=count_images(db),
+    )
+
+    recent = GaugeMetricFamily(
+        "image_crawler_recent_errors",
+        f"Error outcomes of the last {RECENT_ERROR_MINUTES} minutes by reason, without the detail after"
+        f" a colon; counted over the latest {RECENT_ERROR_SAMPLE} errors at most; the {TOP_REASONS} most"
+        " frequent reasons are named, the others summed as other.",
+        labels=["reason"],
+    )
+    for reason, count in _recent_reasons():
+        recent.add_metric([reason], count)
+    yield recent
+
+
+def _recent_reasons() -> list[tuple[str, int]]:
+    """``(reason, count)`` of the recent errors, the most frequent first, ``other`` last."""
+    since = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=RECENT_ERROR_MINUTES)
+    counts = Counter(
+        _reason_class(error.get("reason"))
+        for error in latest_errors(get_db(), RECENT_ERROR_SAMPLE)
+        if isinstance(error.get("ended_at"), dt.datetime) and as_utc(error["ended_at"]) >= since
+    )
+    named = counts.most_common(TOP_REASONS)
+    rest = sum(counts.values()) - sum(count for _, count in named)
+    return named + ([("other", rest)] if rest else [])
+
+
+def _reason_class(reason: object) -> str:
+    # "too many pixels: 3000x3000" and "http 429: retry-after 900 s is over…" carry details that
+    # would make a label value per image; the text before the colon names the kind of error.
+    text = reason.split(":", 1)[0].strip() if isinstance(reason, str) else ""
+    return text or "unknown"
+
+
+def _from_redis() -> Iterator[Metric]:
+    # Dramatiq's RedisBroker (its dispatch.lua) keeps per queue: the ids waiting for a worker in
+    # a list, every message not yet acked in a hash `<queue>.msgs` (so fetched = hash - list),
+    # delayed messages (retries waiting for their backoff) in `<queue>.DQ` likewise, and
+    # dead-lettered ones in a sorted set `<queue>.XQ`. One transaction reads them all at once.
+    with get_redis().pipeline(transaction=True) as pipe:
+        for queue in QUEUES:
+            key = f"{_NAMESPACE}:{queue}"
+            pipe.llen(key)
+            pipe.hlen(f"{key}.msgs")
+            pipe.hlen(f"{_NAMESPACE}:{dq_name(queue)}.msgs")
+            pipe.zcard(f"{_NAMESPACE}:{xq_name(queue)}")
+        counts = pipe.execute()
+
+    messages = GaugeMetricFamily(
+        "image_crawler_queue_messages",
+        "Unfinished messages per Dramatiq queue: waiting for a worker, delayed (due later, such as a retry"
+        " after its backoff), or in flight (taken by a worker, running or prefetched, not yet acknowledged).",
+        labels=["queue", "state"],
+    )
+    dead = GaugeMetricFamily(
+        "image_crawler_queue_dead_messages",
+        "Messages per Dramatiq queue that failed for good, kept by Dramatiq for 7 days.",
+        labels=["queue"],
+    )
+    for index, queue in enumerate(QUEUES):
+        waiting, unacked, delayed, dead_lettered = counts[4 * index : 4 * index + 4]
+        messages.add_metric([queue, "waiting"], waiting)
+        messages.add_metric([queue, "delayed"], delayed)
+        messages.add_metric([queue, "in_flight"], max(0, unacked - waiting))
+        dead.add_metric([queue], dead_lettered)
+    yield messages
+    yield dead
