@@ -28,6 +28,8 @@ __all__ = ["HostBusy", "HostGate", "host_of"]
 #: A host that said 429 (or 503 with ``Retry-After``) gets half its concurrency for this long
 #: after the last time it said so, or as long as it asked us to stay away if that is longer.
 THROTTLE_MS = 60_000
+#: 429s within this long of a halving are answers to the same burst: they halve only once.
+HALVE_ONCE_MS = 2_000
 #: When every turn of a host is taken, we do not know when one frees up: ask again after this.
 BUSY_RETRY_MS = 1_000
 
@@ -59,22 +61,29 @@ return 0
 """
 
 # KEYS: the host's state hash, its in-flight set. ARGV: limit (0: none), pause ms (0: none),
-# throttle ms. Halves the host's concurrency (from what it is now) and pauses it.
+# throttle ms, halve-once ms. Halves the host's concurrency (from what it is now, once per
+# burst of 429s) and pauses it.
 _SLOW_DOWN = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local limit, pause, throttle = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local s = redis.call('HMGET', KEYS[1], 'pause_until', 'throttled', 'throttle_until')
+local s = redis.call('HMGET', KEYS[1], 'pause_until', 'throttled', 'throttle_until', 'halved_at')
 local pause_until, throttled, throttle_until = tonumber(s[1]) or 0, tonumber(s[2]), tonumber(s[3]) or 0
+local halved_at = tonumber(s[4]) or 0
 local current = limit
 if throttled and throttle_until > now then current = throttled end
 if current == 0 then current = math.max(redis.call('ZCARD', KEYS[2]), 2) end
+local now_limit = current
+if now - halved_at >= tonumber(ARGV[4]) or not (throttled and throttle_until > now) then
+  now_limit = math.max(1, math.floor(current / 2))
+  halved_at = now
+end
 throttle_until = math.max(throttle_until, now + math.max(throttle, pause))
 pause_until = math.max(pause_until, now + pause)
-redis.call('HSET', KEYS[1], 'throttled', math.max(1, math.floor(current / 2)),
-  'throttle_until', throttle_until, 'pause_until', pause_until)
+redis.call('HSET', KEYS[1], 'throttled', now_limit, 'throttle_until', throttle_until,
+  'pause_until', pause_until, 'halved_at', halved_at)
 redis.call('PEXPIRE', KEYS[1], throttle_until - now + 60000)
-return math.max(1, math.floor(current / 2))
+return now_limit
 """
 
 
@@ -151,10 +160,12 @@ class HostGate:
     def slow_down(self, host: str, *, retry_after_s: float | None) -> int:
         """``host`` said it is overloaded: halve its concurrency for a while, pause it ``retry_after_s``.
 
-        Returns the concurrency it has now.
+        The 429s that answer one burst of requests (within ``HALVE_ONCE_MS`` of a halving) halve
+        it once. Returns the concurrency it has now.
         """
         pause_ms = 0 if retry_after_s is None else int(retry_after_s * 1000)
-        return int(self._slow_down(keys=_keys(host), args=[self.concurrency, pause_ms, THROTTLE_MS]))
+        args = [self.concurrency, pause_ms, THROTTLE_MS, HALVE_ONCE_MS]
+        return int(self._slow_down(keys=_keys(host), args=args))
 
 
 def _keys(host: str) -> list[str]:
