@@ -1,16 +1,19 @@
-"""The ``image-crawler`` command: enqueue a URL list, wait for it, read the totals."""
+"""The ``image-crawler`` command: enqueue a URL list, wait for it, follow runs, retry what failed."""
 
 from __future__ import annotations
 
 import codecs
+import contextlib
 import itertools
 import re
 import time
 import uuid
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import IO, Any
+from urllib.parse import urlsplit
 
 import click
 import pymongo
@@ -47,7 +50,7 @@ class EnqueueReport:
         return self.enqueued + self.rejected
 
 
-def _lines(stream: IO[bytes]) -> Iterator[tuple[int, bytes]]:
+def _lines(stream: Iterable[bytes]) -> Iterator[tuple[int, bytes]]:
     for number, raw in enumerate(stream, start=1):
         if number == 1:
             raw = raw.removeprefix(codecs.BOM_UTF8)  # files saved by Windows editors
@@ -55,12 +58,13 @@ def _lines(stream: IO[bytes]) -> Iterator[tuple[int, bytes]]:
 
 
 def enqueue_lines(
-    stream: IO[bytes],
+    stream: Iterable[bytes],
     db: Database,
     *,
     run: str | None = None,
     max_in_flight: int = 0,
     poll_interval: float = 0.5,
+    retry_of: str | None = None,
 ) -> EnqueueReport:
     """Queue every URL line of ``stream`` for fetching, streaming it in batches of lines.
 
@@ -68,16 +72,41 @@ def enqueue_lines(
     jobs that end at once in an error outcome with the reason. The others go to Redis in one
     ``admit`` message per batch, which a worker turns into fetch messages. With
     ``max_in_flight`` > 0, holds back while that many jobs of this run have no outcome yet.
+
+    The run is recorded in ``runs`` (retrying ``retry_of``, if given) before anything is sent,
+    with the lines sent so far after each batch and its length once the whole stream is read.
     """
     from .actors import ADMIT_BATCH, admit  # sets up the broker
 
     report = EnqueueReport(run=run or uuid.uuid4().hex[:12])
+    outcomes.start_run(db, report.run, retry_of=retry_of)
+    try:
+        _send_lines(stream, db, report, admit, ADMIT_BATCH, max_in_flight, poll_interval)
+    except BaseException as exc:
+        # What was sent still ends in outcomes; the run says it will not get more lines (unless
+        # MongoDB itself is what failed: asking it again would only wait out the budget twice).
+        if not isinstance(exc, pymongo.errors.PyMongoError):
+            with contextlib.suppress(pymongo.errors.PyMongoError):
+                _record_progress(db, report, interrupted=True)
+        raise
+    return report
+
+
+def _send_lines(
+    stream: Iterable[bytes],
+    db: Database,
+    report: EnqueueReport,
+    admit: Any,
+    admit_batch: int,
+    max_in_flight: int,
+    poll_interval: float,
+) -> None:
     done = 0  # outcomes of the run last seen; it only grows, so it is read only when it matters
     lines = _lines(stream)
     # Each batch of URLs waits until the next one is read: the last one then says how long the
     # run is, so that admission can cut a short run into batches small enough for every thread.
     held: dict[str, Any] | None = None
-    while batch := list(itertools.islice(lines, ADMIT_BATCH)):
+    while batch := list(itertools.islice(lines, admit_batch)):
         admitted: list[tuple[int, str]] = []
         for number, raw in batch:
             if not raw or raw.startswith(b"#"):
@@ -87,22 +116,42 @@ def enqueue_lines(
             if reason is None:
                 admitted.append((number, job.url))
             else:
-                report.rejections.append(outcomes.outcome_document(job, outcomes.ERROR, reason=reason))
+                report.rejections.append(
+                    outcomes.outcome_document(job, outcomes.ERROR, reason=reason, rejected=True)
+                )
         if admitted:
             if held is not None:
                 _admit(admit, held, report)
             held = {"run": report.run, "lines": admitted}
         report.rejected += len(report.rejections)
         _flush_rejections(db, report)
+        _record_progress(db, report)
         # Counts what was sent only: the batch held back cannot end before it is sent.
         while max_in_flight and report.jobs - done >= max_in_flight:
             done, pause = _poll_done(db, report.run, poll_interval)
             if report.jobs - done >= max_in_flight:
                 time.sleep(pause)
+    last = 0 if held is None else len(held["lines"])
+    # The run's length is recorded before its last batch is sent, so that nothing waits for
+    # MongoDB between the last line sent and the report (a failed send records the truth).
+    _record_progress(db, report, sent=True, sending=last)
     if held is not None:
-        held["run_lines"] = report.enqueued + len(held["lines"])
+        held["run_lines"] = report.enqueued + last
         _admit(admit, held, report)
-    return report
+
+
+def _record_progress(
+    db: Database, report: EnqueueReport, *, sent: bool = False, interrupted: bool = False, sending: int = 0
+) -> None:
+    outcomes.run_progress(
+        db,
+        report.run,
+        enqueued=report.enqueued + sending,
+        rejected=report.rejected,
+        skipped=report.skipped,
+        sent=sent,
+        interrupted=interrupted,
+    )
 
 
 def _admit(admit: Any, message: dict[str, Any], report: EnqueueReport) -> None:
@@ -245,19 +294,35 @@ def main(ctx: click.Context) -> None:
     ctx.with_resource(outage_budget(OUTAGE_BUDGET_S))
 
 
+def _enqueue_options(command: Any) -> Any:
+    """The options ``enqueue`` and ``retry`` share."""
+    for option in reversed(
+        [
+            click.option(
+                "--wait", is_flag=True, help="Show progress until every URL has an outcome, then a summary."
+            ),
+            click.option(
+                "--timeout",
+                type=click.FloatRange(min=0),
+                default=None,
+                help="With --wait: give up after SECONDS.",
+            ),
+            click.option(
+                "--max-in-flight",
+                type=click.IntRange(min=0),
+                default=100_000,
+                show_default=True,
+                help="Hold back while this many URLs of the run are unfinished (0: no limit).",
+            ),
+        ]
+    ):
+        command = option(command)
+    return command
+
+
 @main.command()
 @click.argument("file", type=click.File("rb"))
-@click.option("--wait", is_flag=True, help="Show progress until every URL has an outcome, then a summary.")
-@click.option(
-    "--timeout", type=click.FloatRange(min=0), default=None, help="With --wait: give up after SECONDS."
-)
-@click.option(
-    "--max-in-flight",
-    type=click.IntRange(min=0),
-    default=100_000,
-    show_default=True,
-    help="Hold back while this many URLs of the run are unfinished (0: no limit).",
-)
+@_enqueue_options
 def enqueue(file: IO[bytes], wait: bool, timeout: float | None, max_in_flight: int) -> None:
     """Enqueue every URL line of FILE (- for stdin); blank and # lines are skipped."""
     settings = _settings()
@@ -265,31 +330,86 @@ def enqueue(file: IO[bytes], wait: bool, timeout: float | None, max_in_flight: i
         # Both services answer before a line is read: nothing is recorded for a run never sent.
         _check_redis()
         db = _database(settings)
-        report = enqueue_lines(file, db, max_in_flight=max_in_flight)
-        click.echo(
-            f"run {report.run}: enqueued {report.enqueued} urls"
-            f" ({report.rejected} rejected lines, {report.skipped} blank or comment lines skipped)"
-        )
-        if not wait:
-            return
-        if not wait_for_run(db, report.run, report.jobs, timeout=timeout):
-            missing = report.jobs - _done(db, report.run)
-            raise click.ClickException(f"gave up after {timeout:g} s: {missing} urls still have no outcome")
-        click.echo(summary_line(report.jobs, outcomes.count_outcomes(db, report.run)))
+        _send_and_report(db, file, wait=wait, timeout=timeout, max_in_flight=max_in_flight)
 
 
-@main.command()
-@click.option("--run", default=None, help="Only this run (as printed by enqueue).")
-def status(run: str | None) -> None:
-    """Totals of outcomes so far, and the most frequent error reasons."""
+def _send_and_report(
+    db: Database,
+    lines: Iterable[bytes],
+    *,
+    wait: bool,
+    timeout: float | None,
+    max_in_flight: int,
+    retry_of: str | None = None,
+    after_sending: Any = None,
+) -> None:
+    """Enqueue ``lines`` as a run, say what was sent, and with ``wait`` wait for the summary."""
+    report = enqueue_lines(lines, db, max_in_flight=max_in_flight, retry_of=retry_of)
+    click.echo(
+        f"run {report.run}: enqueued {report.enqueued} urls"
+        f" ({report.rejected} rejected lines, {report.skipped} blank or comment lines skipped)"
+    )
+    if after_sending is not None:
+        after_sending()
+    if not wait:
+        return
+    if not wait_for_run(db, report.run, report.jobs, timeout=timeout):
+        missing = report.jobs - _done(db, report.run)
+        raise click.ClickException(f"gave up after {timeout:g} s: {missing} urls still have no outcome")
+    click.echo(summary_line(report.jobs, outcomes.count_outcomes(db, report.run)))
+
+
+def _settle(db: Database) -> None:
+    """One reconciliation pass, so that the counters shown include what a crashed writer missed."""
+    outcomes.reconcile_if_due(db, outcomes.Schedule())
+
+
+def _known_run(db: Database, run: str) -> outcomes.RunSummary | None:
+    """Where ``run`` stands (None for a run enqueued before runs were recorded); an error if unknown."""
+    summary = outcomes.get_run(db, run)
+    if summary is None and not outcomes.has_outcomes(db, run):
+        raise click.ClickException(f"no run {run} (image-crawler runs lists them)")
+    return summary
+
+
+def _lines_shown(summary: outcomes.RunSummary) -> str:
+    """The run's length, or the lines sent so far followed by ``+`` while it may get more."""
+    return f"{summary.jobs}" if summary.sent else f"{summary.jobs}+"
+
+
+def _started(summary: outcomes.RunSummary) -> str:
+    return f"{summary.started_at:%Y-%m-%d %H:%M:%S}"
+
+
+@main.command(short_help="Totals and top error reasons, of RUN if given.")
+@click.argument("run", required=False)
+@click.option("--run", "run_option", default=None, hidden=True, help="Deprecated: give RUN as an argument.")
+def status(run: str | None, run_option: str | None) -> None:
+    """Totals of outcomes so far, and the most frequent error reasons (of RUN only, if given)."""
+    if run_option is not None:
+        if run is not None and run != run_option:
+            raise click.UsageError("give the run once: RUN, or the deprecated --run, not both")
+        run = run_option
     settings = _settings()
     with _reporting_outages(settings):
         db = _database(settings)
-        counts = outcomes.count_outcomes(db, run)
-        click.echo(summary_line(sum(counts.values()), counts))
+        _settle(db)
         match: dict[str, Any] = {"outcome": outcomes.ERROR}
-        if run is not None:
+        if run is None:
+            counts = outcomes.counted_totals(db)
+        else:
             match["run"] = run
+            summary = _known_run(db, run)
+            if summary is None:
+                counts = outcomes.run_totals(db, [run])[run]
+            else:
+                counts = summary.counts
+                retry = "" if summary.retry_of is None else f", retry of {summary.retry_of}"
+                click.echo(
+                    f"run {run}: started {_started(summary)} UTC, {_lines_shown(summary)} lines,"
+                    f" {summary.in_flight} in flight, {summary.state}{retry}"
+                )
+        click.echo(summary_line(sum(counts.values()), counts))
         reasons = storage.outcomes(db).aggregate(
             [
                 {"$match": match},
@@ -300,3 +420,224 @@ def status(run: str | None) -> None:
         )
         for row in reasons:
             click.echo(f"  {row['n']:>8}  {row['_id']}")
+
+
+_RUNS_COLUMNS = (
+    ("RUN", "<"),
+    ("STARTED (UTC)", "<"),
+    ("LINES", ">"),
+    ("SUCCESS", ">"),
+    ("DUPLICATE", ">"),
+    ("ERROR", ">"),
+    ("IN FLIGHT", ">"),
+    ("URLS/MIN", ">"),
+    ("STATE", "<"),
+    ("RETRY OF", "<"),
+)
+
+
+@main.command(short_help="One line per run: outcomes, in flight, pace, state.")
+@click.option(
+    "--limit", type=click.IntRange(min=0), default=20, show_default=True, help="The N latest runs (0: all)."
+)
+def runs(limit: int) -> None:
+    """One line per run, newest first: lines, outcomes, lines in flight, recent pace, state.
+
+    URLS/MIN counts outcomes per minute over the last few minutes; STATE is sending (enqueue is still
+    reading its file), interrupted (enqueue stopped before the end of it), running or done.
+    """
+    settings = _settings()
+    with _reporting_outages(settings):
+        db = _database(settings)
+        _settle(db)
+        summaries = outcomes.recent_runs(db, limit)
+    if not summaries:
+        click.echo("no runs yet")
+        return
+    rows = [
+        [
+            summary.run,
+            _started(summary),
+            _lines_shown(summary),
+            *(str(summary.counts[name]) for name in outcomes.OUTCOMES),
+            str(summary.in_flight),
+            f"{summary.rate:.1f}",
+            summary.state,
+            summary.retry_of or "",
+        ]
+        for summary in summaries
+    ]
+    header = [name for name, _ in _RUNS_COLUMNS]
+    widths = [max(len(row[column]) for row in [header, *rows]) for column in range(len(header))]
+    for row in [header, *rows]:
+        cells = (
+            f"{cell:{align}{width}}"
+            for cell, (_, align), width in zip(row, _RUNS_COLUMNS, widths, strict=True)
+        )
+        click.echo("  ".join(cells).rstrip())
+
+
+#: Why a failed line is written as a comment rather than as a URL to retry, in the order reported.
+REDACTED = "credentials redacted in the ledger"
+TRUNCATED = "url truncated in the ledger"
+NOT_A_URL = "not a url enqueue takes"
+_LEFT_OUT = (REDACTED, TRUNCATED, NOT_A_URL)
+
+
+def left_out_because(entry: dict[str, Any]) -> str | None:
+    """Why the error outcome ``entry`` cannot be retried from what the ledger holds (None: it can).
+
+    The ledger keeps URLs without their credentials and cuts very long ones, and a line that
+    ``enqueue`` rejected (not an http(s) URL, not UTF-8…) would only be rejected again.
+    """
+    url = entry.get("url")
+    if not isinstance(url, str) or entry.get("rejected"):
+        return NOT_A_URL
+    if len(url) > outcomes.MAX_STORED_URL:
+        return TRUNCATED
+    try:
+        checked = check_url(url)
+    except InvalidUrl:
+        return NOT_A_URL
+    if "@" in urlsplit(checked).netloc:  # the ledger keeps no credentials: these are "***"
+        return REDACTED
+    return None
+
+
+def _one_line(text: object) -> str:
+    """``text`` with every character that could end or hide a line escaped."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in str(text))
+
+
+@dataclass
+class _FailedLines:
+    """The lines ``failed`` writes for a run's errors, and a tally of those left out."""
+
+    db: Database
+    run: str
+    reasons: Sequence[str]
+    listed: int = 0
+    left_out: Counter[str] = field(default_factory=Counter)
+
+    def lines(self) -> Iterator[tuple[str, bool]]:
+        """Each error's line: its URL (True), or a ``# `` comment saying why not (False)."""
+        for entry in outcomes.failed_outcomes(self.db, self.run, self.reasons):
+            self.listed += 1
+            why = left_out_because(entry)
+            if why is None:
+                yield entry["url"], True
+                continue
+            self.left_out[why] += 1
+            shown = redact_url(_one_line(entry.get("url", "")))  # also if stored before redaction
+            yield f"# line {entry['line']}, {_one_line(entry.get('reason'))}: {why}: {shown}", False
+
+    def urls(self) -> Iterator[bytes]:
+        """The URL lines alone."""
+        return (line.encode() for line, is_url in self.lines() if is_url)
+
+    def say_what_was_left_out(self) -> None:
+        """On stderr: how many lines were left out, and why."""
+        if self.left_out:
+            why = ", ".join(
+                f"{self.left_out[reason]} {reason}" for reason in _LEFT_OUT if self.left_out[reason]
+            )
+            click.echo(
+                f"left out {sum(self.left_out.values())} of {self.listed} failed lines, as # comments: {why}",
+                err=True,
+            )
+
+
+def _not_finished_note(summary: outcomes.RunSummary | None) -> None:
+    if summary is not None and summary.state != "done":
+        click.echo(
+            f"run {summary.run} is not finished: {summary.in_flight} lines in flight may still fail", err=True
+        )
+
+
+_REASON_OPTION = click.option(
+    "--reason",
+    "reasons",
+    multiple=True,
+    metavar="TEXT",
+    help='Only errors whose reason contains TEXT, ignoring case ("http 5": every 5xx); repeatable.',
+)
+
+
+@main.command(short_help="RUN's failed URLs, as a URL list to enqueue again.")
+@click.argument("run")
+@_REASON_OPTION
+def failed(run: str, reasons: tuple[str, ...]) -> None:
+    """The URLs of RUN's errors, one per line in line order: a URL list to enqueue again.
+
+    Errors that cannot be retried as the ledger keeps them (credentials redacted, URL truncated,
+    a line enqueue rejected) are written as # comments, which enqueue skips; stderr says how
+    many. `image-crawler failed RUN | image-crawler enqueue - --wait` retries the others.
+    """
+    settings = _settings()
+    with _reporting_outages(settings):
+        db = _database(settings)
+        _settle(db)
+        summary = _known_run(db, run)
+        failures = _FailedLines(db, run, reasons)
+        for line, _ in failures.lines():
+            click.echo(line)
+    failures.say_what_was_left_out()
+    _not_finished_note(summary)
+
+
+@main.command(short_help="Enqueue RUN's failed URLs again, as a new run.")
+@click.argument("run")
+@_REASON_OPTION
+@_enqueue_options
+def retry(run: str, reasons: tuple[str, ...], wait: bool, timeout: float | None, max_in_flight: int) -> None:
+    """Enqueue the URLs of RUN's errors again, as a new run that records it retries RUN.
+
+    The same as `image-crawler failed RUN | image-crawler enqueue -`, with enqueue's options.
+    """
+    settings = _settings()
+    with _reporting_outages(settings):
+        _check_redis()
+        db = _database(settings)
+        _settle(db)
+        summary = _known_run(db, run)
+        failures = _FailedLines(db, run, reasons)
+        urls = failures.urls()
+        first = next(urls, None)
+        if first is None:
+            click.echo(f"nothing to retry in run {run}")
+            failures.say_what_was_left_out()
+            _not_finished_note(summary)
+            return
+
+        def after_sending() -> None:
+            failures.say_what_was_left_out()
+            _not_finished_note(summary)
+
+        _send_and_report(
+            db,
+            itertools.chain([first], urls),
+            wait=wait,
+            timeout=timeout,
+            max_in_flight=max_in_flight,
+            retry_of=run,
+            after_sending=after_sending,
+        )
+
+
+@main.command(short_help="Recount settled minutes' counters from the ledger.")
+@click.option("--all", "everything", is_flag=True, help="Recount every minute of the ledger again.")
+def reconcile(everything: bool) -> None:
+    """Recount the per-minute counters of settled minutes from the ledger.
+
+    Workers and the web app do this as they go, a few minutes behind. Run it once after
+    upgrading from a version without counters, so that the outcomes recorded before count.
+    """
+    settings = _settings()
+    with _reporting_outages(settings):
+        db = _database(settings)
+        if everything:
+            outcomes.forget_reconciliation(db)
+        recounted = 0
+        while passed := outcomes.reconcile(db):
+            recounted += passed
+    click.echo(f"recounted {recounted} minutes that had outcomes")

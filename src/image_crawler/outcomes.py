@@ -1,23 +1,57 @@
-"""The job ledger: exactly one terminal outcome per enqueued URL line.
+"""The job ledger: exactly one terminal outcome per enqueued URL line, its counters, and runs.
 
 A *job* is one URL line of one ``enqueue`` run; its id is ``<run>:<line number>``.
 Its outcome is written with an insert keyed by the job id, so the first outcome
 recorded wins and any later attempt (a retry, a redelivered message, a second
 collector) is a no-op: nothing is ever counted twice.
+
+**Counters.** Charts and totals must not read the ledger, which grows with every line. Each
+:func:`record_outcomes` also adds the outcomes it inserted (only those: a duplicate of an
+outcome already recorded adds nothing) to one ``minute_counts`` document per run and UTC
+minute, with ``$inc``. A writer can die between the two writes, so the ledger stays the truth:
+once a minute has *settled* (:data:`SETTLE_AFTER` after it, when no writer still records into
+it), :func:`reconcile` recounts it from the ledger's ``minute_run_outcome`` index and sets
+its counters, once; a mark (``reconciled.through``) says how far that went. Passes run now and
+then (:func:`reconcile_if_due`): from :func:`record_outcomes` in every process that records
+(workers, ``enqueue``) at most every :data:`RECONCILE_EVERY_S`, from the web app's chart and
+dashboard as often, and from ``image-crawler runs``/``status``/``reconcile``. Each is bounded
+(:data:`RECONCILE_MINUTES` busy minutes) and idempotent, so passes may overlap.
+
+An outcome dated more than :data:`LATE_AFTER` before the writer's clock (a fetch that recorded
+its failures late, a clock behind) may land in a minute already recounted: the writer first
+moves the mark back to that minute, *before* inserting, so even a crash right after the insert
+leaves that minute to be recounted. What is left: until a minute settles, its counters lack
+the outcomes whose writer died before counting them; processes whose clocks differ by more
+than ``SETTLE_AFTER - LATE_AFTER`` defeat the margin; and a late outcome is missed if a pass
+recounts its minute between the writer's insert and its count *and* the writer dies in that
+same moment. ``image-crawler reconcile --all`` recounts everything.
+
+**Runs.** :func:`start_run` and :func:`run_progress` keep one ``runs`` document per ``enqueue``:
+when it started, which run it retries, how many lines it has sent (its length once it has read
+the whole file). A run's outcomes come from its counters; lines in flight are the lines sent
+minus those.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
-from collections.abc import Iterable
+import logging
+import re
+import threading
+import time
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from pymongo import ASCENDING, DESCENDING
 from pymongo.database import Database
-from pymongo.errors import BulkWriteError, DuplicateKeyError
+from pymongo.errors import BulkWriteError, DuplicateKeyError, PyMongoError
 
 from . import storage
 from .redaction import redact_url
+
+logger = logging.getLogger(__name__)
 
 SUCCESS = "success"
 DUPLICATE = "duplicate"
@@ -26,6 +60,23 @@ OUTCOMES = (SUCCESS, DUPLICATE, ERROR)
 
 #: Longest URL text kept in the ledger; a 100 kB "URL" keeps its head and its length.
 MAX_STORED_URL = 2048
+
+_MINUTE = dt.timedelta(minutes=1)
+#: A minute is recounted from the ledger once the current minute is more than this after it.
+SETTLE_AFTER = dt.timedelta(minutes=5)
+#: An outcome dated more than this before the current minute is *late*: it moves the
+#: reconciliation mark back to its minute before it is inserted.
+LATE_AFTER = dt.timedelta(minutes=2)
+#: How often a process that records outcomes (or serves the dashboard) runs a pass, at most.
+RECONCILE_EVERY_S = 60.0
+#: Most minutes that had outcomes one pass recounts, so that a pass stays short (it reads those
+#: minutes' index keys); a ledger older than the counters is caught up over many passes, or at
+#: once by ``image-crawler reconcile``.
+RECONCILE_MINUTES = 10
+#: Runs' recent pace is counted over this many minutes, the current one included.
+RATE_MINUTES = 5
+#: The ``reconciled`` document of the per-minute counters.
+_COUNTERS_MARK = "minute_counts"
 
 
 @dataclass(frozen=True)
@@ -66,11 +117,17 @@ def outcome_document(
     reason: str | None = None,
     md5: str | None = None,
     at: dt.datetime | None = None,
+    rejected: bool = False,
 ) -> dict[str, Any]:
-    """The ledger document for ``job`` ending with ``outcome`` at ``at`` (default: now)."""
+    """The ledger document for ``job`` ending with ``outcome`` at ``at`` (default: now).
+
+    ``rejected``: ``enqueue`` refused the line (not a URL it takes); the document then says so
+    (``rejected: True``), and ``image-crawler failed`` never lists it as a URL to retry.
+    """
     if outcome not in OUTCOMES:
         raise ValueError(f"unknown outcome {outcome!r}")
     ended_at = at or storage.utcnow()
+    extra: dict[str, Any] = {"rejected": True} if rejected else {}
     return {
         "_id": job.id,
         "run": job.run,
@@ -80,8 +137,9 @@ def outcome_document(
         "reason": reason,
         "md5": md5,
         "ended_at": ended_at,
-        # The UTC minute the job ended in, kept so the histogram groups on a plain field.
+        # The UTC minute the job ended in, kept so the counters group on a plain field.
         "minute": ended_at.replace(second=0, microsecond=0),
+        **extra,
     }
 
 
@@ -89,23 +147,386 @@ def record_outcome(
     db: Database, job: Job, outcome: str, *, reason: str | None = None, md5: str | None = None
 ) -> bool:
     """Record the job's terminal outcome; False if it already had one (which is kept)."""
+    return record_outcomes(db, [outcome_document(job, outcome, reason=reason, md5=md5)]) == 1
+
+
+def record_outcomes(db: Database, documents: list[dict[str, Any]]) -> int:
+    """Record many ready-made outcome documents at once, and count them; returns how many were new.
+
+    Only the outcomes inserted now are counted. A late outcome moves the reconciliation mark
+    back first (see the module's docstring); now and then a reconciliation pass follows.
+    """
+    if not documents:
+        return 0
+    _mark_late(db, documents)
+    inserted, failure = documents, None
     try:
-        storage.outcomes(db).insert_one(outcome_document(job, outcome, reason=reason, md5=md5))
-    except DuplicateKeyError:
+        storage.outcomes(db).insert_many(documents, ordered=False)
+    except BulkWriteError as exc:
+        errors = exc.details.get("writeErrors", [])
+        refused = {error["index"] for error in errors}
+        inserted = [document for index, document in enumerate(documents) if index not in refused]
+        if any(error.get("code") != 11000 for error in errors):
+            failure = exc
+    _count(db, inserted)  # what was inserted is counted even when some other insert failed
+    if failure is not None:
+        raise failure
+    reconcile_if_due(db, _writers_schedule)
+    return len(inserted)
+
+
+def _minute_of(document: dict[str, Any]) -> dt.datetime:
+    minute = document.get("minute") or document["ended_at"].replace(second=0, microsecond=0)
+    return storage.as_utc(minute)
+
+
+def _counter_id(run: str, minute: dt.datetime) -> str:
+    # The minute first and of fixed width: no two (run, minute) pairs share a key.
+    return f"{minute:%Y-%m-%dT%H:%MZ} {run}"
+
+
+def _zero() -> dict[str, int]:
+    return dict.fromkeys(OUTCOMES, 0)
+
+
+def _count(db: Database, documents: Iterable[dict[str, Any]]) -> None:
+    """Add ``documents`` (outcomes just inserted) to their runs' counters of their minutes."""
+    added: dict[tuple[str, dt.datetime], dict[str, int]] = {}
+    for document in documents:
+        added.setdefault((document["run"], _minute_of(document)), _zero())[document["outcome"]] += 1
+    counters = storage.minute_counts(db)
+    for (run, minute), counts in added.items():
+        counters.update_one(
+            {"_id": _counter_id(run, minute)},
+            {"$inc": counts, "$setOnInsert": {"run": run, "minute": minute}},
+            upsert=True,
+        )
+
+
+def _this_minute(now: dt.datetime | None = None) -> dt.datetime:
+    return storage.as_utc(now or storage.utcnow()).replace(second=0, microsecond=0)
+
+
+def _mark_late(db: Database, documents: Iterable[dict[str, Any]]) -> None:
+    """Move the reconciliation mark back to the earliest late outcome of ``documents``, if any."""
+    threshold = _this_minute() - LATE_AFTER
+    late = [minute for minute in map(_minute_of, documents) if minute < threshold]
+    if late:
+        # No upsert: without a mark the first pass starts from the ledger's first minute anyway.
+        storage.reconciled(db).update_one({"_id": _COUNTERS_MARK}, {"$min": {"through": min(late)}})
+
+
+def reconcile(db: Database, *, now: dt.datetime | None = None, max_minutes: int = RECONCILE_MINUTES) -> int:
+    """Recount settled minutes from the ledger into their counters; returns how many were recounted.
+
+    Starts at the mark (the ledger's first minute without one), visits only the minutes that
+    had outcomes (one index probe each), at most ``max_minutes`` of them, and stops before the
+    minutes that have not settled. The mark moves on only if nobody moved it meanwhile (a late
+    outcome moved it back: the next pass starts there).
+    """
+    until = _this_minute(now) - SETTLE_AFTER
+    marks = storage.reconciled(db)
+    mark = marks.find_one({"_id": _COUNTERS_MARK})
+    if mark is None:
+        minute = _next_busy_minute(db, None, until)
+    else:
+        minute = storage.as_utc(mark["through"])
+        if minute >= until:
+            return 0
+    recounted = 0
+    while minute is not None and recounted < max_minutes:
+        minute = _next_busy_minute(db, minute, until)
+        if minute is None:
+            break
+        _recount(db, minute)
+        recounted += 1
+        minute += _MINUTE
+    through = until if minute is None else minute
+    if mark is None:
+        with contextlib.suppress(DuplicateKeyError):  # another pass made it first: it stands
+            marks.insert_one({"_id": _COUNTERS_MARK, "through": through})
+    else:
+        marks.update_one({"_id": _COUNTERS_MARK, "through": mark["through"]}, {"$set": {"through": through}})
+    return recounted
+
+
+def _next_busy_minute(db: Database, after: dt.datetime | None, until: dt.datetime) -> dt.datetime | None:
+    """The first minute from ``after`` on, before ``until``, that had outcomes (one index probe)."""
+    window: dict[str, Any] = {"$lt": until}
+    if after is not None:
+        window["$gte"] = after
+    row = storage.outcomes(db).find_one(
+        {"minute": window}, projection={"_id": 0, "minute": 1}, sort=[("minute", ASCENDING)]
+    )
+    return None if row is None else storage.as_utc(row["minute"])
+
+
+def _recount(db: Database, minute: dt.datetime) -> None:
+    """Set every counter of ``minute`` to what the ledger holds (covered by ``minute_run_outcome``)."""
+    truth: dict[str, dict[str, int]] = {}
+    rows = storage.outcomes(db).aggregate(
+        [
+            {"$match": {"minute": minute}},
+            {"$group": {"_id": {"run": "$run", "outcome": "$outcome"}, "n": {"$sum": 1}}},
+        ]
+    )
+    for row in rows:
+        run, outcome = row["_id"].get("run"), row["_id"].get("outcome")
+        if isinstance(run, str) and outcome in OUTCOMES:
+            truth.setdefault(run, _zero())[outcome] += int(row["n"])
+    counters = storage.minute_counts(db)
+    for counter in counters.find({"minute": minute}, projection={"run": 1}):
+        truth.setdefault(counter["run"], _zero())  # counted, yet not in the ledger: zero
+    for run, counts in truth.items():
+        counters.update_one(
+            {"_id": _counter_id(run, minute)},
+            {"$set": {"run": run, "minute": minute, **counts}},
+            upsert=True,
+        )
+
+
+def forget_reconciliation(db: Database) -> None:
+    """Make the next passes recount every minute of the ledger, from its first one."""
+    storage.reconciled(db).delete_one({"_id": _COUNTERS_MARK})
+
+
+class Schedule:
+    """When something done now and then is due: at most once every ``every_s`` seconds.
+
+    :param every_s: seconds between two runs (float, default :data:`RECONCILE_EVERY_S`); the
+        first call is due at once.
+    """
+
+    def __init__(self, every_s: float = RECONCILE_EVERY_S) -> None:
+        self.every_s = every_s
+        self._next = 0.0
+        self._lock = threading.Lock()
+
+    def due(self) -> bool:
+        """True (and not again for ``every_s``) if it is time."""
+        with self._lock:
+            now = time.monotonic()
+            if now < self._next:
+                return False
+            self._next = now + self.every_s
+            return True
+
+
+_writers_schedule = Schedule()
+
+
+def reconcile_if_due(db: Database, schedule: Schedule) -> bool:
+    """Run a reconciliation pass if ``schedule`` says so; True if one ran.
+
+    A pass that fails (MongoDB unreachable, writes refused) is logged and tried again at the
+    next due time: the caller's own work is done by then and must not fail for it.
+    """
+    if not schedule.due():
+        return False
+    try:
+        reconcile(db)
+    except PyMongoError as exc:
+        logger.warning("recounting settled minutes failed, to be tried again: %s", exc)
         return False
     return True
 
 
-def record_outcomes(db: Database, documents: list[dict[str, Any]]) -> int:
-    """Record many ready-made outcome documents at once; returns how many were new."""
-    if not documents:
-        return 0
-    try:
-        return len(storage.outcomes(db).insert_many(documents, ordered=False).inserted_ids)
-    except BulkWriteError as exc:
-        if any(error.get("code") != 11000 for error in exc.details.get("writeErrors", [])):
-            raise
-        return int(exc.details.get("nInserted", 0))
+def counts_per_minute(
+    db: Database, since: dt.datetime | None = None, *, run: str | None = None
+) -> dict[dt.datetime, dict[str, int]]:
+    """Outcomes per UTC minute from ``since`` on (default: ever), of one run or all, from the counters.
+
+    The grouping runs in MongoDB over the counters of the window alone (index ``minute``, or
+    ``run_minute``): one document per run and minute, however many outcomes there are.
+    """
+    match: dict[str, Any] = {}
+    if since is not None:
+        match["minute"] = {"$gte": since}
+    if run is not None:
+        match["run"] = run
+    pipeline: list[dict[str, Any]] = [{"$match": match}] if match else []
+    pipeline.append({"$group": {"_id": "$minute", **{name: {"$sum": f"${name}"} for name in OUTCOMES}}})
+    counts: dict[dt.datetime, dict[str, int]] = {}
+    for row in storage.minute_counts(db).aggregate(pipeline):
+        if isinstance(row["_id"], dt.datetime):
+            per_minute = counts.setdefault(storage.as_utc(row["_id"]), _zero())
+            for name in OUTCOMES:
+                per_minute[name] += int(row.get(name) or 0)
+    return counts
+
+
+def counted_totals(db: Database) -> dict[str, int]:
+    """How many jobs ended in each outcome so far, from the counters (one document per run and minute)."""
+    totals = _zero()
+    group = {"_id": None, **{name: {"$sum": f"${name}"} for name in OUTCOMES}}
+    for row in storage.minute_counts(db).aggregate([{"$group": group}]):
+        for name in OUTCOMES:
+            totals[name] += int(row.get(name) or 0)
+    return totals
+
+
+def run_totals(
+    db: Database, runs: Sequence[str], *, since: dt.datetime | None = None
+) -> dict[str, dict[str, int]]:
+    """For each of ``runs``, its jobs per outcome (that ended from ``since`` on), from the counters."""
+    totals = {run: _zero() for run in runs}
+    if not totals:
+        return totals
+    match: dict[str, Any] = {"run": {"$in": list(totals)}}
+    if since is not None:
+        match["minute"] = {"$gte": since}
+    group = {"_id": "$run", **{name: {"$sum": f"${name}"} for name in OUTCOMES}}
+    for row in storage.minute_counts(db).aggregate([{"$match": match}, {"$group": group}]):
+        if row["_id"] in totals:
+            for name in OUTCOMES:
+                totals[row["_id"]][name] += int(row.get(name) or 0)
+    return totals
+
+
+# --- runs --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """Where one run stands: what its ``runs`` document says and what its counters count."""
+
+    run: str
+    started_at: dt.datetime
+    retry_of: str | None
+    #: Lines sent so far (each gets one outcome); the run's length once ``sent``.
+    jobs: int
+    #: ``enqueue`` has read the whole file.
+    sent: bool
+    #: ``enqueue`` stopped before it had sent the whole file.
+    interrupted: bool
+    counts: dict[str, int]
+    #: Outcomes per minute over the last :data:`RATE_MINUTES` minutes (or since the run started).
+    rate: float
+
+    @property
+    def done(self) -> int:
+        """Lines that have their outcome."""
+        return sum(self.counts.values())
+
+    @property
+    def in_flight(self) -> int:
+        """Lines sent that have no outcome yet."""
+        return max(0, self.jobs - self.done)
+
+    @property
+    def state(self) -> str:
+        """``sending`` (enqueue is still reading), ``interrupted``, ``running`` or ``done``."""
+        if self.interrupted:
+            return "interrupted"
+        if not self.sent:
+            return "sending"
+        return "running" if self.in_flight else "done"
+
+
+def start_run(db: Database, run: str, *, retry_of: str | None = None) -> None:
+    """Record that ``enqueue`` starts ``run`` (which retries ``retry_of``, if given)."""
+    fields = {"jobs": 0, "enqueued": 0, "rejected": 0, "skipped": 0, "sent_at": None}
+    storage.runs(db).update_one(
+        {"_id": run},
+        {"$setOnInsert": {"started_at": storage.utcnow(), "retry_of": retry_of, **fields}},
+        upsert=True,
+    )
+
+
+def run_progress(
+    db: Database,
+    run: str,
+    *,
+    enqueued: int,
+    rejected: int,
+    skipped: int,
+    sent: bool = False,
+    interrupted: bool = False,
+) -> None:
+    """Record how far ``enqueue`` got with ``run``: lines sent so far, and whether that is all."""
+    fields: dict[str, Any] = {
+        "jobs": enqueued + rejected,
+        "enqueued": enqueued,
+        "rejected": rejected,
+        "skipped": skipped,
+    }
+    if sent:
+        fields["sent_at"] = storage.utcnow()
+    if interrupted:
+        fields["interrupted_at"] = storage.utcnow()
+    storage.runs(db).update_one({"_id": run}, {"$set": fields})
+
+
+def recent_runs(db: Database, limit: int = 0, *, now: dt.datetime | None = None) -> list[RunSummary]:
+    """The ``limit`` most recently started runs (0: all), newest first."""
+    documents = storage.runs(db).find({}, sort=[("started_at", DESCENDING)], limit=limit)
+    return _summaries(db, list(documents), now)
+
+
+def get_run(db: Database, run: str, *, now: dt.datetime | None = None) -> RunSummary | None:
+    """Where ``run`` stands, or None if ``enqueue`` did not record it."""
+    document = storage.runs(db).find_one({"_id": run})
+    return None if document is None else _summaries(db, [document], now)[0]
+
+
+def has_outcomes(db: Database, run: str) -> bool:
+    """Whether the ledger holds any outcome of ``run`` (a run enqueued before runs were recorded)."""
+    return storage.outcomes(db).find_one({"run": run}, projection={"_id": 1}) is not None
+
+
+def _summaries(db: Database, documents: list[dict[str, Any]], now: dt.datetime | None) -> list[RunSummary]:
+    now = storage.as_utc(now or storage.utcnow())
+    window = _this_minute(now) - (RATE_MINUTES - 1) * _MINUTE
+    ids = [document["_id"] for document in documents]
+    totals = run_totals(db, ids)
+    recent = run_totals(db, ids, since=window)
+    summaries = []
+    for document in documents:
+        started = storage.as_utc(document["started_at"])
+        minutes = max((now - max(window, started)) / _MINUTE, 1.0)
+        summaries.append(
+            RunSummary(
+                run=document["_id"],
+                started_at=started,
+                retry_of=document.get("retry_of"),
+                jobs=int(document.get("jobs") or 0),
+                sent=document.get("sent_at") is not None,
+                interrupted=document.get("interrupted_at") is not None,
+                counts=totals[document["_id"]],
+                rate=sum(recent[document["_id"]].values()) / minutes,
+            )
+        )
+    return summaries
+
+
+def failed_outcomes(
+    db: Database, run: str, reasons: Sequence[str] = (), *, page: int = 1000
+) -> Iterator[dict[str, Any]]:
+    """The error outcomes of ``run`` in line order (``line``, ``url``, ``reason``, ``rejected``).
+
+    With ``reasons``, only those whose reason contains one of them, ignoring case. Read a page
+    at a time by line number (index ``run_outcome_line``), so that a consumer may pause for
+    hours (``enqueue`` holding back) without a cursor timing out.
+    """
+    query: dict[str, Any] = {"run": run, "outcome": ERROR}
+    if reasons:
+        query["$or"] = [{"reason": {"$regex": re.escape(text), "$options": "i"}} for text in reasons]
+    after: int | None = None
+    while True:
+        if after is not None:
+            query["line"] = {"$gt": after}
+        batch = list(
+            storage.outcomes(db).find(
+                query,
+                projection={"_id": 0, "line": 1, "url": 1, "reason": 1, "rejected": 1},
+                sort=[("line", ASCENDING)],
+                limit=page,
+            )
+        )
+        yield from batch
+        if len(batch) < page:
+            return
+        after = batch[-1]["line"]
 
 
 def finished(db: Database, job_ids: Iterable[str]) -> set[str]:

@@ -3,6 +3,15 @@
 * ``images``   — one document per distinct image, ``_id`` = MD5 hex of the downloaded bytes.
 * ``gray``     — GridFS bucket with the grayscale PNGs, file ``_id`` = the same MD5.
 * ``outcomes`` — the job ledger (see :mod:`image_crawler.outcomes`), ``_id`` = job id.
+* ``minute_counts`` — one document per run and UTC minute, ``run``, ``minute``, ``success``,
+  ``duplicate``, ``error``: the ledger counted as it is written, and recounted from it once a
+  minute has settled (:func:`image_crawler.outcomes.reconcile`). Charts and totals read these.
+* ``reconciled`` — one document, ``_id`` = ``minute_counts``, ``through``: every minute before
+  it has been recounted from the ledger.
+* ``runs``     — one document per ``enqueue``, ``_id`` = run id: ``started_at``, ``retry_of``
+  (the run it retries, or None), ``jobs`` (lines sent so far, each gets one outcome),
+  ``enqueued``, ``rejected``, ``skipped``, ``sent_at`` once the whole file was read (just before
+  its last batch is sent), ``interrupted_at`` if ``enqueue`` stopped before it sent everything.
 
 The GridFS file is written before the ``images`` document, so a document always
 points at a complete PNG; the document insert is the commit point that decides
@@ -11,6 +20,7 @@ which job stored an image first (success) and which found it already there (dupl
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -22,7 +32,7 @@ from bson import ObjectId
 from gridfs.errors import FileExists
 from pymongo.collection import Collection
 from pymongo.database import Database
-from pymongo.errors import BulkWriteError
+from pymongo.errors import BulkWriteError, OperationFailure
 
 from .config import Settings
 from .errors import StoreBusy
@@ -30,6 +40,9 @@ from .redaction import redact_url
 
 IMAGES = "images"
 OUTCOMES = "outcomes"
+MINUTE_COUNTS = "minute_counts"
+RECONCILED = "reconciled"
+RUNS = "runs"
 GRAY_BUCKET = "gray"
 
 #: A writer finishes a GridFS file within seconds; chunks without a file document that are
@@ -41,6 +54,13 @@ def utcnow() -> dt.datetime:
     """The current time, UTC, at MongoDB's millisecond precision."""
     now = dt.datetime.now(dt.UTC)
     return now.replace(microsecond=now.microsecond // 1000 * 1000)
+
+
+def as_utc(moment: dt.datetime) -> dt.datetime:
+    """``moment`` in UTC; a naive datetime (a client without ``tz_aware``) is taken as UTC."""
+    if moment.tzinfo is None:
+        return moment.replace(tzinfo=dt.UTC)
+    return moment.astimezone(dt.UTC)
 
 
 def connect(settings: Settings, *, timeout_s: float = 10.0) -> Database:
@@ -80,6 +100,21 @@ def outcomes(db: Database) -> Collection:
     return db[OUTCOMES]
 
 
+def minute_counts(db: Database) -> Collection:
+    """The ``minute_counts`` collection (outcomes per run and minute)."""
+    return db[MINUTE_COUNTS]
+
+
+def reconciled(db: Database) -> Collection:
+    """The ``reconciled`` collection (how far the counters have been recounted)."""
+    return db[RECONCILED]
+
+
+def runs(db: Database) -> Collection:
+    """The ``runs`` collection (one document per ``enqueue``)."""
+    return db[RUNS]
+
+
 def gray_files(db: Database) -> gridfs.GridFS:
     """The GridFS bucket holding grayscale PNGs."""
     return gridfs.GridFS(db, collection=GRAY_BUCKET)
@@ -89,14 +124,24 @@ def ensure_indexes(db: Database) -> None:
     """Create every index the pipeline and the web app rely on; safe to call any number of times."""
     images(db).create_index([("inserted_at", pymongo.DESCENDING)], name="inserted_at")
     ledger = outcomes(db)
-    ledger.create_index([("run", pymongo.ASCENDING), ("outcome", pymongo.ASCENDING)], name="run_outcome")
-    # Covers the histogram: $match on minute, $group on minute and outcome, read from the index alone.
+    # A run's outcomes (enqueue --wait counts them) and its errors in line order (image-crawler failed).
     ledger.create_index(
-        [("minute", pymongo.ASCENDING), ("outcome", pymongo.ASCENDING)], name="minute_outcome"
+        [("run", pymongo.ASCENDING), ("outcome", pymongo.ASCENDING), ("line", pymongo.ASCENDING)],
+        name="run_outcome_line",
+    )
+    # Recounting a minute: $match on minute, $group on run and outcome, read from the index alone.
+    ledger.create_index(
+        [("minute", pymongo.ASCENDING), ("run", pymongo.ASCENDING), ("outcome", pymongo.ASCENDING)],
+        name="minute_run_outcome",
     )
     ledger.create_index(
         [("outcome", pymongo.ASCENDING), ("ended_at", pymongo.DESCENDING)], name="outcome_ended"
     )
+    _drop_superseded(ledger, "run_outcome", "minute_outcome")  # prefixes of the two above
+    counts = minute_counts(db)
+    counts.create_index([("minute", pymongo.ASCENDING)], name="minute")  # the histogram's window
+    counts.create_index([("run", pymongo.ASCENDING), ("minute", pymongo.ASCENDING)], name="run_minute")
+    runs(db).create_index([("started_at", pymongo.DESCENDING)], name="started_at")
     # GridFS creates these lazily on the first write of an empty bucket; racing writers need the
     # unique chunk index to exist before either starts, so it is made here.
     db[f"{GRAY_BUCKET}.chunks"].create_index(
@@ -105,6 +150,16 @@ def ensure_indexes(db: Database) -> None:
     db[f"{GRAY_BUCKET}.files"].create_index(
         [("filename", pymongo.ASCENDING), ("uploadDate", pymongo.ASCENDING)], name="filename_1_uploadDate_1"
     )
+
+
+def _drop_superseded(collection: Collection, *names: str) -> None:
+    """Drop indexes an earlier version created that another index now covers."""
+    present = collection.index_information()
+    for name in names:
+        if name in present:
+            # Another process may be dropping it at the same moment.
+            with contextlib.suppress(OperationFailure):
+                collection.drop_index(name)
 
 
 @dataclass(frozen=True)

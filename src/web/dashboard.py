@@ -15,6 +15,7 @@ from .db import (
     latest_images,
     latest_minute,
     outcome_totals,
+    settle_counters,
 )
 from .monitoring import requested_minutes, this_minute
 from .params import whole_number
@@ -39,6 +40,7 @@ def index() -> str:
     page = whole_number("page", default=1, highest=int(config["MAX_PAGE"]))
     db = get_db()
 
+    settle_counters(db)  # totals come from the counters: a crashed writer's outcomes count within minutes
     totals = outcome_totals(db)
     # Up to the next minute, like the chart: an outcome from a worker whose clock runs far ahead
     # would otherwise keep the page "live" (and refreshing every few seconds) until that date.

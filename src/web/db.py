@@ -2,12 +2,17 @@
 
 Collections are reached only through :mod:`image_crawler.storage`'s accessors, so this module
 never spells a collection name. Every query here is served by an index that
-:func:`image_crawler.storage.ensure_indexes` creates:
+:func:`image_crawler.storage.ensure_indexes` creates, and none grows with the ledger:
 
-* per-minute counts — ``minute_outcome`` (an index-only range scan over the window, grouped in MongoDB);
-* outcome totals and latest errors — ``outcome_ended``;
+* per-minute counts and outcome totals — the per-minute counters (``minute_counts``; the window's
+  counters through the ``minute`` index, grouped in MongoDB), never the ledger;
+* the latest errors — ``outcome_ended``, ``limit`` of them; the latest minute — ``minute_run_outcome``,
+  one key;
 * the gallery — ``inserted_at``;
 * one image — ``_id``.
+
+The one write: :func:`settle_counters`, which the chart and dashboard views call, recounts the
+counters of settled minutes from the ledger now and then (:func:`image_crawler.outcomes.reconcile`).
 """
 
 from __future__ import annotations
@@ -26,9 +31,11 @@ from pymongo.database import Database
 from image_crawler import outcomes, storage
 from image_crawler.config import Settings
 from image_crawler.redaction import redact_url
+from image_crawler.storage import as_utc
 
 _DB = "image_crawler.db"
 _REDIS = "image_crawler.redis"
+_RECONCILE = "image_crawler.reconcile"
 
 
 def init_app(app: Flask) -> None:
@@ -52,6 +59,7 @@ def init_app(app: Flask) -> None:
         assert mongo.cx is not None
         database = mongo.cx[Settings(mongo_uri=uri).mongo_database]
     app.extensions[_DB] = database
+    app.extensions[_RECONCILE] = outcomes.Schedule(outcomes.RECONCILE_EVERY_S)
     app.extensions[_REDIS] = redis.Redis.from_url(
         app.config["REDIS_URL"], socket_connect_timeout=timeout, socket_timeout=timeout
     )
@@ -69,38 +77,27 @@ def get_redis() -> redis.Redis:
     return client
 
 
-def as_utc(moment: dt.datetime) -> dt.datetime:
-    """``moment`` in UTC; a naive datetime (a client without ``tz_aware``) is taken as UTC."""
-    if moment.tzinfo is None:
-        return moment.replace(tzinfo=dt.UTC)
-    return moment.astimezone(dt.UTC)
+def settle_counters(db: Database) -> None:
+    """Recount settled minutes into the counters, at most once every ``RECONCILE_EVERY_S`` per app.
+
+    So a worker that died between an outcome and its counter is made up for within minutes even
+    when no worker records any more. A pass that fails is logged and tried again later.
+    """
+    outcomes.reconcile_if_due(db, current_app.extensions[_RECONCILE])
 
 
 def count_by_minute(db: Database, since: dt.datetime | None = None) -> dict[dt.datetime, dict[str, int]]:
     """How many jobs ended in each outcome, per UTC minute from ``since`` (default: ever).
 
-    The grouping runs in MongoDB over the ``minute_outcome`` index: the answer has at most one row per
-    minute and outcome, however many outcomes there are.
+    Read from the per-minute counters in the window (one document per run and minute), grouped
+    in MongoDB: the cost follows the minutes and runs shown, not the outcomes they hold.
     """
-    pipeline: list[dict[str, Any]] = [
-        {"$group": {"_id": {"minute": "$minute", "outcome": "$outcome"}, "n": {"$sum": 1}}}
-    ]
-    if since is not None:
-        pipeline.insert(0, {"$match": {"minute": {"$gte": since}}})
-    counts: dict[dt.datetime, dict[str, int]] = {}
-    for row in storage.outcomes(db).aggregate(pipeline):
-        minute, outcome = row["_id"].get("minute"), row["_id"].get("outcome")
-        if not isinstance(minute, dt.datetime) or outcome not in outcomes.OUTCOMES:
-            continue
-        per_outcome = counts.setdefault(as_utc(minute), dict.fromkeys(outcomes.OUTCOMES, 0))
-        per_outcome[outcome] += int(row["n"])
-    return counts
+    return outcomes.counts_per_minute(db, since)
 
 
 def outcome_totals(db: Database) -> dict[str, int]:
-    """How many jobs ended in each outcome so far (each count is an index-only scan)."""
-    ledger = storage.outcomes(db)
-    return {name: ledger.count_documents({"outcome": name}) for name in outcomes.OUTCOMES}
+    """How many jobs ended in each outcome so far, summed from the per-minute counters."""
+    return outcomes.counted_totals(db)
 
 
 def latest_minute(db: Database, until: dt.datetime | None = None) -> dt.datetime | None:

@@ -12,7 +12,7 @@ from image_crawler import storage
 from image_crawler.outcomes import OUTCOMES
 
 from . import charts
-from .db import count_by_minute, get_db
+from .db import count_by_minute, get_db, settle_counters
 from .params import whole_number
 
 bp = Blueprint("monitoring", __name__)
@@ -48,6 +48,9 @@ def minute_buckets(
     db: Database, minutes: int | None, now: dt.datetime | None = None, *, longest: int = LONGEST_WINDOW
 ) -> list[Bucket]:
     """Buckets of UTC minutes, oldest first: every outcome from the window's first minute on is in one.
+
+    The counts come from the per-minute counters (:func:`web.db.count_by_minute`), never the
+    ledger: what a request costs follows the minutes it shows.
 
     The window is the ``minutes`` minutes ending with the current one, empty minutes included.
     Outcomes dated after it (a worker whose clock runs ahead of ours) are not left out, nor do
@@ -108,7 +111,9 @@ def requested_minutes(*, allow_all: bool) -> int | None:
 @bp.get("/monitoring")
 def histogram() -> Response:
     """The StackedBar chart of success, duplicate and error per minute (``image/svg+xml``)."""
-    buckets = minute_buckets(get_db(), requested_minutes(allow_all=False))
+    minutes = requested_minutes(allow_all=False)
+    settle_counters(get_db())
+    buckets = minute_buckets(get_db(), minutes)
     svg = charts.outcomes_per_minute_svg(
         [bucket.minute for bucket in buckets],
         {name: [bucket.counts[name] for bucket in buckets] for name in OUTCOMES},
@@ -128,9 +133,9 @@ def histogram_json() -> Response:
     that had outcomes (buckets may be hours apart); a last bucket dated the next minute holds
     every outcome dated ahead of this server's clock.
     """
-    buckets = minute_buckets(
-        get_db(), requested_minutes(allow_all=True), longest=int(current_app.config["MAX_MINUTES"])
-    )
+    minutes = requested_minutes(allow_all=True)
+    settle_counters(get_db())
+    buckets = minute_buckets(get_db(), minutes, longest=int(current_app.config["MAX_MINUTES"]))
     response = jsonify({"buckets": [bucket.to_json() for bucket in buckets]})
     response.cache_control.no_cache = True
     return response

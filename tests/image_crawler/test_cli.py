@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime as dt
 import io
 import os
 import re
@@ -326,11 +327,470 @@ def test_status_of_an_empty_database(db, run_cli):
     assert result.stdout == "done: 0 urls — 0 success, 0 duplicate, 0 error\n"
 
 
+def test_status_takes_the_run_as_an_argument(ledger, run_cli):
+    result = run_cli("status", "second")
+
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines() == [
+        "done: 2 urls — 1 success, 0 duplicate, 1 error",
+        "         1  not an image",
+    ]
+
+
+def test_status_of_a_run_enqueue_recorded_shows_its_lines_and_whether_it_is_finished(db, no_workers, run_cli):
+    run = _enqueue(run_cli, "http://example.com/a.png", "http://example.com/b.png", "nope")
+    _record(db, run, 1, "http://example.com/a.png", outcomes.SUCCESS)
+
+    running = run_cli("status", run)
+    _record(db, run, 2, "http://example.com/b.png", outcomes.ERROR, "http 404")
+    finished = run_cli("status", run)
+
+    assert running.exit_code == 0, running.output
+    header = re.fullmatch(
+        rf"run {run}: started (\S+ \S+) UTC, 3 lines, 1 in flight, running", _first(running)
+    )
+    assert header, running.stdout
+    started = dt.datetime.fromisoformat(header.group(1)).replace(tzinfo=dt.UTC)
+    assert abs(started - storage.utcnow()) < dt.timedelta(minutes=1)
+    assert running.stdout.splitlines()[1] == "done: 2 urls — 1 success, 0 duplicate, 1 error"
+    assert finished.stdout.splitlines()[:2] == [
+        f"run {run}: started {header.group(1)} UTC, 3 lines, 0 in flight, done",
+        "done: 3 urls — 1 success, 0 duplicate, 2 error",
+    ]
+    assert sorted(finished.stdout.splitlines()[2:]) == [
+        "         1  http 404",
+        "         1  not an http(s) url",
+    ]
+
+
+def test_status_of_an_unknown_run_says_so(db, run_cli):
+    result = run_cli("status", "nope")
+
+    assert result.exit_code == 1
+    assert result.stderr == "Error: no run nope (image-crawler runs lists them)\n"
+
+
+def test_status_with_the_old_run_option_still_works_but_not_with_another_run(ledger, run_cli):
+    assert run_cli("status", "--run", "second").stdout == run_cli("status", "second").stdout
+
+    both = run_cli("status", "first", "--run", "second")
+
+    assert both.exit_code == 2
+    assert "--run" in both.stderr
+
+
 def test_summary_line_names_every_outcome():
     assert (
         summary_line(544, {"success": 401, "error": 44})
         == "done: 544 urls — 401 success, 0 duplicate, 44 error"
     )
+
+
+# --- runs, failed, retry ---------------------------------------------------------------
+
+
+def _enqueue(run_cli, *lines: str) -> str:
+    """Enqueue ``lines`` (no worker takes them) and return the run."""
+    result = run_cli("enqueue", "-", input="".join(f"{line}\n" for line in lines).encode())
+    assert result.exit_code == 0, result.output
+    return _enqueued(result.stdout)[0]
+
+
+def _record(db, run: str, line: int, url: str, outcome: str, reason: str | None = None, at=None) -> None:
+    """The outcome of one line, as a worker records it."""
+    job = Job.new(run, line, url)
+    outcomes.record_outcomes(db, [outcomes.outcome_document(job, outcome, reason=reason, at=at)])
+
+
+def _first(result) -> str:
+    return result.stdout.splitlines()[0]
+
+
+def _table(output: str) -> list[dict[str, str]]:
+    """The rows of ``image-crawler runs``, keyed by their column."""
+    header, *rows = output.splitlines()
+    assert header.split() == [
+        "RUN", "STARTED", "(UTC)", "LINES", "SUCCESS", "DUPLICATE", "ERROR", "IN", "FLIGHT", "URLS/MIN",
+        "STATE", "RETRY", "OF",
+    ]  # fmt: skip
+    names = ["run", "date", "time", "lines", "success", "duplicate", "error", "in_flight", "rate", "state"]
+    table = []
+    for row in rows:
+        cells = row.split()
+        table.append(dict(zip([*names, "retry_of"], cells, strict=False)))
+        assert len(cells) in (len(names), len(names) + 1), row
+    return table
+
+
+def test_enqueue_records_the_run_and_its_length_once_it_has_read_the_file(db, no_workers, run_cli):
+    run = _enqueue(run_cli, "# list", "http://example.com/a.png", "nope", "", "http://example.com/b.png")
+
+    document = storage.runs(db).find_one({"_id": run})
+    assert {key: document[key] for key in ("jobs", "enqueued", "rejected", "skipped", "retry_of")} == {
+        "jobs": 3,
+        "enqueued": 2,
+        "rejected": 1,
+        "skipped": 2,
+        "retry_of": None,
+    }
+    assert abs(document["started_at"] - storage.utcnow()) < dt.timedelta(minutes=1)
+    assert document["sent_at"] >= document["started_at"]
+
+
+def test_runs_lists_every_run_newest_first_with_its_outcomes_and_what_is_in_flight(db, no_workers, run_cli):
+    first = _enqueue(run_cli, "http://example.com/a.png", "http://example.com/b.png", "nope")
+    _record(db, first, 1, "http://example.com/a.png", outcomes.SUCCESS)
+    second = _enqueue(run_cli, "http://example.com/a.png", "http://example.com/c.png")
+    _record(db, second, 1, "http://example.com/a.png", outcomes.DUPLICATE)
+    _record(db, second, 2, "http://example.com/c.png", outcomes.ERROR, "http 404")
+
+    result = run_cli("runs")
+
+    assert result.exit_code == 0, result.output
+    rows = _table(result.stdout)
+    assert [row["run"] for row in rows] == [second, first]
+    picked = ["lines", "success", "duplicate", "error", "in_flight", "state"]
+    assert [[row[key] for key in picked] for row in rows] == [
+        ["2", "0", "1", "1", "0", "done"],
+        ["3", "1", "0", "1", "1", "running"],
+    ]
+    started = dt.datetime.fromisoformat(f"{rows[0]['date']} {rows[0]['time']}").replace(tzinfo=dt.UTC)
+    assert abs(started - storage.utcnow()) < dt.timedelta(minutes=1)
+    assert run_cli("runs", "--limit", "1").stdout.splitlines()[1:] == result.stdout.splitlines()[1:2]
+
+
+def test_runs_shows_how_many_urls_a_run_ends_per_minute_lately(db, no_workers, run_cli):
+    run = _enqueue(run_cli, *(f"http://example.com/{n}.png" for n in range(20)))
+    now = storage.utcnow()
+    storage.runs(db).update_one({"_id": run}, {"$set": {"started_at": now - dt.timedelta(hours=1)}})
+    for line in range(1, 11):  # ten in the last minutes, five long before
+        _record(
+            db,
+            run,
+            line,
+            f"http://example.com/{line}.png",
+            outcomes.SUCCESS,
+            at=now - dt.timedelta(minutes=2),
+        )
+    for line in range(11, 16):
+        _record(
+            db,
+            run,
+            line,
+            f"http://example.com/{line}.png",
+            outcomes.SUCCESS,
+            at=now - dt.timedelta(minutes=20),
+        )
+
+    row = _table(run_cli("runs").stdout)[0]
+
+    assert (row["success"], row["in_flight"], row["state"]) == ("15", "5", "running")
+    assert 2.0 <= float(row["rate"]) <= 2.5  # 10 urls over the last 4 to 5 minutes
+
+
+def test_a_run_still_being_sent_shows_the_lines_sent_so_far(db, no_workers, run_cli):
+    lines = "".join(f"http://example.com/{n}.png\n" for n in range(1500)).encode()
+    sender = threading.Thread(
+        target=lambda: enqueue_lines(
+            io.BytesIO(lines), db, run="sending", max_in_flight=1000, poll_interval=0.02
+        ),
+        daemon=True,
+    )
+    sender.start()
+    deadline = time.monotonic() + 20
+    while _queued_urls(no_workers) < 1000 and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+    rows = {row["run"]: row for row in _table(run_cli("runs").stdout)}
+
+    assert (rows["sending"]["lines"], rows["sending"]["in_flight"], rows["sending"]["state"]) == (
+        "1000+",
+        "1000",
+        "sending",
+    )
+    ended = [Job.new("sending", line, "http://example.com/x.png") for line in range(1, 1001)]
+    outcomes.record_outcomes(
+        db, [outcomes.outcome_document(job, outcomes.ERROR, reason="x") for job in ended]
+    )
+    sender.join(timeout=20)
+    rows = {row["run"]: row for row in _table(run_cli("runs").stdout)}
+    assert (rows["sending"]["lines"], rows["sending"]["in_flight"], rows["sending"]["state"]) == (
+        "1500",
+        "500",
+        "running",
+    )
+
+
+def test_runs_of_an_empty_database(db, run_cli):
+    result = run_cli("runs")
+
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "no runs yet\n"
+
+
+def test_failed_lists_the_urls_of_a_runs_errors_in_line_order(db, no_workers, run_cli):
+    urls = [f"http://example.com/{n}.png" for n in range(1, 6)]
+    run = _enqueue(run_cli, *urls)
+    _record(db, run, 4, urls[3], outcomes.ERROR, "http 503")
+    _record(db, run, 1, urls[0], outcomes.ERROR, "timeout")
+    _record(db, run, 2, urls[1], outcomes.SUCCESS)
+    _record(db, run, 3, urls[2], outcomes.ERROR, "http 404")
+    _record(db, run, 5, urls[4], outcomes.DUPLICATE)
+
+    result = run_cli("failed", run)
+
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines() == [urls[0], urls[2], urls[3]]
+    assert result.stderr == ""
+
+
+def test_failed_with_a_reason_keeps_the_errors_whose_reason_contains_it_ignoring_case(
+    db, no_workers, run_cli
+):
+    urls = [f"http://example.com/{n}.png" for n in range(1, 6)]
+    run = _enqueue(run_cli, *urls)
+    for line, reason in enumerate(["http 503", "http 404", "HTTP 500", "timeout", "http 502"], start=1):
+        _record(db, run, line, urls[line - 1], outcomes.ERROR, reason)
+
+    fives = run_cli("failed", run, "--reason", "http 5")
+    either = run_cli("failed", run, "--reason", "timeout", "--reason", "404")
+    none = run_cli("failed", run, "--reason", "not an image")
+
+    assert fives.stdout.splitlines() == [urls[0], urls[2], urls[4]]
+    assert either.stdout.splitlines() == [urls[1], urls[3]]
+    assert (none.exit_code, none.stdout) == (0, "")
+
+
+def test_failed_writes_what_cannot_be_retried_as_comments_and_says_why_on_stderr(db, no_workers, run_cli):
+    secret = "http://bob:hunter2@example.com/private.png"
+    long = "http://example.com/" + "a" * 3000
+    plain = "http://example.com/plain.png"
+    run = _enqueue(run_cli, secret, long, "nope", plain)
+    _record(db, run, 1, secret, outcomes.ERROR, "http 401")
+    _record(db, run, 2, long, outcomes.ERROR, "http 414")
+    _record(db, run, 4, plain, outcomes.ERROR, "timeout")
+
+    result = run_cli("failed", run)
+
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert len(lines) == 4 and lines[3] == plain
+    assert (
+        lines[0]
+        == "# line 1, http 401: credentials redacted in the ledger: http://***@example.com/private.png"
+    )
+    assert lines[1].startswith("# line 2, http 414: url truncated in the ledger: http://example.com/aaa")
+    assert lines[1].endswith(f"({len(long)} characters)")
+    assert lines[2] == "# line 3, not an http(s) url: not a url enqueue takes: nope"
+    assert "hunter2" not in result.output
+    assert result.stderr == (
+        "left out 3 of 4 failed lines, as # comments: 1 credentials redacted in the ledger,"
+        " 1 url truncated in the ledger, 1 not a url enqueue takes\n"
+    )
+
+
+def test_what_failed_prints_is_a_url_list_enqueue_takes(db, no_workers, run_cli):
+    secret = "http://bob:hunter2@example.com/private.png"
+    run = _enqueue(run_cli, "http://example.com/a.png", secret, "nope", "http://example.com/b.png")
+    _record(db, run, 1, "http://example.com/a.png", outcomes.ERROR, "http 500")
+    _record(db, run, 2, secret, outcomes.ERROR, "http 500")
+    _record(db, run, 4, "http://example.com/b.png", outcomes.ERROR, "timeout")
+    listed = run_cli("failed", run).stdout.encode()
+
+    again = run_cli("enqueue", "-", input=listed)
+
+    assert _enqueued(again.stdout)[1:] == (2, 0, 2)  # 2 urls, 2 comment lines
+
+
+def test_failed_of_a_run_still_running_says_more_may_come(db, no_workers, run_cli):
+    run = _enqueue(run_cli, "http://example.com/a.png", "http://example.com/b.png")
+    _record(db, run, 1, "http://example.com/a.png", outcomes.ERROR, "http 404")
+
+    result = run_cli("failed", run)
+
+    assert result.stdout == "http://example.com/a.png\n"
+    assert result.stderr == f"run {run} is not finished: 1 lines in flight may still fail\n"
+
+
+def test_failed_of_an_unknown_run_says_so(db, run_cli):
+    result = run_cli("failed", "nope")
+
+    assert result.exit_code == 1
+    assert result.stderr == "Error: no run nope (image-crawler runs lists them)\n"
+
+
+def test_retry_enqueues_the_failed_urls_as_a_new_run_that_names_the_one_it_retries(db, no_workers, run_cli):
+    secret = "http://bob:hunter2@example.com/private.png"
+    urls = ["http://example.com/a.png", "http://example.com/b.png", secret, "http://example.com/c.png"]
+    run = _enqueue(run_cli, *urls, "nope")
+    _record(db, run, 1, urls[0], outcomes.ERROR, "http 503")
+    _record(db, run, 2, urls[1], outcomes.SUCCESS)
+    _record(db, run, 3, urls[2], outcomes.ERROR, "http 503")
+    _record(db, run, 4, urls[3], outcomes.ERROR, "timeout")
+    actors.broker.flush_all()
+
+    result = run_cli("retry", run)
+
+    assert result.exit_code == 0, result.output
+    retry, enqueued, rejected, skipped = _enqueued(result.stdout)
+    assert retry != run and (enqueued, rejected, skipped) == (2, 0, 0)
+    assert _queued_urls(no_workers) == 2
+    assert result.stderr == (
+        "left out 2 of 4 failed lines, as # comments: 1 credentials redacted in the ledger,"
+        " 1 not a url enqueue takes\n"
+    )
+    assert storage.runs(db).find_one({"_id": retry})["retry_of"] == run
+    rows = {row["run"]: row for row in _table(run_cli("runs").stdout)}
+    assert rows[retry]["retry_of"] == run and "retry_of" not in rows[run]
+    assert _first(run_cli("status", retry)).endswith(", retry of " + run)
+
+
+def test_retry_with_reason_and_wait_ends_what_failed_before(make_pipeline, db, server, run_cli):
+    make_pipeline(threads=4)
+    server.add("/a.png", png_bytes(30, 20, seed=11), content_type="image/png")
+    urls = [server.url("/a.png"), server.url("/late.png"), server.url("/gone.png")]
+    first = run_cli("enqueue", "-", "--wait", "--timeout", "60", input="\n".join(urls).encode())
+    run = _enqueued(first.stdout)[0]
+    assert _last_line(first.stdout) == "done: 3 urls — 1 success, 0 duplicate, 2 error"
+    server.add("/late.png", png_bytes(30, 20, seed=12), content_type="image/png")
+
+    result = run_cli("retry", run, "--reason", "404", "--wait", "--timeout", "60")
+
+    assert result.exit_code == 0, result.output
+    assert _enqueued(result.stdout)[1:] == (2, 0, 0)
+    assert _last_line(result.stdout) == "done: 2 urls — 1 success, 0 duplicate, 1 error"
+
+
+def test_retry_of_a_run_without_errors_enqueues_nothing(db, no_workers, run_cli):
+    run = _enqueue(run_cli, "http://example.com/a.png", "http://bob:pw@example.com/b.png")
+    _record(db, run, 1, "http://example.com/a.png", outcomes.SUCCESS)
+    _record(db, run, 2, "http://bob:pw@example.com/b.png", outcomes.ERROR, "http 401")
+    before, queued = storage.runs(db).count_documents({}), _queued_urls(no_workers)
+
+    result = run_cli("retry", run)
+
+    assert result.exit_code == 0, result.output
+    assert result.stdout == f"nothing to retry in run {run}\n"
+    assert "1 credentials redacted in the ledger" in result.stderr
+    assert storage.runs(db).count_documents({}) == before
+    assert _queued_urls(no_workers) == queued
+
+
+def test_a_line_enqueue_rejected_is_never_listed_as_a_url_even_if_its_text_now_looks_like_one(
+    db, no_workers, run_cli
+):
+    result = run_cli("enqueue", "-", input=b"http://example.com/caf\xe9.png\n")  # not UTF-8
+    run = _enqueued(result.stdout)[0]
+
+    listed = run_cli("failed", run)
+
+    assert (
+        listed.stdout
+        == "# line 1, invalid utf-8: not a url enqueue takes: http://example.com/caf\ufffd.png\n"
+    )
+    assert listed.stderr == "left out 1 of 1 failed lines, as # comments: 1 not a url enqueue takes\n"
+
+
+def test_a_comment_line_cannot_be_broken_by_what_the_ledger_holds(db, no_workers, run_cli):
+    run = _enqueue(run_cli, "http://example.com/a.png")
+    outcomes.record_outcomes(
+        db,
+        [
+            outcomes.outcome_document(
+                Job.new(run, 1, "not\ra url\u2028http://example.com/b.png"), outcomes.ERROR, reason="x\ny"
+            )
+        ],
+    )
+
+    listed = run_cli("failed", run).stdout
+
+    assert listed == "# line 1, x\\ny: not a url enqueue takes: not\\ra url\\u2028http://example.com/b.png\n"
+
+
+def test_a_run_whose_enqueue_stopped_half_way_says_so(db, no_workers, run_cli):
+    def broken_file():
+        for n in range(2500):  # the third batch of lines cannot be read
+            yield f"http://example.com/{n}.png\n".encode()
+        raise OSError("input/output error")  # the disk, or the pipe, gave out
+
+    with pytest.raises(OSError):
+        enqueue_lines(broken_file(), db, run="halfway")
+
+    row = {row["run"]: row for row in _table(run_cli("runs").stdout)}["halfway"]
+    assert (row["lines"], row["in_flight"], row["state"]) == ("1000+", "1000", "interrupted")
+    assert _queued_urls(no_workers) == 1000  # what was sent gets its outcomes; the rest never comes
+
+
+def test_a_crawled_run_is_listed_done_with_the_counts_of_its_ledger(make_pipeline, db, server, run_cli):
+    make_pipeline(threads=4)
+    server.add("/a.png", png_bytes(30, 20, seed=21), content_type="image/png")
+    server.add("/b.png", png_bytes(30, 20, seed=21), content_type="image/png")
+    urls = [server.url("/a.png"), server.url("/b.png"), server.url("/gone.png"), "nope"]
+    crawl = run_cli("enqueue", "-", "--wait", "--timeout", "60", input="\n".join(urls).encode())
+    run = _enqueued(crawl.stdout)[0]
+
+    row = {row["run"]: row for row in _table(run_cli("runs").stdout)}[run]
+
+    assert [row[key] for key in ("lines", "success", "duplicate", "error", "in_flight", "state")] == [
+        "4", "1", "1", "2", "0", "done",
+    ]  # fmt: skip
+    assert outcomes.run_totals(db, [run])[run] == outcomes.count_outcomes(db, run)
+
+
+def test_reconcile_counts_what_the_counters_missed(db, run_cli):
+    old = storage.utcnow() - dt.timedelta(hours=3)
+    missed = [outcomes.outcome_document(Job.new("r", n, "http://x.test/"), "success", at=old) for n in (1, 2)]
+    storage.outcomes(db).insert_many(missed)  # as a version without counters left them
+
+    first = run_cli("reconcile")
+    storage.minute_counts(db).delete_many({})
+    again = run_cli("reconcile")
+    everything = run_cli("reconcile", "--all")
+
+    assert first.stdout == "recounted 1 minutes that had outcomes\n"
+    assert again.stdout == "recounted 0 minutes that had outcomes\n"  # already recounted
+    assert everything.stdout == "recounted 1 minutes that had outcomes\n"
+    assert outcomes.run_totals(db, ["r"])["r"] == {"success": 2, "duplicate": 0, "error": 0}
+
+
+def test_runs_failed_and_retry_through_a_mongodb_endpoint(crawl_env):
+    env, database = crawl_env
+    listed = subprocess.run(
+        [sys.executable, "-m", "image_crawler", "enqueue", "-"],
+        input="http://example.com/a.png\nnope\nhttp://bob:pw@example.com/b.png\n",
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    run = _enqueued(listed.stdout)[0]
+    _record(database, run, 1, "http://example.com/a.png", outcomes.ERROR, "http 503")
+    _record(database, run, 3, "http://bob:pw@example.com/b.png", outcomes.SUCCESS)
+
+    def command(*args: str) -> subprocess.CompletedProcess:
+        done = subprocess.run(
+            [sys.executable, "-m", "image_crawler", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
+        return done
+
+    rows = _table(command("runs").stdout)
+    failed = command("failed", run)
+    retried = command("retry", run)
+
+    assert [rows[0][key] for key in ("run", "lines", "success", "error", "in_flight", "state")] == [
+        run, "3", "1", "2", "0", "done",
+    ]  # fmt: skip
+    assert failed.stdout.splitlines() == [
+        "http://example.com/a.png",
+        "# line 2, not an http(s) url: not a url enqueue takes: nope",
+    ]
+    retry = _enqueued(retried.stdout)[0]
+    assert database[storage.RUNS].find_one({"_id": retry})["retry_of"] == run
 
 
 # --- settings ---------------------------------------------------------------------------

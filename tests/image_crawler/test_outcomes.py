@@ -240,3 +240,174 @@ def test_a_redelivered_collect_of_a_duplicate_stays_a_duplicate(make_pipeline):
     assert outcomes.get_outcome(pipeline.db, f"{run}:2")["outcome"] == "duplicate"
     assert outcomes.count_outcomes(pipeline.db, run) == {"success": 1, "duplicate": 1, "error": 0}
     assert storage.images(pipeline.db).find_one()["source_url"] == "http://example.com/a.png"
+
+
+# --- per-minute counters: written with the outcomes, recounted from the ledger once settled --
+
+MINUTE = dt.datetime(2026, 11, 27, 21, 5, tzinfo=dt.UTC)
+
+
+def _at(run: str, lines: range, outcome: str, minute: dt.datetime, reason: str | None = None) -> list[dict]:
+    """Outcome documents of ``lines`` of ``run`` that ended 30 s into ``minute``."""
+    at = minute + dt.timedelta(seconds=30)
+    return [
+        outcomes.outcome_document(Job.new(run, n, f"http://example.com/{n}"), outcome, reason=reason, at=at)
+        for n in lines
+    ]
+
+
+def _counted(db, run: str | None = None) -> dict:
+    """The counters per minute (of one run, or of all), without the empty ones."""
+    per_minute = outcomes.counts_per_minute(db) if run is None else outcomes.counts_per_minute(db, run=run)
+    return {minute: counts for minute, counts in per_minute.items() if any(counts.values())}
+
+
+def test_recorded_outcomes_are_counted_in_their_run_and_minute(db):
+    later = MINUTE + dt.timedelta(minutes=1)
+    outcomes.record_outcomes(db, _at("first", range(1, 4), outcomes.SUCCESS, MINUTE))
+    outcomes.record_outcomes(db, _at("first", range(4, 5), outcomes.ERROR, MINUTE, "http 404"))
+    outcomes.record_outcomes(db, _at("first", range(5, 7), outcomes.DUPLICATE, later))
+    outcomes.record_outcomes(db, _at("second", range(1, 3), outcomes.ERROR, MINUTE, "timeout"))
+
+    assert _counted(db, "first") == {
+        MINUTE: {"success": 3, "duplicate": 0, "error": 1},
+        later: {"success": 0, "duplicate": 2, "error": 0},
+    }
+    assert _counted(db) == {
+        MINUTE: {"success": 3, "duplicate": 0, "error": 3},
+        later: {"success": 0, "duplicate": 2, "error": 0},
+    }
+    assert outcomes.run_totals(db, ["first", "second", "none"]) == {
+        "first": {"success": 3, "duplicate": 2, "error": 1},
+        "second": {"success": 0, "duplicate": 0, "error": 2},
+        "none": {"success": 0, "duplicate": 0, "error": 0},
+    }
+    assert outcomes.counted_totals(db) == {"success": 3, "duplicate": 2, "error": 3}
+
+
+def test_an_outcome_recorded_again_is_not_counted_again(db):
+    assert outcomes.record_outcomes(db, _at("run", range(1, 4), outcomes.ERROR, MINUTE, "http 404")) == 3
+
+    # A redelivered collector, a crash handler after a success: lines 1-3 already have theirs.
+    assert outcomes.record_outcomes(db, _at("run", range(1, 4), outcomes.SUCCESS, MINUTE)) == 0
+    assert outcomes.record_outcomes(db, _at("run", range(1, 6), outcomes.SUCCESS, MINUTE)) == 2
+    assert outcomes.record_outcome(db, Job.new("run", 5, "u"), outcomes.ERROR, reason="x") is False
+
+    assert outcomes.run_totals(db, ["run"])["run"] == {"success": 2, "duplicate": 0, "error": 3}
+    assert outcomes.counted_totals(db) == outcomes.count_outcomes(db)
+
+
+def test_record_outcome_counts_its_outcome_too(db):
+    outcomes.record_outcome(db, Job.new("run", 1, "http://example.com/a.png"), outcomes.DUPLICATE)
+
+    assert outcomes.run_totals(db, ["run"])["run"] == {"success": 0, "duplicate": 1, "error": 0}
+
+
+def test_outcomes_a_crash_left_uncounted_are_counted_once_their_minute_has_settled(db):
+    outcomes.record_outcomes(db, _at("run", range(1, 3), outcomes.SUCCESS, MINUTE))
+    # A worker died after its outcomes were inserted and before it counted them: the ledger
+    # holds them, the counters do not.
+    storage.outcomes(db).insert_many(_at("run", range(3, 6), outcomes.ERROR, MINUTE, "http 404"))
+    storage.outcomes(db).insert_many(_at("other", range(1, 2), outcomes.DUPLICATE, MINUTE))
+    assert outcomes.counted_totals(db) == {"success": 2, "duplicate": 0, "error": 0}
+
+    soon = MINUTE + outcomes.SETTLE_AFTER  # still open to late writers: not recounted yet
+    assert outcomes.reconcile(db, now=soon) == 0
+    assert outcomes.counted_totals(db) == {"success": 2, "duplicate": 0, "error": 0}
+
+    settled = MINUTE + outcomes.SETTLE_AFTER + dt.timedelta(minutes=1)
+    assert outcomes.reconcile(db, now=settled) == 1
+
+    assert outcomes.run_totals(db, ["run", "other"]) == {
+        "run": {"success": 2, "duplicate": 0, "error": 3},
+        "other": {"success": 0, "duplicate": 1, "error": 0},
+    }
+    assert outcomes.counted_totals(db) == outcomes.count_outcomes(db)
+    assert outcomes.reconcile(db, now=settled) == 0  # every settled minute is recounted once
+
+
+def test_a_counter_that_says_more_than_the_ledger_is_set_right(db):
+    outcomes.record_outcomes(db, _at("run", range(1, 3), outcomes.SUCCESS, MINUTE))
+    storage.outcomes(db).delete_one({"_id": "run:2"})  # the ledger is the truth
+
+    outcomes.reconcile(db, now=MINUTE + dt.timedelta(hours=1))
+
+    assert outcomes.run_totals(db, ["run"])["run"] == {"success": 1, "duplicate": 0, "error": 0}
+
+
+def test_reconciliation_walks_only_the_minutes_that_had_outcomes_a_few_at_a_time(db):
+    busy = [MINUTE + dt.timedelta(days=n) for n in range(5)]  # years of minutes between them
+    for n, minute in enumerate(busy):
+        storage.outcomes(db).insert_many(_at("run", range(10 * n + 1, 10 * n + 3), outcomes.SUCCESS, minute))
+    now = busy[-1] + dt.timedelta(hours=1)
+
+    assert outcomes.reconcile(db, now=now, max_minutes=2) == 2
+    assert outcomes.run_totals(db, ["run"])["run"]["success"] == 4
+    assert outcomes.reconcile(db, now=now, max_minutes=2) == 2
+    assert outcomes.reconcile(db, now=now, max_minutes=2) == 1
+    assert outcomes.reconcile(db, now=now, max_minutes=2) == 0
+    assert outcomes.run_totals(db, ["run"])["run"]["success"] == 10
+
+
+def test_an_outcome_recorded_late_into_a_settled_minute_is_recounted_even_after_a_crash(db, monkeypatch):
+    import pymongo.errors
+
+    now = storage.utcnow()
+    old = now.replace(second=0, microsecond=0) - dt.timedelta(hours=2)
+    outcomes.record_outcomes(db, _at("run", range(1, 3), outcomes.SUCCESS, old))
+    outcomes.reconcile(db, now=now)  # the minute is settled and recounted: 2
+
+    class CounterGone:
+        """The counters' collection when MongoDB went away right after the ledger insert."""
+
+        def __getattr__(self, name):
+            raise pymongo.errors.AutoReconnect("connection reset (injected)")
+
+    # An outcome dated two hours ago (a fetch that waited that long to record its failures)
+    # arrives, and its writer loses MongoDB before counting it.
+    real = storage.minute_counts
+    monkeypatch.setattr(storage, "minute_counts", lambda database: CounterGone())
+    with pytest.raises(pymongo.errors.AutoReconnect):
+        outcomes.record_outcomes(db, _at("run", range(3, 4), outcomes.ERROR, old, "timeout"))
+    monkeypatch.setattr(storage, "minute_counts", real)
+    assert outcomes.get_outcome(db, "run:3") is not None
+    assert outcomes.run_totals(db, ["run"])["run"] == {"success": 2, "duplicate": 0, "error": 0}
+
+    outcomes.reconcile(db, now=now)
+
+    assert outcomes.run_totals(db, ["run"])["run"] == {"success": 2, "duplicate": 0, "error": 1}
+
+
+def test_reconciliation_runs_now_and_then_and_never_fails_the_caller(db, dead_mongodb):
+    schedule = outcomes.Schedule(every_s=3600)
+    storage.outcomes(db).insert_many(_at("run", range(1, 3), outcomes.SUCCESS, MINUTE))
+
+    assert outcomes.reconcile_if_due(db, schedule) is True
+    assert outcomes.run_totals(db, ["run"])["run"]["success"] == 2
+    assert outcomes.reconcile_if_due(db, schedule) is False  # not due for an hour
+
+    # The outcomes were recorded; a pass that cannot reach MongoDB is tried again later.
+    assert outcomes.reconcile_if_due(dead_mongodb, outcomes.Schedule(every_s=3600)) is False
+
+
+@pytest.fixture
+def dead_mongodb():
+    """A database on a port where nothing listens, which gives up within a fraction of a second."""
+    import pymongo
+
+    from support.services import free_port
+
+    client = pymongo.MongoClient(f"mongodb://127.0.0.1:{free_port()}/x", serverSelectionTimeoutMS=200)
+    yield client["x"]
+    client.close()
+
+
+def test_failed_outcomes_come_in_line_order_a_page_at_a_time(db):
+    outcomes.record_outcomes(db, _errors("run", range(7, 0, -1)))  # recorded in reverse
+    outcomes.record_outcomes(db, _at("run", range(8, 9), outcomes.SUCCESS, MINUTE))
+    outcomes.record_outcomes(db, _errors("other", range(1, 3)))
+
+    listed = list(outcomes.failed_outcomes(db, "run", page=3))
+
+    assert [entry["line"] for entry in listed] == [1, 2, 3, 4, 5, 6, 7]
+    assert listed[0] == {"line": 1, "url": "http://example.com/1", "reason": "http 404"}

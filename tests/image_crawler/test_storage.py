@@ -34,7 +34,8 @@ def _orphan_chunk(db, md5: str, age: dt.timedelta, n: int = 0) -> None:
 
 def test_ensure_indexes_can_run_any_number_of_times(db):
     def all_indexes():
-        names = [storage.IMAGES, storage.OUTCOMES, "gray.files", "gray.chunks"]
+        names = [storage.IMAGES, storage.OUTCOMES, storage.MINUTE_COUNTS, storage.RUNS, "gray.files"]
+        names.append("gray.chunks")
         return {name: db[name].index_information() for name in names}
 
     before = all_indexes()
@@ -47,9 +48,29 @@ def test_ensure_indexes_can_run_any_number_of_times(db):
         return {index["key"][0][0] for index in before[collection].values()}
 
     assert "inserted_at" in leading_fields(storage.IMAGES)  # the gallery: newest images first
-    assert {"run", "minute"} <= leading_fields(storage.OUTCOMES)  # enqueue --wait, the histogram
+    assert {"run", "minute"} <= leading_fields(storage.OUTCOMES)  # enqueue --wait, recounting minutes
+    assert {"run", "minute"} <= leading_fields(storage.MINUTE_COUNTS)  # runs, the histogram
+    assert "started_at" in leading_fields(storage.RUNS)  # image-crawler runs: newest first
     chunks = [index for index in before["gray.chunks"].values() if index.get("unique")]
     assert [[field for field, _ in index["key"]] for index in chunks] == [["files_id", "n"]]
+
+
+def test_indexes_an_earlier_version_made_are_replaced_by_the_ones_that_cover_them(mongo_db):
+    import pymongo
+
+    ledger = storage.outcomes(mongo_db)
+    ledger.create_index([("run", pymongo.ASCENDING), ("outcome", pymongo.ASCENDING)], name="run_outcome")
+    ledger.create_index(
+        [("minute", pymongo.ASCENDING), ("outcome", pymongo.ASCENDING)], name="minute_outcome"
+    )
+
+    storage.ensure_indexes(mongo_db)
+    storage.ensure_indexes(mongo_db)
+
+    keys = {name: [field for field, _ in index["key"]] for name, index in ledger.index_information().items()}
+    assert "run_outcome" not in keys and "minute_outcome" not in keys
+    assert ["run", "outcome", "line"] in keys.values()  # image-crawler failed: a run's errors in line order
+    assert ["minute", "run", "outcome"] in keys.values()  # recounting a minute from the index alone
 
 
 def test_the_first_job_stores_the_image(db):

@@ -179,3 +179,18 @@ def test_credentials_stored_by_an_earlier_version_are_never_shown(client, seed, 
     assert "hunter2" not in page and "bob" not in page
     assert "http://***@old.test/a.png" in page and "http://***@old.test/b.png" in page
     assert details["source_url"] == "http://***@old.test/a.png"
+
+
+def test_totals_include_outcomes_a_crash_left_uncounted_once_their_minute_has_settled(client, seed, mongo_db):
+    from image_crawler import outcomes
+    from image_crawler.outcomes import Job
+
+    seed.outcome("success", minutes_ago=45, count=3)
+    at = seed.now - dt.timedelta(minutes=45)
+    lost = [outcomes.outcome_document(Job.new("lost", n, "http://x.test/"), "error", at=at) for n in (1, 2)]
+    storage.outcomes(mongo_db).insert_many(lost)  # its worker died before counting them
+
+    page = client.get("/").text
+
+    totals = dict(re.findall(r'<span class="count">([\d,]+)</span> (\w+)', page))
+    assert totals == {"3": "success", "0": "duplicate", "2": "error", "5": "urls"}

@@ -229,3 +229,35 @@ def test_empty_database_gives_an_empty_chart(client):
 
     assert response.status_code == 200 and response.mimetype == "image/svg+xml"
     assert bars(response.data) == []
+
+
+def _uncounted(mongo_db, outcome: str, *, at: dt.datetime, count: int, run: str = "crashed") -> None:
+    """Outcomes in the ledger whose worker died before counting them (the counters miss them)."""
+    from image_crawler import outcomes, storage
+    from image_crawler.outcomes import Job
+
+    documents = [
+        outcomes.outcome_document(Job.new(run, n, f"http://images.test/{n}.png"), outcome, at=at)
+        for n in range(1, count + 1)
+    ]
+    storage.outcomes(mongo_db).insert_many(documents)
+
+
+def test_outcomes_a_crash_left_uncounted_are_charted_once_their_minute_has_settled(client, mongo_db, seed):
+    seed.outcome("success", minutes_ago=30, count=2)
+    _uncounted(mongo_db, "error", at=seed.now - dt.timedelta(minutes=30, seconds=-20), count=3)
+
+    ago = by_minutes_ago(buckets_of(client, "?minutes=60"))
+
+    settled = [b for b in ago.values() if b["success"] or b["error"]]
+    assert [(b["success"], b["error"]) for b in settled] == [(2, 3)]
+
+
+def test_the_chart_counts_the_current_minute_from_the_counters_the_writers_keep(client, mongo_db, seed):
+    seed.outcome("success", minutes_ago=0, count=4)
+    _uncounted(mongo_db, "error", at=seed.now + dt.timedelta(seconds=10), count=3)  # open: not recounted yet
+
+    buckets = buckets_of(client, "?minutes=5")
+
+    assert sum(b["success"] for b in buckets) == 4
+    assert sum(b["error"] for b in buckets) == 0
