@@ -51,7 +51,7 @@ from .broker import (
 )
 from .claims import BODIES, PNGS
 from .config import get_settings
-from .context import Context, get_context
+from .context import Context, get_context, longest_download_s
 from .context import share_redis as _share_redis
 from .errors import CrawlError, FetchTimeout, HttpStatusError, ResultMissing
 from .fetching import Download
@@ -245,8 +245,9 @@ _GUARDED: dict[str, Any] = {"on_crash": after_worker_death}
     # made it run out of time (running twice only repeats work).
     retry_when=retry_transient(20, also=(TimeLimitExceeded,)),
     max_backoff=300_000,
-    # Every download of a batch ends within START_WITHIN_S + 2 × FETCH_TIMEOUT of its start.
-    time_limit=int(2 * settings.fetch_timeout * 1000) + 60_000,
+    # Every download of a batch ends within START_WITHIN_S + its longest (2 × FETCH_TIMEOUT,
+    # and its robots.txt) of its start.
+    time_limit=int(longest_download_s(settings) * 1000) + 60_000,
     **_GUARDED,
 )
 def fetch(batch: dict[str, Any]) -> None:
@@ -262,7 +263,7 @@ def fetch(batch: dict[str, Any]) -> None:
     sorting = _Sorting(context, batch)
     cutoff = started + START_WITHIN_S
     futures = {context.downloads.submit(_download, context, job.url, cutoff): job for job in sorting.jobs}
-    waited = started + START_WITHIN_S + 2 * context.settings.fetch_timeout - time.monotonic()
+    waited = started + START_WITHIN_S + context.longest_download_s - time.monotonic()
     try:
         for future in as_completed(futures, timeout=max(0.0, waited)):
             # Dropped as soon as it is filed: a finished download's body is held only until parked.
@@ -327,6 +328,8 @@ class _Sorting:
         except _NotStarted:
             self.postpone(job)
             return
+        except redis.RedisError:
+            raise  # the whole fetch goes again once Redis is back (the host gate and robots use it)
         except (HostBusy, RobotsPending) as busy:
             # Not the line's fault, nor a try: it goes again with its attempts as they were.
             line = [job.line, job.url, self.attempts[job.line], self.postponed[job.line]]

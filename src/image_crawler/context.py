@@ -23,6 +23,13 @@ from .robots import MAX_ROBOTS_BYTES, Robots, product_token
 ROBOTS_TIMEOUT_S = 10.0
 
 
+def longest_download_s(settings: Settings) -> float:
+    """The longest one download may take: FETCH_TIMEOUT, stretched twice by a slow read
+    (fetching.py), after its robots.txt (the same, at most ROBOTS_TIMEOUT_S) with ``OBEY_ROBOTS``."""
+    robots = 2 * min(settings.fetch_timeout, ROBOTS_TIMEOUT_S) if settings.obey_robots else 0.0
+    return 2 * settings.fetch_timeout + robots
+
+
 @dataclass
 class Context:
     """Everything an actor needs from the outside world."""
@@ -50,7 +57,8 @@ class Context:
             concurrency=self.settings.host_concurrency,
             delay_ms=self.settings.host_delay_ms,
             # A download ends within twice FETCH_TIMEOUT (fetching.py); a dead worker's turn comes back after.
-            turn_ms=int(2 * self.settings.fetch_timeout * 1000) + 10_000,
+            turn_ms=int(self.longest_download_s * 1000) + 10_000,
+            longest_pause_s=self.settings.retry_after_max,
         )
         if self.settings.obey_robots:
             # robots.txt has limits of its own (Google reads 500 KiB of it), and the same
@@ -67,7 +75,15 @@ class Context:
                 lambda url: fetch_robots(url).content,
                 user_agent=product_token(self.settings.user_agent),
                 lock_ttl=2 * robots_settings.fetch_timeout + 10,
+                # A parsed robots.txt may take megabytes: a few hosts' worth per process.
+                cache_size=64,
             )
+
+    @property
+    def longest_download_s(self) -> float:
+        """The longest one download may take: FETCH_TIMEOUT, stretched twice by a slow read
+        (fetching.py), after its robots.txt with ``OBEY_ROBOTS``."""
+        return longest_download_s(self.settings)
 
     @classmethod
     def create(

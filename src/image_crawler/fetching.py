@@ -189,6 +189,9 @@ def _resolve(host: str, port: int) -> list[str]:
     return [str(info[4][0]) for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)]
 
 
+#: A ``Retry-After`` in seconds we can read (ten digits is three centuries: anything longer is noise).
+_DELAY_SECONDS = re.compile(r"[0-9]{1,10}")
+
 #: Where a site owner who sees our requests reads what this crawler is.
 PROJECT_URL = "https://github.com/image-crawler/image-crawler"
 
@@ -207,8 +210,10 @@ def parse_retry_after(value: str | None) -> float | None:
     if value is None:
         return None
     value = value.strip()
-    if value.isdigit():
+    if _DELAY_SECONDS.fullmatch(value):
         return float(value)
+    if value.isdigit() or value.isdecimal():  # too long, or not ASCII digits: unreadable
+        return None
     try:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError):

@@ -14,6 +14,7 @@ line again with that delay, without counting an attempt).
 
 from __future__ import annotations
 
+import logging
 import random
 import time
 import uuid
@@ -24,6 +25,8 @@ from urllib.parse import urlsplit
 import redis
 
 __all__ = ["HostBusy", "HostGate", "host_of"]
+
+logger = logging.getLogger(__name__)
 
 #: A host that said 429 (or 503 with ``Retry-After``) gets half its concurrency for this long
 #: after the last time it said so, or as long as it asked us to stay away if that is longer.
@@ -110,6 +113,8 @@ class HostGate:
     :param turn_ms: how long a turn is held at most: a worker that dies holding one gives it
         back after this (the longest a download can take, and some).
     :param patience_s: how long :meth:`turn` waits for a turn before raising :class:`HostBusy`.
+    :param longest_pause_s: the longest a host is paused for (``RETRY_AFTER_MAX``): a server
+        asking for longer does not get to stop its host for centuries.
     """
 
     def __init__(
@@ -120,12 +125,14 @@ class HostGate:
         delay_ms: int,
         turn_ms: int,
         patience_s: float = 2.0,
+        longest_pause_s: float = 600.0,
     ) -> None:
         self.client = client
         self.concurrency = concurrency
         self.delay_ms = delay_ms
         self.turn_ms = turn_ms
         self.patience_s = patience_s
+        self.longest_pause_ms = int(longest_pause_s * 1000)
         self._take = client.register_script(_TAKE)
         self._slow_down = client.register_script(_SLOW_DOWN)
 
@@ -145,7 +152,7 @@ class HostGate:
             answer = int(self._take(keys=keys, args=[self.concurrency, self.delay_ms, token, self.turn_ms]))
             if answer == 0:
                 break
-            wait_ms = BUSY_RETRY_MS if answer < 0 else answer
+            wait_ms = BUSY_RETRY_MS if answer < 0 else min(answer, self.longest_pause_ms)
             left = deadline - time.monotonic()
             sleep = min(pause, wait_ms / 1000) if answer < 0 else wait_ms / 1000
             if sleep > left:
@@ -155,7 +162,10 @@ class HostGate:
         try:
             yield
         finally:
-            self.client.zrem(keys[1], token)
+            try:
+                self.client.zrem(keys[1], token)
+            except redis.RedisError:  # the turn runs out by itself: no reason to fail the download
+                logger.warning("could not give back a turn of %s; it expires on its own", host)
 
     def slow_down(self, host: str, *, retry_after_s: float | None) -> int:
         """``host`` said it is overloaded: halve its concurrency for a while, pause it ``retry_after_s``.
@@ -163,7 +173,7 @@ class HostGate:
         The 429s that answer one burst of requests (within ``HALVE_ONCE_MS`` of a halving) halve
         it once. Returns the concurrency it has now.
         """
-        pause_ms = 0 if retry_after_s is None else int(retry_after_s * 1000)
+        pause_ms = 0 if retry_after_s is None else int(min(retry_after_s * 1000, self.longest_pause_ms))
         args = [self.concurrency, pause_ms, THROTTLE_MS, HALVE_ONCE_MS]
         return int(self._slow_down(keys=_keys(host), args=args))
 

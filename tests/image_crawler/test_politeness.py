@@ -136,6 +136,19 @@ def test_retry_after_is_read_as_seconds_or_as_an_http_date():
     assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0  # in the past: now
     assert parse_retry_after("soon") is None
     assert parse_retry_after(None) is None
+    assert parse_retry_after("\u00b2") is None  # a digit, but not one float() reads
+    assert parse_retry_after("9" * 400) is None  # not a delay anyone means
+
+
+def test_a_host_asking_for_centuries_is_paused_no_longer_than_the_longest_pause(client, host):
+    polite = gate(client, concurrency=8, patience_s=0.1, longest_pause_s=600)
+
+    polite.slow_down(host, retry_after_s=1e15)
+
+    with pytest.raises(HostBusy) as busy, polite.turn(host):
+        pass
+    assert 590_000 <= busy.value.wait_ms <= 600_000
+    assert 0 < client.pttl(f"image-crawler:host:{host}") <= 600_000 + 60_000
 
 
 # --- through the pipeline -------------------------------------------------------------------
