@@ -119,6 +119,17 @@ def latest_errors(db: Database, limit: int) -> list[dict[str, Any]]:
     return [_shown(document, "url") for document in cursor]
 
 
+def recent_error_reasons(db: Database, since: dt.datetime, limit: int) -> list[str]:
+    """The reasons of at most the ``limit`` most recent error outcomes that ended at ``since`` or later."""
+    cursor = storage.outcomes(db).find(
+        {"outcome": outcomes.ERROR, "ended_at": {"$gte": since}},
+        projection={"_id": 0, "reason": 1},
+        sort=[("ended_at", DESCENDING)],
+        limit=limit,
+    )
+    return [str(document.get("reason")) for document in cursor]
+
+
 def count_images(db: Database) -> int:
     """How many distinct images are stored (from collection metadata: no scan)."""
     return storage.images(db).estimated_document_count()

@@ -2,13 +2,13 @@
 
 Every value is read from MongoDB and Redis when Prometheus asks, by a collector in a registry of
 the app's own (never prometheus_client's global one). What a scrape reads stays the same size
-however long the ledger grows (README: Metrics):
+however long the ledger grows (README: Metrics), but for the counters' sum below:
 
-* outcomes by outcome — one count per outcome on the ``outcome_ended`` index
-  (:func:`~web.db.outcome_totals`);
+* outcomes by outcome — summed from the per-minute counters (:func:`~web.db.outcome_totals`),
+  which grow with the minutes a crawl was busy, not with its outcomes;
 * images stored — the collection's metadata (:func:`~web.db.count_images`);
 * recent errors by reason — at most :data:`RECENT_ERROR_SAMPLE` of the latest error outcomes
-  (:func:`~web.db.latest_errors`), those of the last :data:`RECENT_ERROR_MINUTES` minutes;
+  (:func:`~web.db.recent_error_reasons`), those of the last :data:`RECENT_ERROR_MINUTES` minutes;
 * queues — four counters per Dramatiq queue, in one Redis transaction.
 
 A store that does not answer leaves its metrics out and ``image_crawler_up{store=…}`` at 0:
@@ -32,7 +32,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from image_crawler.broker import ADMIT_QUEUE, FETCH_QUEUE, PROCESS_QUEUE
 from image_crawler.redaction import redact
 
-from .db import as_utc, count_images, get_db, get_redis, latest_errors, outcome_totals
+from .db import count_images, get_db, get_redis, outcome_totals, recent_error_reasons
 
 bp = Blueprint("metrics", __name__)
 
@@ -129,9 +129,7 @@ def _recent_reasons() -> list[tuple[str, int]]:
     """``(reason, count)`` of the recent errors, the most frequent first, ``other`` last."""
     since = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=RECENT_ERROR_MINUTES)
     counts = Counter(
-        _reason_class(error.get("reason"))
-        for error in latest_errors(get_db(), RECENT_ERROR_SAMPLE)
-        if isinstance(error.get("ended_at"), dt.datetime) and as_utc(error["ended_at"]) >= since
+        _reason_class(reason) for reason in recent_error_reasons(get_db(), since, RECENT_ERROR_SAMPLE)
     )
     named = counts.most_common(TOP_REASONS)
     rest = sum(counts.values()) - sum(count for _, count in named)
