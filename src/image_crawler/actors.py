@@ -53,7 +53,7 @@ from .claims import BODIES, PNGS
 from .config import get_settings
 from .context import Context, get_context, longest_download_s
 from .context import share_redis as _share_redis
-from .errors import CrawlError, FetchTimeout, HttpStatusError, ResultMissing
+from .errors import CrawlError, FetchTimeout, HttpStatusError, ResultMissing, ShuttingDown
 from .fetching import Download
 from .middleware import Verdict, WorkerShape, reason_for, retry_transient
 from .outcomes import Job
@@ -262,7 +262,12 @@ def fetch(batch: dict[str, Any]) -> None:
     # outcomes are already written, which the ledger ignores.
     sorting = _Sorting(context, batch)
     cutoff = started + START_WITHIN_S
-    futures = {context.downloads.submit(_download, context, job.url, cutoff): job for job in sorting.jobs}
+    try:
+        futures = {context.downloads.submit(_download, context, job.url, cutoff): job for job in sorting.jobs}
+    except RuntimeError as exc:
+        # The process is exiting (a worker thread may still take a prefetched message after the
+        # interpreter shut the download threads down): the batch goes again, to another worker.
+        raise ShuttingDown() from exc
     waited = started + START_WITHIN_S + context.longest_download_s - time.monotonic()
     try:
         for future in as_completed(futures, timeout=max(0.0, waited)):

@@ -138,5 +138,12 @@ class ResultMissing(TransientError):
     retry_limit = 4
 
 
+class ShuttingDown(TransientError):
+    """This worker process is exiting and starts no more downloads: the message goes again."""
+
+    def __init__(self, reason: str = "worker shutting down") -> None:
+        super().__init__(reason)
+
+
 class StoreBusy(TransientError):
     """Another worker is writing the same grayscale file right now."""

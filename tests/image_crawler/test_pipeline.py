@@ -541,3 +541,17 @@ def test_credentials_in_a_url_are_sent_but_never_stored_or_logged(make_pipeline,
     everything = repr([*storage.outcomes(pipeline.db).find(), *storage.images(pipeline.db).find()])
     assert "s3cr" not in everything and "alice" not in everything
     assert "s3cr" not in caplog.text and "alice" not in caplog.text
+
+
+def test_a_fetch_in_a_process_shutting_down_goes_again_rather_than_failing_its_lines(idle_context):
+    from image_crawler import actors, errors
+    from image_crawler.middleware import is_transient
+
+    idle_context.downloads.shutdown()  # as the interpreter does when a worker process exits
+    batch = {"run": "s1", "lines": [[1, "http://example.com/1.png", 0]]}
+
+    with pytest.raises(errors.CrawlError) as raised:
+        actors.fetch.fn(batch)
+
+    assert is_transient(raised.value)
+    assert storage.outcomes(idle_context.db).count_documents({"run": "s1"}) == 0
