@@ -88,3 +88,15 @@ def dead_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+@pytest.fixture
+def app_with_stores_down(dead_port):
+    """An app whose MongoDB and Redis (both with a password in their URL) do not answer."""
+    return create_app(
+        {
+            "MONGO_URI": f"mongodb://crawler:mongo-secret@127.0.0.1:{dead_port}/image_crawler",
+            "REDIS_URL": f"redis://:redis-secret@127.0.0.1:{dead_port}/0",
+            "SERVICE_TIMEOUT": 0.3,
+        }
+    )

@@ -56,15 +56,8 @@ def test_503_names_both_when_both_are_down(dead_port):
     assert response.status_code == 503 and response.get_json()["down"] == ["mongo", "redis"]
 
 
-def test_the_answer_names_no_host_port_or_error_and_the_log_says_why(dead_port, caplog):
-    app = create_app(
-        {
-            "MONGO_URI": f"mongodb://crawler:mongo-secret@127.0.0.1:{dead_port}/image_crawler",
-            "REDIS_URL": f"redis://:redis-secret@127.0.0.1:{dead_port}/0",
-            "SERVICE_TIMEOUT": 0.3,
-        }
-    )
-
+def test_the_answer_names_no_host_port_or_error_and_the_log_says_why(app_with_stores_down, dead_port, caplog):
+    app = app_with_stores_down
     with caplog.at_level(logging.WARNING):
         response = app.test_client().get("/healthz")
 

@@ -227,15 +227,10 @@ def test_with_redis_down_the_scrape_answers_with_mongo_metrics_and_redis_up_0(mo
     assert not labelled(samples, "image_crawler_queue_dead_messages")
 
 
-def test_with_both_down_the_scrape_still_answers_and_names_no_internals(dead_port, caplog):
-    app = create_app(
-        {
-            "MONGO_URI": f"mongodb://crawler:mongo-secret@127.0.0.1:{dead_port}/image_crawler",
-            "REDIS_URL": f"redis://:redis-secret@127.0.0.1:{dead_port}/0",
-            "SERVICE_TIMEOUT": 0.3,
-        }
-    )
-
+def test_with_both_down_the_scrape_still_answers_and_names_no_internals(
+    app_with_stores_down, dead_port, caplog
+):
+    app = app_with_stores_down
     with caplog.at_level(logging.WARNING):
         response = app.test_client().get("/metrics")
 
