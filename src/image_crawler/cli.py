@@ -8,12 +8,10 @@ import itertools
 import re
 import time
 import uuid
-from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import IO, Any
-from urllib.parse import urlsplit
 
 import click
 import pymongo
@@ -394,11 +392,9 @@ def status(run: str | None, run_option: str | None) -> None:
     with _reporting_outages(settings):
         db = _database(settings)
         _settle(db)
-        match: dict[str, Any] = {"outcome": outcomes.ERROR}
         if run is None:
             counts = outcomes.counted_totals(db)
         else:
-            match["run"] = run
             summary = _known_run(db, run)
             if summary is None:
                 counts = outcomes.run_totals(db, [run])[run]
@@ -410,16 +406,8 @@ def status(run: str | None, run_option: str | None) -> None:
                     f" {summary.in_flight} in flight, {summary.state}{retry}"
                 )
         click.echo(summary_line(sum(counts.values()), counts))
-        reasons = storage.outcomes(db).aggregate(
-            [
-                {"$match": match},
-                {"$group": {"_id": "$reason", "n": {"$sum": 1}}},
-                {"$sort": {"n": -1}},
-                {"$limit": 10},
-            ]
-        )
-        for row in reasons:
-            click.echo(f"  {row['n']:>8}  {row['_id']}")
+        for reason, n in outcomes.top_error_reasons(db, run=run):
+            click.echo(f"  {n:>8}  {reason}")
 
 
 _RUNS_COLUMNS = (
@@ -477,74 +465,10 @@ def runs(limit: int) -> None:
         click.echo("  ".join(cells).rstrip())
 
 
-#: Why a failed line is written as a comment rather than as a URL to retry, in the order reported.
-REDACTED = "credentials redacted in the ledger"
-TRUNCATED = "url truncated in the ledger"
-NOT_A_URL = "not a url enqueue takes"
-_LEFT_OUT = (REDACTED, TRUNCATED, NOT_A_URL)
-
-
-def left_out_because(entry: dict[str, Any]) -> str | None:
-    """Why the error outcome ``entry`` cannot be retried from what the ledger holds (None: it can).
-
-    The ledger keeps URLs without their credentials and cuts very long ones, and a line that
-    ``enqueue`` rejected (not an http(s) URL, not UTF-8…) would only be rejected again.
-    """
-    url = entry.get("url")
-    if not isinstance(url, str) or entry.get("rejected"):
-        return NOT_A_URL
-    if len(url) > outcomes.MAX_STORED_URL:
-        return TRUNCATED
-    try:
-        checked = check_url(url)
-    except InvalidUrl:
-        return NOT_A_URL
-    if "@" in urlsplit(checked).netloc:  # the ledger keeps no credentials: these are "***"
-        return REDACTED
-    return None
-
-
-def _one_line(text: object) -> str:
-    """``text`` with every character that could end or hide a line escaped."""
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in str(text))
-
-
-@dataclass
-class _FailedLines:
-    """The lines ``failed`` writes for a run's errors, and a tally of those left out."""
-
-    db: Database
-    run: str
-    reasons: Sequence[str]
-    listed: int = 0
-    left_out: Counter[str] = field(default_factory=Counter)
-
-    def lines(self) -> Iterator[tuple[str, bool]]:
-        """Each error's line: its URL (True), or a ``# `` comment saying why not (False)."""
-        for entry in outcomes.failed_outcomes(self.db, self.run, self.reasons):
-            self.listed += 1
-            why = left_out_because(entry)
-            if why is None:
-                yield entry["url"], True
-                continue
-            self.left_out[why] += 1
-            shown = redact_url(_one_line(entry.get("url", "")))  # also if stored before redaction
-            yield f"# line {entry['line']}, {_one_line(entry.get('reason'))}: {why}: {shown}", False
-
-    def urls(self) -> Iterator[bytes]:
-        """The URL lines alone."""
-        return (line.encode() for line, is_url in self.lines() if is_url)
-
-    def say_what_was_left_out(self) -> None:
-        """On stderr: how many lines were left out, and why."""
-        if self.left_out:
-            why = ", ".join(
-                f"{self.left_out[reason]} {reason}" for reason in _LEFT_OUT if self.left_out[reason]
-            )
-            click.echo(
-                f"left out {sum(self.left_out.values())} of {self.listed} failed lines, as # comments: {why}",
-                err=True,
-            )
+def _say_what_was_left_out(failures: outcomes.FailedLines) -> None:
+    note = failures.left_out_note()
+    if note:
+        click.echo(note, err=True)
 
 
 def _not_finished_note(summary: outcomes.RunSummary | None) -> None:
@@ -578,10 +502,10 @@ def failed(run: str, reasons: tuple[str, ...]) -> None:
         db = _database(settings)
         _settle(db)
         summary = _known_run(db, run)
-        failures = _FailedLines(db, run, reasons)
+        failures = outcomes.FailedLines(db, run, reasons)
         for line, _ in failures.lines():
             click.echo(line)
-    failures.say_what_was_left_out()
+    _say_what_was_left_out(failures)
     _not_finished_note(summary)
 
 
@@ -600,17 +524,17 @@ def retry(run: str, reasons: tuple[str, ...], wait: bool, timeout: float | None,
         db = _database(settings)
         _settle(db)
         summary = _known_run(db, run)
-        failures = _FailedLines(db, run, reasons)
+        failures = outcomes.FailedLines(db, run, reasons)
         urls = failures.urls()
         first = next(urls, None)
         if first is None:
             click.echo(f"nothing to retry in run {run}")
-            failures.say_what_was_left_out()
+            _say_what_was_left_out(failures)
             _not_finished_note(summary)
             return
 
         def after_sending() -> None:
-            failures.say_what_was_left_out()
+            _say_what_was_left_out(failures)
             _not_finished_note(summary)
 
         _send_and_report(

@@ -10,7 +10,7 @@ collector) is a no-op: nothing is ever counted twice.
 outcome already recorded adds nothing) to one ``minute_counts`` document per run and UTC
 minute, with ``$inc``. A writer can die between the two writes, so the ledger stays the truth:
 once a minute has *settled* (:data:`SETTLE_AFTER` after it, when no writer still records into
-it), :func:`reconcile` recounts it from the ledger's ``minute_run_outcome`` index and sets
+it), :func:`reconcile` recounts it from the ledger's ``minute_run_outcome_reason`` index and sets
 its counters, once; a mark (``reconciled.through``) says how far that went. Passes run now and
 then (:func:`reconcile_if_due`): from :func:`record_outcomes` in every process that records
 (workers, ``enqueue``) at most every :data:`RECONCILE_EVERY_S`, from the web app's chart and
@@ -40,15 +40,19 @@ import logging
 import re
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 from pymongo import ASCENDING, DESCENDING
 from pymongo.database import Database
 from pymongo.errors import BulkWriteError, DuplicateKeyError, PyMongoError
 
 from . import storage
+from .errors import InvalidUrl
+from .fetching import check_url
 from .redaction import redact_url
 
 logger = logging.getLogger(__name__)
@@ -75,6 +79,9 @@ RECONCILE_EVERY_S = 60.0
 RECONCILE_MINUTES = 10
 #: Runs' recent pace is counted over this many minutes, the current one included.
 RATE_MINUTES = 5
+#: A run still ``sending`` with no progress recorded and no outcome for this long is ``stalled``
+#: (its ``enqueue`` was killed, or lost MongoDB, before it could say it stopped).
+STALLED_AFTER = dt.timedelta(minutes=10)
 #: The ``reconciled`` document of the per-minute counters.
 _COUNTERS_MARK = "minute_counts"
 
@@ -189,16 +196,35 @@ def _zero() -> dict[str, int]:
     return dict.fromkeys(OUTCOMES, 0)
 
 
+def _reason_counter_id(run: str, minute: dt.datetime, reason: str | None) -> str:
+    return f"{_counter_id(run, minute)}\n{reason}"
+
+
 def _count(db: Database, documents: Iterable[dict[str, Any]]) -> None:
-    """Add ``documents`` (outcomes just inserted) to their runs' counters of their minutes."""
+    """Add ``documents`` (outcomes just inserted) to their runs' counters of their minutes.
+
+    Errors are also counted by reason (``reason_counts``: one document per run, minute and
+    reason, whose number stays small: reasons are short names from a closed list, and codes).
+    """
     added: dict[tuple[str, dt.datetime], dict[str, int]] = {}
+    errors: Counter[tuple[str, dt.datetime, str | None]] = Counter()
     for document in documents:
-        added.setdefault((document["run"], _minute_of(document)), _zero())[document["outcome"]] += 1
+        key = (document["run"], _minute_of(document))
+        added.setdefault(key, _zero())[document["outcome"]] += 1
+        if document["outcome"] == ERROR:
+            errors[(*key, document.get("reason"))] += 1
     counters = storage.minute_counts(db)
     for (run, minute), counts in added.items():
         counters.update_one(
             {"_id": _counter_id(run, minute)},
             {"$inc": counts, "$setOnInsert": {"run": run, "minute": minute}},
+            upsert=True,
+        )
+    reasons = storage.reason_counts(db)
+    for (run, minute, reason), n in errors.items():
+        reasons.update_one(
+            {"_id": _reason_counter_id(run, minute, reason)},
+            {"$inc": {"n": n}, "$setOnInsert": {"run": run, "minute": minute, "reason": reason}},
             upsert=True,
         )
 
@@ -262,7 +288,7 @@ def _next_busy_minute(db: Database, after: dt.datetime | None, until: dt.datetim
 
 
 def _recount(db: Database, minute: dt.datetime) -> None:
-    """Set every counter of ``minute`` to what the ledger holds (covered by ``minute_run_outcome``)."""
+    """Set every counter of ``minute`` to what the ledger holds (covered by ``minute_run_outcome_reason``)."""
     truth: dict[str, dict[str, int]] = {}
     rows = storage.outcomes(db).aggregate(
         [
@@ -281,6 +307,31 @@ def _recount(db: Database, minute: dt.datetime) -> None:
         counters.update_one(
             {"_id": _counter_id(run, minute)},
             {"$set": {"run": run, "minute": minute, **counts}},
+            upsert=True,
+        )
+    _recount_reasons(db, minute)
+
+
+def _recount_reasons(db: Database, minute: dt.datetime) -> None:
+    """Set every error-reason counter of ``minute`` to what the ledger holds."""
+    truth: dict[tuple[str, str | None], int] = {}
+    rows = storage.outcomes(db).aggregate(
+        [
+            {"$match": {"minute": minute, "outcome": ERROR}},
+            {"$group": {"_id": {"run": "$run", "reason": "$reason"}, "n": {"$sum": 1}}},
+        ]
+    )
+    for row in rows:
+        run, reason = row["_id"].get("run"), row["_id"].get("reason")
+        if isinstance(run, str):
+            truth[(run, reason)] = int(row["n"])
+    counters = storage.reason_counts(db)
+    for counter in counters.find({"minute": minute}, projection={"run": 1, "reason": 1}):
+        truth.setdefault((counter["run"], counter.get("reason")), 0)  # counted, yet not in the ledger
+    for (run, reason), n in truth.items():
+        counters.update_one(
+            {"_id": _reason_counter_id(run, minute, reason)},
+            {"$set": {"run": run, "minute": minute, "reason": reason, "n": n}},
             upsert=True,
         )
 
@@ -413,19 +464,48 @@ class RunSummary:
         """Lines sent that have no outcome yet."""
         return max(0, self.jobs - self.done)
 
+    #: When ``enqueue`` last recorded progress (None for runs recorded before it did).
+    updated_at: dt.datetime | None = None
+    #: Whether a pass has seen the run finished (see :func:`unfinished_runs`).
+    finished: bool = False
+    #: When these numbers were read.
+    now: dt.datetime | None = None
+
     @property
     def state(self) -> str:
-        """``sending`` (enqueue is still reading), ``interrupted``, ``running`` or ``done``."""
+        """``sending`` (enqueue is still reading), ``stalled``, ``interrupted``, ``running`` or ``done``.
+
+        ``stalled``: still sending by its record, but with neither progress nor outcomes for
+        :data:`STALLED_AFTER` (its ``enqueue`` died without a word).
+        """
         if self.interrupted:
             return "interrupted"
         if not self.sent:
-            return "sending"
+            return "stalled" if self._stalled() else "sending"
         return "running" if self.in_flight else "done"
+
+    def _stalled(self) -> bool:
+        if self.now is None or self.rate > 0:
+            return False
+        last = self.updated_at or self.started_at
+        return self.now - last >= STALLED_AFTER
+
+    @property
+    def over(self) -> bool:
+        """Nothing more will happen to it: every line it sent has its outcome and it sends no more."""
+        return (self.sent or self.interrupted) and self.in_flight == 0
+
+    @property
+    def eta(self) -> dt.timedelta | None:
+        """A rough time left at the recent pace, once the run's length is known (None: no estimate)."""
+        if not self.sent or self.rate <= 0 or self.in_flight == 0:
+            return None
+        return dt.timedelta(minutes=self.in_flight / self.rate)
 
 
 def start_run(db: Database, run: str, *, retry_of: str | None = None) -> None:
     """Record that ``enqueue`` starts ``run`` (which retries ``retry_of``, if given)."""
-    fields = {"jobs": 0, "enqueued": 0, "rejected": 0, "skipped": 0, "sent_at": None}
+    fields = {"jobs": 0, "enqueued": 0, "rejected": 0, "skipped": 0, "sent_at": None, "finished_at": None}
     storage.runs(db).update_one(
         {"_id": run},
         {"$setOnInsert": {"started_at": storage.utcnow(), "retry_of": retry_of, **fields}},
@@ -449,6 +529,7 @@ def run_progress(
         "enqueued": enqueued,
         "rejected": rejected,
         "skipped": skipped,
+        "updated_at": storage.utcnow(),
     }
     if sent:
         fields["sent_at"] = storage.utcnow()
@@ -457,9 +538,11 @@ def run_progress(
     storage.runs(db).update_one({"_id": run}, {"$set": fields})
 
 
-def recent_runs(db: Database, limit: int = 0, *, now: dt.datetime | None = None) -> list[RunSummary]:
-    """The ``limit`` most recently started runs (0: all), newest first."""
-    documents = storage.runs(db).find({}, sort=[("started_at", DESCENDING)], limit=limit)
+def recent_runs(
+    db: Database, limit: int = 0, *, skip: int = 0, now: dt.datetime | None = None
+) -> list[RunSummary]:
+    """The ``limit`` most recently started runs (0: all) after the ``skip`` latest, newest first."""
+    documents = storage.runs(db).find({}, sort=[("started_at", DESCENDING)], skip=skip, limit=limit)
     return _summaries(db, list(documents), now)
 
 
@@ -467,6 +550,35 @@ def get_run(db: Database, run: str, *, now: dt.datetime | None = None) -> RunSum
     """Where ``run`` stands, or None if ``enqueue`` did not record it."""
     document = storage.runs(db).find_one({"_id": run})
     return None if document is None else _summaries(db, [document], now)[0]
+
+
+def unfinished_runs(db: Database, *, now: dt.datetime | None = None) -> list[RunSummary]:
+    """Every run not seen finished yet, newest first; those finished now are marked so.
+
+    A run is finished once nothing more will happen to it (:attr:`RunSummary.over`); the mark
+    (``finished_at``) keeps this read to the runs still going, however many runs there were.
+    """
+    documents = list(storage.runs(db).find({"finished_at": None}, sort=[("started_at", DESCENDING)]))
+    summaries = _summaries(db, documents, now)
+    over = [summary.run for summary in summaries if summary.over]
+    if over:
+        storage.runs(db).update_many(
+            {"_id": {"$in": over}, "finished_at": None}, {"$set": {"finished_at": storage.utcnow()}}
+        )
+    return [summary for summary in summaries if not summary.over]
+
+
+def retries_of(db: Database, run: str) -> list[str]:
+    """The runs that retry ``run``'s failed URLs, oldest first."""
+    documents = storage.runs(db).find(
+        {"retry_of": run}, projection={"_id": 1}, sort=[("started_at", ASCENDING)]
+    )
+    return [document["_id"] for document in documents]
+
+
+def count_runs(db: Database) -> int:
+    """How many runs ``enqueue`` recorded (from collection metadata: no scan)."""
+    return storage.runs(db).estimated_document_count()
 
 
 def has_outcomes(db: Database, run: str) -> bool:
@@ -494,9 +606,38 @@ def _summaries(db: Database, documents: list[dict[str, Any]], now: dt.datetime |
                 interrupted=document.get("interrupted_at") is not None,
                 counts=totals[document["_id"]],
                 rate=sum(recent[document["_id"]].values()) / minutes,
+                updated_at=_utc_or_none(document.get("updated_at")),
+                finished=document.get("finished_at") is not None,
+                now=now,
             )
         )
     return summaries
+
+
+def _utc_or_none(value: Any) -> dt.datetime | None:
+    return storage.as_utc(value) if isinstance(value, dt.datetime) else None
+
+
+def top_error_reasons(
+    db: Database, *, since: dt.datetime | None = None, run: str | None = None, limit: int = 10
+) -> list[tuple[str | None, int]]:
+    """The ``limit`` most frequent error reasons with their counts, most frequent first.
+
+    Of the errors that ended from ``since`` on (default: ever), of ``run`` or of all, summed
+    from the reason counters of the window (index ``minute`` or ``run_minute``): the cost
+    follows the minutes, runs and reasons, never the number of errors.
+    """
+    match: dict[str, Any] = {}
+    if since is not None:
+        match["minute"] = {"$gte": since}
+    if run is not None:
+        match["run"] = run
+    pipeline: list[dict[str, Any]] = [{"$match": match}] if match else []
+    pipeline.append({"$group": {"_id": "$reason", "n": {"$sum": "$n"}}})
+    rows = storage.reason_counts(db).aggregate(pipeline)
+    counts = [(row["_id"], int(row["n"])) for row in rows if row["n"]]
+    counts.sort(key=lambda pair: (-pair[1], str(pair[0])))
+    return counts[:limit] if limit else counts
 
 
 def failed_outcomes(
@@ -527,6 +668,77 @@ def failed_outcomes(
         if len(batch) < page:
             return
         after = batch[-1]["line"]
+
+
+# --- failed lines, as a URL list to enqueue again ----------------------------------------
+
+#: Why a failed line is written as a comment rather than as a URL to retry, in the order reported.
+REDACTED = "credentials redacted in the ledger"
+TRUNCATED = "url truncated in the ledger"
+NOT_A_URL = "not a url enqueue takes"
+_LEFT_OUT = (REDACTED, TRUNCATED, NOT_A_URL)
+
+
+def left_out_because(entry: dict[str, Any]) -> str | None:
+    """Why the error outcome ``entry`` cannot be retried from what the ledger holds (None: it can).
+
+    The ledger keeps URLs without their credentials and cuts very long ones, and a line that
+    ``enqueue`` rejected (not an http(s) URL, not UTF-8…) would only be rejected again.
+    """
+    url = entry.get("url")
+    if not isinstance(url, str) or entry.get("rejected"):
+        return NOT_A_URL
+    if len(url) > MAX_STORED_URL:
+        return TRUNCATED
+    try:
+        checked = check_url(url)
+    except InvalidUrl:
+        return NOT_A_URL
+    if "@" in urlsplit(checked).netloc:  # the ledger keeps no credentials: these are "***"
+        return REDACTED
+    return None
+
+
+def _one_line(text: object) -> str:
+    """``text`` with every character that could end or hide a line escaped."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in str(text))
+
+
+@dataclass
+class FailedLines:
+    """The lines of a URL list that retries a run's errors, and a tally of those left out.
+
+    What ``image-crawler failed`` prints and the web app's ``/runs/<id>/failed.txt`` serves.
+    """
+
+    db: Database
+    run: str
+    reasons: Sequence[str] = ()
+    listed: int = 0
+    left_out: Counter[str] = field(default_factory=Counter)
+
+    def lines(self) -> Iterator[tuple[str, bool]]:
+        """Each error's line: its URL (True), or a ``# `` comment saying why not (False)."""
+        for entry in failed_outcomes(self.db, self.run, self.reasons):
+            self.listed += 1
+            why = left_out_because(entry)
+            if why is None:
+                yield entry["url"], True
+                continue
+            self.left_out[why] += 1
+            shown = redact_url(_one_line(entry.get("url", "")))  # also if stored before redaction
+            yield f"# line {entry['line']}, {_one_line(entry.get('reason'))}: {why}: {shown}", False
+
+    def urls(self) -> Iterator[bytes]:
+        """The URL lines alone."""
+        return (line.encode() for line, is_url in self.lines() if is_url)
+
+    def left_out_note(self) -> str | None:
+        """How many of the lines read so far were left out, and why (None: none were)."""
+        if not self.left_out:
+            return None
+        why = ", ".join(f"{self.left_out[reason]} {reason}" for reason in _LEFT_OUT if self.left_out[reason])
+        return f"left out {sum(self.left_out.values())} of {self.listed} failed lines, as # comments: {why}"
 
 
 def finished(db: Database, job_ids: Iterable[str]) -> set[str]:

@@ -41,6 +41,7 @@ from .redaction import redact_url
 IMAGES = "images"
 OUTCOMES = "outcomes"
 MINUTE_COUNTS = "minute_counts"
+REASON_COUNTS = "reason_counts"
 RECONCILED = "reconciled"
 RUNS = "runs"
 GRAY_BUCKET = "gray"
@@ -105,6 +106,11 @@ def minute_counts(db: Database) -> Collection:
     return db[MINUTE_COUNTS]
 
 
+def reason_counts(db: Database) -> Collection:
+    """The ``reason_counts`` collection (errors per run, minute and reason)."""
+    return db[REASON_COUNTS]
+
+
 def reconciled(db: Database) -> Collection:
     """The ``reconciled`` collection (how far the counters have been recounted)."""
     return db[RECONCILED]
@@ -129,19 +135,30 @@ def ensure_indexes(db: Database) -> None:
         [("run", pymongo.ASCENDING), ("outcome", pymongo.ASCENDING), ("line", pymongo.ASCENDING)],
         name="run_outcome_line",
     )
-    # Recounting a minute: $match on minute, $group on run and outcome, read from the index alone.
+    # Recounting a minute: $match on minute, $group on run, outcome and reason, from the index alone.
     ledger.create_index(
-        [("minute", pymongo.ASCENDING), ("run", pymongo.ASCENDING), ("outcome", pymongo.ASCENDING)],
-        name="minute_run_outcome",
+        [
+            ("minute", pymongo.ASCENDING),
+            ("run", pymongo.ASCENDING),
+            ("outcome", pymongo.ASCENDING),
+            ("reason", pymongo.ASCENDING),
+        ],
+        name="minute_run_outcome_reason",
     )
     ledger.create_index(
         [("outcome", pymongo.ASCENDING), ("ended_at", pymongo.DESCENDING)], name="outcome_ended"
     )
-    _drop_superseded(ledger, "run_outcome", "minute_outcome")  # prefixes of the two above
+    # Prefixes of the two above.
+    _drop_superseded(ledger, "run_outcome", "minute_outcome", "minute_run_outcome")
     counts = minute_counts(db)
     counts.create_index([("minute", pymongo.ASCENDING)], name="minute")  # the histogram's window
     counts.create_index([("run", pymongo.ASCENDING), ("minute", pymongo.ASCENDING)], name="run_minute")
+    reasons = reason_counts(db)
+    reasons.create_index([("minute", pymongo.ASCENDING)], name="minute")
+    reasons.create_index([("run", pymongo.ASCENDING), ("minute", pymongo.ASCENDING)], name="run_minute")
     runs(db).create_index([("started_at", pymongo.DESCENDING)], name="started_at")
+    runs(db).create_index([("finished_at", pymongo.ASCENDING)], name="finished_at")  # runs still going
+    runs(db).create_index([("retry_of", pymongo.ASCENDING)], name="retry_of")
     # GridFS creates these lazily on the first write of an empty bucket; racing writers need the
     # unique chunk index to exist before either starts, so it is made here.
     db[f"{GRAY_BUCKET}.chunks"].create_index(

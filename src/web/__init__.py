@@ -15,7 +15,7 @@ from flask.json.provider import DefaultJSONProvider
 from image_crawler.config import get_settings
 from image_crawler.redaction import install_log_redaction
 
-from . import auth, dashboard, db, errors, health, images, metrics, monitoring
+from . import auth, dashboard, db, errors, health, images, metrics, monitoring, runs
 
 #: Pages and JSON load nothing from elsewhere and run only our own script files.
 CONTENT_SECURITY_POLICY = (
@@ -31,8 +31,9 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     ``WEB_PASSWORD`` (from the settings; with both set, every route but ``/healthz`` asks for
     them), ``MONGO_DATABASE`` (a ready ``Database`` object to use instead of ``MONGO_URI``),
     ``SERVICE_TIMEOUT`` (seconds to wait for MongoDB or Redis), the histogram windows
-    ``DEFAULT_MINUTES``/``MAX_MINUTES``, and the dashboard's ``GALLERY_PAGE_SIZE``, ``MAX_PAGE``,
-    ``RECENT_ERRORS``, ``LIVE_MINUTES``, ``REFRESH_SECONDS`` and ``IDLE_REFRESH_SECONDS``.
+    ``DEFAULT_MINUTES``/``MAX_MINUTES``, and the pages' ``GALLERY_PAGE_SIZE``, ``MAX_PAGE``,
+    ``RECENT_ERRORS``, ``TOP_REASONS``, ``DASHBOARD_RUNS`` (unfinished runs listed),
+    ``RUNS_PAGE_SIZE``, ``LIVE_MINUTES``, ``REFRESH_SECONDS`` and ``IDLE_REFRESH_SECONDS``.
     """
     # As in the workers: no log line of this process (an error's text, a traceback) shows the
     # credentials of a URL, MONGO_URI and REDIS_URL included.
@@ -51,6 +52,9 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
         GALLERY_PAGE_SIZE=24,
         MAX_PAGE=100_000,
         RECENT_ERRORS=15,
+        TOP_REASONS=10,
+        DASHBOARD_RUNS=10,
+        RUNS_PAGE_SIZE=50,
         # The dashboard counts as live while the newest outcome is at most this many minutes old.
         LIVE_MINUTES=2,
         REFRESH_SECONDS=5,
@@ -65,7 +69,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     app.json = _DocumentOrderJSON(app)
     errors.init_app(app)
     app.after_request(_security_headers)
-    for blueprint in (dashboard.bp, images.bp, monitoring.bp, metrics.bp, health.bp):
+    for blueprint in (dashboard.bp, runs.bp, images.bp, monitoring.bp, metrics.bp, health.bp):
         app.register_blueprint(blueprint)
     return app
 

@@ -1,4 +1,4 @@
-"""The dashboard blueprint: totals, the histogram, the latest errors and a gallery, kept current."""
+"""The dashboard blueprint: totals, runs, the histogram, top and latest errors, a gallery, kept current."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import datetime as dt
 import math
 
 from flask import Blueprint, current_app, render_template, url_for
+
+from image_crawler import outcomes
 
 from .db import (
     as_utc,
@@ -37,6 +39,7 @@ def index() -> str:
     """The dashboard; it refreshes itself quickly while outcomes keep coming, slowly otherwise."""
     config = current_app.config
     minutes = requested_minutes(allow_all=False)
+    assert minutes is not None  # "all" is not offered here
     page = whole_number("page", default=1, highest=int(config["MAX_PAGE"]))
     db = get_db()
 
@@ -49,8 +52,13 @@ def index() -> str:
     live = latest is not None and now - latest <= dt.timedelta(minutes=config["LIVE_MINUTES"])
     page_size = int(config["GALLERY_PAGE_SIZE"])
     image_count = count_images(db)
-    # Changes whenever an outcome or an image is added: the page script swaps content only then.
-    version = f"{sum(totals.values())}.{image_count}"
+    shown_runs = int(config["DASHBOARD_RUNS"])
+    running = outcomes.unfinished_runs(db)
+    # With no run going, the latest few: what just ended stays in view.
+    runs = running[:shown_runs] if running else outcomes.recent_runs(db, 3)
+    # Changes whenever an outcome, an image or a line sent is added: the page script swaps content only then.
+    sent = sum(summary.jobs for summary in running)
+    version = f"{sum(totals.values())}.{image_count}.{sent}.{len(running)}"
     return render_template(
         "dashboard/index.html",
         totals=totals,
@@ -62,6 +70,12 @@ def index() -> str:
         minutes=minutes,
         windows=WINDOWS,
         chart_url=url_for("monitoring.histogram", minutes=minutes, v=version),
+        runs=runs,
+        runs_going=len(running),
+        more_runs=max(0, len(running) - shown_runs),
+        reasons=outcomes.top_error_reasons(
+            db, since=now - dt.timedelta(minutes=minutes - 1), limit=int(config["TOP_REASONS"])
+        ),
         errors=latest_errors(db, int(config["RECENT_ERRORS"])),
         images=latest_images(db, skip=(page - 1) * page_size, limit=page_size),
         image_count=image_count,

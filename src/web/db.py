@@ -86,13 +86,15 @@ def settle_counters(db: Database) -> None:
     outcomes.reconcile_if_due(db, current_app.extensions[_RECONCILE])
 
 
-def count_by_minute(db: Database, since: dt.datetime | None = None) -> dict[dt.datetime, dict[str, int]]:
-    """How many jobs ended in each outcome, per UTC minute from ``since`` (default: ever).
+def count_by_minute(
+    db: Database, since: dt.datetime | None = None, *, run: str | None = None
+) -> dict[dt.datetime, dict[str, int]]:
+    """How many jobs ended in each outcome, per UTC minute from ``since`` (default: ever), of ``run`` or all.
 
     Read from the per-minute counters in the window (one document per run and minute), grouped
     in MongoDB: the cost follows the minutes and runs shown, not the outcomes they hold.
     """
-    return outcomes.counts_per_minute(db, since)
+    return outcomes.counts_per_minute(db, since, run=run)
 
 
 def outcome_totals(db: Database) -> dict[str, int]:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from flask import Blueprint, Response, current_app, jsonify, request
 from pymongo.database import Database
+from werkzeug.exceptions import BadRequest
 
 from image_crawler import storage
 from image_crawler.outcomes import OUTCOMES
@@ -45,7 +46,12 @@ def this_minute() -> dt.datetime:
 
 
 def minute_buckets(
-    db: Database, minutes: int | None, now: dt.datetime | None = None, *, longest: int = LONGEST_WINDOW
+    db: Database,
+    minutes: int | None,
+    now: dt.datetime | None = None,
+    *,
+    longest: int = LONGEST_WINDOW,
+    run: str | None = None,
 ) -> list[Bucket]:
     """Buckets of UTC minutes, oldest first: every outcome from the window's first minute on is in one.
 
@@ -62,13 +68,18 @@ def minute_buckets(
     over at most the ``longest`` minutes ending with the current one; before those, only the
     minutes that had outcomes are listed. The answer then grows with the minutes a crawl was
     busy, never with the time since its first outcome.
+
+    With ``run``, only that run's outcomes count; with ``None`` as well, the buckets end with
+    the run's last outcome (a run that ended yesterday is not followed by a day of empty minutes).
     """
     now = (now or this_minute()).replace(second=0, microsecond=0)
     since = None if minutes is None else now - (minutes - 1) * _MINUTE
-    counts = _fold_later_minutes(count_by_minute(db, since), now + _MINUTE)
+    counts = _fold_later_minutes(count_by_minute(db, since, run=run), now + _MINUTE)
     if since is None:
         if not counts:
             return []
+        if run is not None:
+            now = min(now, max(counts))
         since = max(min(counts), now - (longest - 1) * _MINUTE)
     until = now + _MINUTE if now + _MINUTE in counts else now
     buckets = [Bucket(minute, counts[minute]) for minute in sorted(counts) if minute < since]
@@ -93,6 +104,20 @@ def _fold_later_minutes(
     return counts
 
 
+#: The longest run id ``?run=`` takes (``enqueue`` makes 12 hex digits).
+LONGEST_RUN_ID = 100
+
+
+def requested_run() -> str | None:
+    """The run in ``?run=`` (None: every run); a 400 if it cannot be one."""
+    run = request.args.get("run")
+    if run is None or run == "":
+        return None
+    if len(run) > LONGEST_RUN_ID or not run.isprintable():
+        raise BadRequest(f"run must be a run id of at most {LONGEST_RUN_ID} printable characters.")
+    return run
+
+
 def requested_minutes(*, allow_all: bool) -> int | None:
     """The window in ``?minutes=`` (default ``DEFAULT_MINUTES``, at most ``MAX_MINUTES``).
 
@@ -110,10 +135,14 @@ def requested_minutes(*, allow_all: bool) -> int | None:
 
 @bp.get("/monitoring")
 def histogram() -> Response:
-    """The StackedBar chart of success, duplicate and error per minute (``image/svg+xml``)."""
-    minutes = requested_minutes(allow_all=False)
+    """The StackedBar chart of success, duplicate and error per minute (``image/svg+xml``).
+
+    ``?run=`` draws one run's outcomes only; ``?minutes=all`` is then taken too (the run's minutes).
+    """
+    run = requested_run()
+    minutes = requested_minutes(allow_all=run is not None)
     settle_counters(get_db())
-    buckets = minute_buckets(get_db(), minutes)
+    buckets = minute_buckets(get_db(), minutes, longest=int(current_app.config["MAX_MINUTES"]), run=run)
     svg = charts.outcomes_per_minute_svg(
         [bucket.minute for bucket in buckets],
         {name: [bucket.counts[name] for bucket in buckets] for name in OUTCOMES},
@@ -131,11 +160,12 @@ def histogram_json() -> Response:
 
     ``?minutes=all``: every minute of the last ``MAX_MINUTES``, before that only the minutes
     that had outcomes (buckets may be hours apart); a last bucket dated the next minute holds
-    every outcome dated ahead of this server's clock.
+    every outcome dated ahead of this server's clock. ``?run=`` counts one run's outcomes only.
     """
+    run = requested_run()
     minutes = requested_minutes(allow_all=True)
     settle_counters(get_db())
-    buckets = minute_buckets(get_db(), minutes, longest=int(current_app.config["MAX_MINUTES"]))
+    buckets = minute_buckets(get_db(), minutes, longest=int(current_app.config["MAX_MINUTES"]), run=run)
     response = jsonify({"buckets": [bucket.to_json() for bucket in buckets]})
     response.cache_control.no_cache = True
     return response

@@ -411,3 +411,140 @@ def test_failed_outcomes_come_in_line_order_a_page_at_a_time(db):
 
     assert [entry["line"] for entry in listed] == [1, 2, 3, 4, 5, 6, 7]
     assert listed[0] == {"line": 1, "url": "http://example.com/1", "reason": "http 404"}
+
+
+# --- error reasons, counted -------------------------------------------------------------
+
+
+def test_error_reasons_are_counted_per_run_and_window_most_frequent_first(db):
+    earlier = MINUTE - dt.timedelta(minutes=90)
+    outcomes.record_outcomes(db, _at("first", range(1, 4), outcomes.ERROR, MINUTE, "http 404"))
+    outcomes.record_outcomes(db, _at("first", range(4, 6), outcomes.ERROR, earlier, "timeout"))
+    outcomes.record_outcomes(db, _at("first", range(6, 9), outcomes.SUCCESS, MINUTE))
+    outcomes.record_outcomes(db, _at("second", range(1, 5), outcomes.ERROR, MINUTE, "not an image"))
+    outcomes.record_outcomes(db, _at("second", range(5, 6), outcomes.ERROR, earlier, "http 404"))
+
+    assert outcomes.top_error_reasons(db) == [("http 404", 4), ("not an image", 4), ("timeout", 2)]
+    assert outcomes.top_error_reasons(db, run="first") == [("http 404", 3), ("timeout", 2)]
+    assert outcomes.top_error_reasons(db, since=MINUTE) == [("not an image", 4), ("http 404", 3)]
+    assert outcomes.top_error_reasons(db, since=MINUTE, run="second") == [("not an image", 4)]
+    assert outcomes.top_error_reasons(db, limit=1) == [("http 404", 4)]
+    assert outcomes.top_error_reasons(db, run="none") == []
+
+
+def test_an_error_recorded_again_adds_nothing_to_its_reason(db):
+    outcomes.record_outcomes(db, _at("run", range(1, 3), outcomes.ERROR, MINUTE, "http 404"))
+    outcomes.record_outcomes(db, _at("run", range(1, 4), outcomes.ERROR, MINUTE, "timeout"))  # 1-2 known
+
+    assert outcomes.top_error_reasons(db) == [("http 404", 2), ("timeout", 1)]
+
+
+def test_reasons_a_crash_left_uncounted_are_recounted_once_their_minute_has_settled(db):
+    outcomes.record_outcomes(db, _at("run", range(1, 3), outcomes.ERROR, MINUTE, "http 404"))
+    storage.outcomes(db).insert_many(_at("run", range(3, 6), outcomes.ERROR, MINUTE, "timeout"))
+    storage.outcomes(db).delete_one({"_id": "run:2"})  # and the ledger is the truth
+    assert outcomes.top_error_reasons(db) == [("http 404", 2)]
+
+    outcomes.reconcile(db, now=MINUTE + outcomes.SETTLE_AFTER + dt.timedelta(minutes=1))
+
+    assert outcomes.top_error_reasons(db) == [("timeout", 3), ("http 404", 1)]
+
+
+# --- runs --------------------------------------------------------------------------------
+
+
+def _run(db, run: str, *, lines: int, sent: bool = True, started: dt.datetime | None = None, **kw) -> None:
+    outcomes.start_run(db, run, retry_of=kw.pop("retry_of", None))
+    if started is not None:
+        storage.runs(db).update_one({"_id": run}, {"$set": {"started_at": started}})
+    outcomes.run_progress(db, run, enqueued=lines, rejected=0, skipped=0, sent=sent, **kw)
+
+
+def test_unfinished_runs_are_those_with_lines_to_go_and_a_finished_run_is_marked_once(db):
+    now = MINUTE + dt.timedelta(minutes=2)
+    _run(db, "going", lines=10, started=MINUTE)
+    _run(db, "over", lines=3, started=MINUTE)
+    _run(db, "sending", lines=5, sent=False, started=MINUTE)
+    outcomes.record_outcomes(db, _at("going", range(1, 5), outcomes.SUCCESS, MINUTE))
+    outcomes.record_outcomes(db, _at("over", range(1, 4), outcomes.ERROR, MINUTE, "http 404"))
+
+    going = {summary.run: summary for summary in outcomes.unfinished_runs(db, now=now)}
+
+    assert sorted(going) == ["going", "sending"]
+    assert (going["going"].state, going["going"].in_flight) == ("running", 6)
+    assert going["sending"].state == "sending"
+    assert storage.runs(db).find_one({"_id": "over"})["finished_at"] is not None
+    assert storage.runs(db).count_documents({"finished_at": None}) == 2
+    assert outcomes.get_run(db, "over").finished
+
+
+def test_an_interrupted_run_whose_lines_all_ended_is_finished(db):
+    _run(db, "cut", lines=2, sent=False, interrupted=True)
+    outcomes.record_outcomes(db, _at("cut", range(1, 3), outcomes.SUCCESS, MINUTE))
+
+    assert outcomes.unfinished_runs(db) == []
+
+
+def test_the_time_left_follows_the_recent_pace_once_the_length_is_known(db):
+    now = MINUTE + dt.timedelta(minutes=4)
+    _run(db, "run", lines=100, started=MINUTE)
+    for minute in range(5):  # 10 outcomes a minute over the last five minutes
+        at = MINUTE + dt.timedelta(minutes=minute)
+        outcomes.record_outcomes(
+            db, _at("run", range(1 + 10 * minute, 11 + 10 * minute), outcomes.SUCCESS, at)
+        )
+
+    summary = outcomes.get_run(db, "run", now=now)
+
+    assert summary.in_flight == 50
+    assert summary.rate == pytest.approx(50 / 4)
+    assert summary.eta == dt.timedelta(minutes=50 / (50 / 4))
+    storage.runs(db).update_one({"_id": "run"}, {"$set": {"sent_at": None}})
+    assert outcomes.get_run(db, "run", now=now).eta is None  # its length is not known yet
+
+
+def test_a_run_still_sending_with_nothing_happening_for_long_is_stalled(db):
+    _run(db, "run", lines=5, sent=False, started=MINUTE)
+    storage.runs(db).update_one({"_id": "run"}, {"$set": {"updated_at": MINUTE}})
+
+    soon = MINUTE + outcomes.STALLED_AFTER - dt.timedelta(minutes=1)
+    later = MINUTE + outcomes.STALLED_AFTER
+
+    assert outcomes.get_run(db, "run", now=soon).state == "sending"
+    assert outcomes.get_run(db, "run", now=later).state == "stalled"
+    outcomes.record_outcomes(db, _at("run", range(1, 2), outcomes.SUCCESS, later))  # something happens
+    assert outcomes.get_run(db, "run", now=later).state == "sending"
+
+
+def test_the_runs_retrying_a_run_are_listed_oldest_first(db):
+    _run(db, "base", lines=3, started=MINUTE)
+    _run(db, "again", lines=1, started=MINUTE + dt.timedelta(minutes=5), retry_of="base")
+    _run(db, "first", lines=2, started=MINUTE + dt.timedelta(minutes=1), retry_of="base")
+
+    assert outcomes.retries_of(db, "base") == ["first", "again"]
+    assert outcomes.retries_of(db, "first") == []
+
+
+def test_failed_lines_list_retryable_urls_and_comment_the_rest(db):
+    docs = _errors("run", range(1, 3))
+    docs += [
+        outcomes.outcome_document(Job.new("run", 3, "http://u:p@example.com/3"), outcomes.ERROR, reason="x"),
+        outcomes.outcome_document(
+            Job.new("run", 4, "ftp://example.com/4"), outcomes.ERROR, reason="bad", rejected=True
+        ),
+    ]
+    outcomes.record_outcomes(db, docs)
+    failures = outcomes.FailedLines(db, "run")
+
+    lines = list(failures.lines())
+
+    assert lines == [
+        ("http://example.com/1", True),
+        ("http://example.com/2", True),
+        ("# line 3, x: credentials redacted in the ledger: http://***@example.com/3", False),
+        ("# line 4, bad: not a url enqueue takes: ftp://example.com/4", False),
+    ]
+    assert failures.left_out_note() == (
+        "left out 2 of 4 failed lines, as # comments:"
+        " 1 credentials redacted in the ledger, 1 not a url enqueue takes"
+    )

@@ -4,29 +4,11 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-from html.parser import HTMLParser
 
 import pytest
 
 from image_crawler import storage
-
-HOSTILE_URL = 'http://evil.test/<script>alert("url")</script>"onmouseover="alert(1)'
-HOSTILE_REASON = "<script>alert('reason')</script><img src=x onerror=alert(2)>"
-
-
-class Elements(HTMLParser):
-    """Every start tag of a page, with its attributes."""
-
-    def __init__(self, html: str) -> None:
-        super().__init__()
-        self.tags: list[tuple[str, dict[str, str | None]]] = []
-        self.feed(html)
-
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        self.tags.append((tag, dict(attrs)))
-
-    def all(self, tag: str) -> list[dict[str, str | None]]:
-        return [attrs for name, attrs in self.tags if name == tag]
+from support.pages import HOSTILE_REASON, HOSTILE_URL, Elements
 
 
 def test_empty_database_shows_an_empty_dashboard(client):
@@ -163,8 +145,6 @@ def test_version_changes_with_new_outcomes(client, seed):
 
 
 def test_credentials_stored_by_an_earlier_version_are_never_shown(client, seed, mongo_db):
-    from image_crawler import storage
-
     md5 = seed.image(2)
     seed.outcome("error", reason="http 404")
     # As versions before the redaction wrote them: the URL as it was in the list.

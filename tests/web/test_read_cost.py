@@ -114,7 +114,7 @@ def test_a_dashboard_request_costs_the_same_with_ten_times_the_ledger(counting, 
     _crawl(seed, per_minute=20)
 
     def dashboard() -> None:
-        for path in ("/", "/monitoring.json?minutes=60", "/monitoring?minutes=60"):
+        for path in ("/", "/monitoring.json?minutes=60", "/monitoring?minutes=60", "/runs", "/runs/seed"):
             assert client.get(path).status_code == 200
 
     dashboard()  # the first request of the app also recounts settled minutes (below)
@@ -123,8 +123,10 @@ def test_a_dashboard_request_costs_the_same_with_ten_times_the_ledger(counting, 
     large = counting.reads(dashboard)
 
     assert large == small
-    # The ledger is read only for the latest errors (RECENT_ERRORS of them) and the latest minute.
-    assert small[storage.OUTCOMES] <= app.config["RECENT_ERRORS"] + 1
+    # The ledger is read only for the latest errors (RECENT_ERRORS of them) and the latest minute,
+    # and on the run's page for its first errors (one more, to tell whether there are more).
+    assert small[storage.OUTCOMES] <= 2 * (app.config["RECENT_ERRORS"] + 1) + 1
+    assert 0 < small[storage.REASON_COUNTS] <= 2 * 30  # a reason counter per minute, per read
 
 
 def test_a_recount_with_nothing_settled_to_recount_reads_almost_nothing(counting, mongo_db, seed):

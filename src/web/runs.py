@@ -1,0 +1,136 @@
+"""The runs blueprint: every ``enqueue`` run, one page per run, and its failed URLs as a URL list."""
+
+from __future__ import annotations
+
+import datetime as dt
+import itertools
+import math
+import re
+from collections.abc import Iterator
+
+from flask import (
+    Blueprint,
+    Response,
+    abort,
+    current_app,
+    render_template,
+    request,
+    stream_with_context,
+    url_for,
+)
+
+from image_crawler import outcomes
+from image_crawler.redaction import redact_url
+
+from .db import get_db, settle_counters
+from .monitoring import LONGEST_RUN_ID
+from .params import whole_number
+
+bp = Blueprint("runs", __name__)
+
+#: A run id safe to put in a file name as it is (``enqueue`` makes 12 hex digits).
+_PLAIN_RUN_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+@bp.app_template_filter("duration")
+def duration(span: dt.timedelta | None) -> str:
+    """A rough, short duration: ``40 s``, ``12 min``, ``3 h 5 min``, ``2 d 4 h``; ``—`` for none."""
+    if span is None:
+        return "—"
+    seconds = max(0, round(span.total_seconds()))
+    if seconds < 60:
+        return f"{seconds} s"
+    minutes = math.ceil(seconds / 60)
+    if minutes < 60:
+        return f"{minutes} min"
+    hours, minutes = divmod(minutes, 60)
+    if hours < 24:
+        return f"{hours} h {minutes} min" if minutes else f"{hours} h"
+    days, hours = divmod(hours, 24)
+    return f"{days} d {hours} h" if hours else f"{days} d"
+
+
+@bp.get("/runs")
+def index() -> str:
+    """Every run, newest first, a page at a time."""
+    page_size = int(current_app.config["RUNS_PAGE_SIZE"])
+    page = whole_number("page", default=1, highest=int(current_app.config["MAX_PAGE"]))
+    db = get_db()
+    settle_counters(db)
+    count = outcomes.count_runs(db)
+    return render_template(
+        "runs/index.html",
+        runs=outcomes.recent_runs(db, page_size, skip=(page - 1) * page_size),
+        count=count,
+        page=page,
+        pages=max(1, math.ceil(count / page_size)),
+    )
+
+
+def _known(run: str) -> outcomes.RunSummary | None:
+    """The run's summary; None for a run enqueued before runs were recorded; a 404 if there is no such run."""
+    if len(run) > LONGEST_RUN_ID:
+        abort(404)
+    db = get_db()
+    summary = outcomes.get_run(db, run)
+    if summary is None and not outcomes.has_outcomes(db, run):
+        abort(404, description=f"There is no run {run!r}.")
+    return summary
+
+
+@bp.get("/runs/<run>")
+def show(run: str) -> str:
+    """One run: where it stands, its outcomes per minute, its top error reasons and first errors."""
+    db = get_db()
+    settle_counters(db)
+    summary = _known(run)
+    counts = summary.counts if summary is not None else outcomes.run_totals(db, [run])[run]
+    shown = int(current_app.config["RECENT_ERRORS"])
+    errors = list(itertools.islice(outcomes.failed_outcomes(db, run, page=shown + 1), shown + 1))
+    for error in errors:  # stored without credentials; this also covers what an earlier version kept
+        error["url"] = redact_url(str(error.get("url", "")))
+    done = sum(counts.values())
+    live = summary is not None and summary.state in {"sending", "running"}
+    return render_template(
+        "runs/show.html",
+        run=run,
+        summary=summary,
+        counts=counts,
+        done=done,
+        live=live,
+        refresh_seconds=current_app.config["REFRESH_SECONDS" if live else "IDLE_REFRESH_SECONDS"],
+        version=f"{done}.{summary.jobs if summary else 0}.{summary.state if summary else ''}",
+        chart_url=url_for("monitoring.histogram", run=run, minutes="all", v=done),
+        reasons=outcomes.top_error_reasons(db, run=run),
+        errors=errors[:shown],
+        more_errors=len(errors) > shown,
+        retries=outcomes.retries_of(db, run),
+    )
+
+
+@bp.get("/runs/<run>/failed.txt")
+def failed(run: str) -> Response:
+    """The run's failed URLs, one per line in line order: a URL list to enqueue again.
+
+    What ``image-crawler failed RUN`` prints: errors that cannot be retried from what the ledger
+    keeps are ``#`` comments, and so is a last line saying how many were left out, and why.
+    ``?reason=TEXT`` (repeatable) keeps the errors whose reason contains TEXT, ignoring case.
+    """
+    db = get_db()
+    settle_counters(db)
+    _known(run)
+    reasons = [reason for reason in request.args.getlist("reason") if reason]
+    failures = outcomes.FailedLines(db, run, reasons)
+
+    def body() -> Iterator[str]:
+        for line, _ in failures.lines():
+            yield line + "\n"
+        note = failures.left_out_note()
+        if note:
+            yield f"# {note}\n"
+
+    response = Response(stream_with_context(body()), mimetype="text/plain")
+    name = f"failed-{run}.txt" if _PLAIN_RUN_ID.fullmatch(run) else "failed.txt"
+    response.headers["Content-Disposition"] = f'attachment; filename="{name}"'
+    response.cache_control.no_cache = True
+    return response
