@@ -25,6 +25,7 @@ from flask import Flask
 from PIL import Image
 from werkzeug.serving import make_server
 
+from image_crawler import outcomes
 from web import create_app
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -90,7 +91,9 @@ def browser(tmp_path) -> Browser:
 
 @pytest.fixture
 def crawled(seed) -> list[str]:
-    """A database as a crawl leaves it: images, and outcomes over the last half hour."""
+    """A database as a crawl leaves it: images, and a run of 150 lines, 120 ended over the last half hour."""
+    outcomes.start_run(seed.db, "seed")
+    outcomes.run_progress(seed.db, "seed", enqueued=150, rejected=0, skipped=0, sent=True)
     md5s = [seed.image(n, width=60 + 7 * n, height=40 + 3 * n) for n in range(10)]
     for minutes_ago, (success, duplicate, error) in {
         25: (12, 3, 2),
@@ -210,6 +213,22 @@ def test_dashboard_renders_and_refreshes_itself_in_the_browser(served, browser, 
     for needed in ("/static/style.css?", "/static/dashboard.js?", "/monitoring?minutes=60"):
         assert any(path.startswith(needed) for path in paths), needed
     assert {f"/image/{md5}?" for md5 in crawled} <= set(paths), "gallery images were not loaded"
+    assert all(status in (200, 304) for _, status in answered), answered
+
+
+def test_a_run_page_renders_with_its_progress_chart_and_failed_list_in_the_browser(served, browser, shots):
+    base, answered = served
+
+    shot = browser.screenshot(f"{base}/runs/seed", shots / "run.png", 1280, 1600)
+    dom = browser.dom(f"{base}/runs/seed")
+
+    assert len(shot.getcolors(maxcolors=1 << 16) or range(1 << 16)) > 50, "blank screenshot"
+    assert colour_share(shot, _BAR_COLOURS["error"]) > 0.0005, "no histogram bars on the run page"
+    assert '<progress max="150" value="120"' in dom
+    assert 'href="/runs/seed/failed.txt"' in dom
+    assert browser.console == []
+    paths = [path for path, _ in answered]
+    assert any(path.startswith("/monitoring?") and "run=seed" in path for path in paths), paths
     assert all(status in (200, 304) for _, status in answered), answered
 
 
