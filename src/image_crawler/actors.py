@@ -51,7 +51,7 @@ from .broker import (
 )
 from .claims import BODIES, PNGS
 from .config import get_settings
-from .context import Context, get_context, longest_download_s
+from .context import Context, count_downloads, get_context, longest_download_s
 from .context import share_redis as _share_redis
 from .errors import CrawlError, FetchTimeout, HttpStatusError, ResultMissing, ShuttingDown
 from .fetching import Download
@@ -288,6 +288,7 @@ def fetch(batch: dict[str, Any]) -> None:
     with broker.pipelined() as pipe:
         # The bodies go first on the pipeline: a member never starts before they are parked.
         context.claims.put(parcel["claim"], BODIES, sorting.pending, pipe=pipe)
+        count_downloads(pipe, len(parcel["sizes"]), sum(parcel["sizes"]))
         for line, delay in sorting.again:
             fetch.send_with_options(args=(fetch_message(batch["run"], [line]),), delay=delay or None)
         if sorting.waiting:
@@ -295,7 +296,11 @@ def fetch(batch: dict[str, Any]) -> None:
             delay = max(HOST_WAIT_MIN_MS, min(wait for _, wait in sorting.waiting))
             lines = [line for line, _ in sorting.waiting]
             logger.info(
-                "%d lines wait %d ms for their hosts' turns (%s)", len(lines), delay, sorting.busy_hosts()
+                "%d %s for their hosts' turns, again in %d ms (%s)",
+                len(lines),
+                "line waits" if len(lines) == 1 else "lines wait",
+                delay,
+                sorting.busy_hosts(),
             )
             fetch.send_with_options(args=(fetch_message(batch["run"], lines),), delay=delay)
         if parcel["lines"]:
@@ -417,7 +422,7 @@ def _download(context: Context, url: str, cutoff: float) -> Download:
                 now = context.hosts.slow_down(host, retry_after_s=exc.retry_after)
                 wait = "" if exc.retry_after is None else f", paused {exc.retry_after:.0f} s"
                 logger.warning(
-                    "%s answered %s: %d requests at once for a while%s", host, exc.reason, now, wait
+                    "%s answered %s: at most %d at once to it for a while%s", host, exc.reason, now, wait
                 )
             raise
 

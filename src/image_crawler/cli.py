@@ -431,8 +431,9 @@ _RUNS_COLUMNS = (
 def runs(limit: int) -> None:
     """One line per run, newest first: lines, outcomes, lines in flight, recent pace, state.
 
-    URLS/MIN counts outcomes per minute over the last few minutes; STATE is sending (enqueue is still
-    reading its file), interrupted (enqueue stopped before the end of it), running or done.
+    URLS/MIN counts outcomes per minute over the last few minutes (- once done); STATE is sending
+    (enqueue is still reading its file), stalled (sending, but nothing for 10 minutes), interrupted
+    (enqueue stopped before the end of it), running or done.
     """
     settings = _settings()
     with _reporting_outages(settings):
@@ -449,7 +450,7 @@ def runs(limit: int) -> None:
             _lines_shown(summary),
             *(str(summary.counts[name]) for name in outcomes.OUTCOMES),
             str(summary.in_flight),
-            f"{summary.rate:.1f}",
+            "-" if summary.state == "done" else f"{summary.rate:.1f}",
             summary.state,
             summary.retry_of or "",
         ]
@@ -465,8 +466,8 @@ def runs(limit: int) -> None:
         click.echo("  ".join(cells).rstrip())
 
 
-def _say_what_was_left_out(failures: outcomes.FailedLines) -> None:
-    note = failures.left_out_note()
+def _say_what_was_left_out(failures: outcomes.FailedLines, *, as_comments: bool = True) -> None:
+    note = failures.left_out_note(as_comments=as_comments)
     if note:
         click.echo(note, err=True)
 
@@ -529,12 +530,12 @@ def retry(run: str, reasons: tuple[str, ...], wait: bool, timeout: float | None,
         first = next(urls, None)
         if first is None:
             click.echo(f"nothing to retry in run {run}")
-            _say_what_was_left_out(failures)
+            _say_what_was_left_out(failures, as_comments=False)
             _not_finished_note(summary)
             return
 
         def after_sending() -> None:
-            _say_what_was_left_out(failures)
+            _say_what_was_left_out(failures, as_comments=False)
             _not_finished_note(summary)
 
         _send_and_report(

@@ -1,5 +1,6 @@
 """The per-process resources actors use: one MongoDB client, one Redis pool, one HTTP client,
-the threads that run downloads, and the budget of decoded pixels."""
+the threads that run downloads, and the budget of decoded pixels; and the workers' download
+counters in Redis (:func:`count_downloads`)."""
 
 from __future__ import annotations
 
@@ -17,10 +18,32 @@ from .config import Settings, get_settings
 from .fetching import Fetcher
 from .imaging import DecodeBudget
 from .politeness import HostGate
-from .robots import MAX_ROBOTS_BYTES, Robots, product_token
+from .robots import MAX_ROBOTS_BYTES, Robots, fetch_with, product_token
 
 #: Seconds a robots.txt may take to download (at most FETCH_TIMEOUT).
 ROBOTS_TIMEOUT_S = 10.0
+
+#: Redis counter of the bytes of the bodies workers downloaded in full (web: ``/metrics``).
+DOWNLOADED_BYTES_KEY = "image-crawler:downloaded:bytes"
+#: Redis counter of how many bodies workers downloaded in full.
+DOWNLOADED_BODIES_KEY = "image-crawler:downloaded:bodies"
+
+
+def count_downloads(pipe: redis.client.Pipeline, bodies: int, size: int) -> None:
+    """Add ``bodies`` bodies downloaded in full, ``size`` bytes in all, to the download counters.
+
+    The INCRBYs are queued on ``pipe`` (the one that parks a fetch's bodies: no round trip of
+    their own) and nothing is queued for a zero. A body counts once read to its end, whatever
+    becomes of it (not an image, a duplicate); one cut short (over ``FETCH_MAX_BYTES``, a
+    timeout) or never sent (an HTTP error) does not. The counts are approximate, for rates
+    (Prometheus counters), not a ledger: a fetch that runs again after its pipeline was sent (a
+    lost ack, a pipeline sent again after its connection dropped) counts its bodies twice, and
+    the counters start again from zero when Redis loses its data.
+    """
+    if bodies:
+        pipe.incrby(DOWNLOADED_BODIES_KEY, bodies)
+    if size:
+        pipe.incrby(DOWNLOADED_BYTES_KEY, size)
 
 
 def longest_download_s(settings: Settings) -> float:
@@ -69,10 +92,9 @@ class Context:
                 fetch_timeout=min(self.settings.fetch_timeout, ROBOTS_TIMEOUT_S),
             )
             self._robots_fetcher = Fetcher(robots_settings)
-            fetch_robots = self._robots_fetcher.fetch
             self.robots = Robots(
                 self.claims.client,
-                lambda url: fetch_robots(url).content,
+                fetch_with(self._robots_fetcher),  # its first 500 KiB: a longer one is cut, not refused
                 user_agent=product_token(self.settings.user_agent),
                 lock_ttl=2 * robots_settings.fetch_timeout + 10,
                 # A parsed robots.txt may take megabytes: a few hosts' worth per process.

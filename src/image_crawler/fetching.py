@@ -272,14 +272,19 @@ class Fetcher:
             event_hooks={"request": hooks},
         )
 
-    def fetch(self, url: str) -> Download:
-        """Download ``url``; raise a :class:`~image_crawler.errors.FetchError` subclass on any failure."""
+    def fetch(self, url: str, *, head: int | None = None) -> Download:
+        """Download ``url``; raise a :class:`~image_crawler.errors.FetchError` subclass on any failure.
+
+        With ``head``, only the first ``head`` bytes of the body (after decoding) are read and
+        returned: a longer body is cut there and the download stopped, instead of
+        :class:`~image_crawler.errors.TooLarge` at ``fetch_max_bytes`` (robots.txt, RFC 9309 §2.5).
+        """
         url = check_url(url)
         deadline = time.monotonic() + self._settings.fetch_timeout
         try:
             response = self._send(url, deadline)
             try:
-                return self._read(response, deadline)
+                return self._read(response, deadline, head)
             finally:
                 response.close()
         except httpx.HTTPError as exc:
@@ -315,17 +320,17 @@ class Fetcher:
             request = response.next_request
         raise TooManyRedirects()
 
-    def _read(self, response: httpx.Response, deadline: float) -> Download:
-        """Read the body of a final response within the size and time limits."""
+    def _read(self, response: httpx.Response, deadline: float, head: int | None = None) -> Download:
+        """Read the body of a final response within the size and time limits (or its first ``head`` bytes)."""
         if not response.is_success:
             retry_after = None
             if response.status_code in (429, 503):
                 retry_after = parse_retry_after(response.headers.get("retry-after"))
             raise HttpStatusError(response.status_code, retry_after=retry_after)
-        limit = self._settings.fetch_max_bytes
+        limit = self._settings.fetch_max_bytes if head is None else head
         decoder = _BodyDecoder(response.headers.get("content-encoding", ""))
         declared = _content_length(response)
-        if decoder.is_identity and declared is not None and declared > limit:
+        if head is None and decoder.is_identity and declared is not None and declared > limit:
             raise TooLarge()
         if response.is_stream_consumed:  # an in-memory response (mock transport), decoded by httpx
             decoder, chunks = _BodyDecoder(""), iter([response.content])
@@ -333,17 +338,26 @@ class Fetcher:
             chunks = response.iter_raw()
         body = bytearray()
         received = 0
+        cut = False
         for raw in chunks:
             received += len(raw)
-            if received > _RAW_BYTES_FACTOR * limit:
+            # Unencoded, raw bytes are body bytes, counted below (and cut there with ``head``).
+            if not decoder.is_identity and received > _RAW_BYTES_FACTOR * limit:
                 raise TooLarge()
             for piece in decoder.decode(raw):
                 body += piece
                 if len(body) > limit:
-                    raise TooLarge()
+                    if head is None:
+                        raise TooLarge()
+                    del body[head:]
+                    cut = True  # the rest is never read: closing the response drops the connection
+                    break
+            if cut:
+                break
             if time.monotonic() > deadline:
                 raise FetchTimeout()
-        decoder.finish()
+        if not cut:
+            decoder.finish()
         return Download(
             bytes(body),
             response.headers.get("content-type"),

@@ -733,12 +733,13 @@ class FailedLines:
         """The URL lines alone."""
         return (line.encode() for line, is_url in self.lines() if is_url)
 
-    def left_out_note(self) -> str | None:
+    def left_out_note(self, *, as_comments: bool = True) -> str | None:
         """How many of the lines read so far were left out, and why (None: none were)."""
         if not self.left_out:
             return None
         why = ", ".join(f"{self.left_out[reason]} {reason}" for reason in _LEFT_OUT if self.left_out[reason])
-        return f"left out {sum(self.left_out.values())} of {self.listed} failed lines, as # comments: {why}"
+        how = ", as # comments" if as_comments else ", not retried"
+        return f"left out {sum(self.left_out.values())} of {self.listed} failed lines{how}: {why}"
 
 
 def finished(db: Database, job_ids: Iterable[str]) -> set[str]:

@@ -18,7 +18,8 @@ How a robots.txt is looked up (:class:`Robots`):
   went to Redis. Whoever waits longer than ``wait`` gets :class:`RobotsPending` — not the
   URL's fault, so it goes on later without using an attempt — rather than a guess.
 - Only the first :data:`MAX_ROBOTS_BYTES` (500 KiB, Google's and RFC 9309's limit) are kept and
-  parsed, up to the last whole line in them.
+  parsed, up to the last whole line in them. A longer robots.txt is no broken one: its download
+  stops there (:func:`fetch_with`) and its rules up to the cut are obeyed, the rest ignored.
 - A missing or broken robots.txt allows everything, as crawlers do: a 4xx (401 and 403
   included), an unreachable host, a 5xx, a timeout, a body that is no robots.txt at all (HTML,
   garbage). A permanent failure (4xx) is remembered for ``ttl``, a transient one (5xx, timeout,
@@ -44,7 +45,7 @@ import redis
 from protego import Protego
 
 from .errors import CrawlError, FetchError
-from .fetching import check_url
+from .fetching import Fetcher, check_url
 
 __all__ = [
     "DISALLOWED",
@@ -56,6 +57,7 @@ __all__ = [
     "RobotsDisallowed",
     "RobotsFetch",
     "RobotsPending",
+    "fetch_with",
     "forbids_indexing",
     "origin",
     "product_token",
@@ -69,7 +71,9 @@ DISALLOWED = "disallowed by robots.txt"
 TAG_DISALLOWED = "disallowed by x-robots-tag"
 #: The name robots.txt groups and ``X-Robots-Tag`` scopes address us by, unless ``USER_AGENT`` says otherwise.
 PRODUCT_TOKEN = "image-crawler"
-#: Bytes of a robots.txt that are kept and parsed; the rest is ignored (RFC 9309 §2.5, Google).
+#: Bytes of a robots.txt that are downloaded, kept and parsed; the rest is ignored. RFC 9309 §2.5:
+#: a crawler "MUST" parse at least 500 kibibytes (Google reads 500 KiB too), so a longer file is
+#: cut here, not refused as too large (which would allow everything).
 MAX_ROBOTS_BYTES = 500 * 1024
 #: ``X-Robots-Tag`` rules that keep an image out: the AI opt-outs (``noai``, ``noimageai``), and
 #: "do not index this image" (``noimageindex``; ``noindex`` and ``none`` say the same of the
@@ -112,6 +116,20 @@ _SCOPED_RULE = re.compile(r"([a-z0-9_.*-]+)\s*:\s*(.*)", re.DOTALL)
 #: Fetches a robots.txt URL: its body, or None when there is none. It may raise a
 #: :class:`~image_crawler.errors.CrawlError` (a failure); anything else goes to the caller.
 RobotsFetch = Callable[[str], bytes | None]
+
+
+def fetch_with(fetcher: Fetcher) -> RobotsFetch:
+    """A :data:`RobotsFetch` downloading with ``fetcher``: at most the first :data:`MAX_ROBOTS_BYTES`.
+
+    A longer robots.txt is cut (one byte over, so :class:`Robots` sees the cut and drops the line
+    it halves) and its download stopped, rather than failing as too large (RFC 9309 §2.5). The
+    fetcher's other limits and its address policy apply as to any request.
+    """
+
+    def fetch(url: str) -> bytes:
+        return fetcher.fetch(url, head=MAX_ROBOTS_BYTES + 1).content
+
+    return fetch
 
 
 class RobotsDisallowed(FetchError):
@@ -207,11 +225,11 @@ class Robots:
       fetch_robots(Callable[[str], bytes | None]): Fetches a robots.txt URL and returns its
         body, or None when there is none (allow all). It may raise a
         :class:`~image_crawler.errors.CrawlError`: a transient one (5xx, timeout) allows all
-        for ``error_ttl``, any other for ``ttl``. ``lambda url: fetcher.fetch(url).content``
-        with a :class:`~image_crawler.fetching.Fetcher` does: its 4xx is permanent, its 5xx
-        transient. Any other exception (:class:`~image_crawler.politeness.HostBusy`, a bug) is
-        not a verdict on the file: nothing is remembered, and it reaches the caller of
-        :meth:`allowed`.
+        for ``error_ttl``, any other for ``ttl``. :func:`fetch_with` a
+        :class:`~image_crawler.fetching.Fetcher` does (its 4xx is permanent, its 5xx
+        transient), and reads only the first :data:`MAX_ROBOTS_BYTES`. Any other exception
+        (:class:`~image_crawler.politeness.HostBusy`, a bug) is not a verdict on the file:
+        nothing is remembered, and it reaches the caller of :meth:`allowed`.
       user_agent(str): The product token our groups are found by (:func:`product_token` of
         ``USER_AGENT``). Defaults to ``"image-crawler"``.
       ttl(float): Seconds a robots.txt is remembered. Defaults to a day.

@@ -11,8 +11,9 @@ never spells a collection name. Every query here is served by an index that
 * the gallery — ``inserted_at``;
 * one image — ``_id``.
 
-The one write: :func:`settle_counters`, which the chart and dashboard views call, recounts the
-counters of settled minutes from the ledger now and then (:func:`image_crawler.outcomes.reconcile`).
+The writes: :func:`settle_counters`, which the chart and dashboard views call, recounts the
+counters of settled minutes from the ledger now and then (:func:`image_crawler.outcomes.reconcile`);
+and reading the runs still going marks those found finished (:func:`image_crawler.outcomes.unfinished_runs`).
 """
 
 from __future__ import annotations

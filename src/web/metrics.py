@@ -9,7 +9,11 @@ however long the ledger grows (README: Metrics), but for the counters' sum below
 * images stored — the collection's metadata (:func:`~web.db.count_images`);
 * recent errors by reason — at most :data:`RECENT_ERROR_SAMPLE` of the latest error outcomes
   (:func:`~web.db.recent_error_reasons`), those of the last :data:`RECENT_ERROR_MINUTES` minutes;
-* queues — four counters per Dramatiq queue, in one Redis transaction.
+* runs in flight by state, and their lines without an outcome — the runs not finished
+  (:func:`~image_crawler.outcomes.unfinished_runs`, which marks those it finds over, so the read
+  stays the size of the runs going on);
+* queues — four counters per Dramatiq queue, and the workers' two download counters
+  (:func:`~image_crawler.context.count_downloads`), in one Redis transaction.
 
 A store that does not answer leaves its metrics out and ``image_crawler_up{store=…}`` at 0:
 the scrape still answers 200, and why the store is down goes to the log.
@@ -30,6 +34,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from image_crawler.broker import ADMIT_QUEUE, FETCH_QUEUE, PROCESS_QUEUE
+from image_crawler.context import DOWNLOADED_BODIES_KEY, DOWNLOADED_BYTES_KEY
+from image_crawler.outcomes import unfinished_runs
 from image_crawler.redaction import redact
 
 from .db import count_images, get_db, get_redis, outcome_totals, recent_error_reasons
@@ -42,6 +48,10 @@ RECENT_ERROR_MINUTES = 5
 RECENT_ERROR_SAMPLE = 1_000
 #: Reasons named in ``image_crawler_recent_errors``; the rest are summed as ``other``.
 TOP_REASONS = 20
+
+#: The states of a run not finished (:attr:`~image_crawler.outcomes.RunSummary.state`, but ``done``),
+#: each reported in ``image_crawler_runs`` even when no run is in it.
+RUN_STATES = ("sending", "stalled", "running", "interrupted")
 
 #: The queues of the pipeline, as the workers consume them.
 QUEUES = (ADMIT_QUEUE, FETCH_QUEUE, PROCESS_QUEUE)
@@ -124,6 +134,24 @@ def _from_mongo() -> Iterator[Metric]:
         recent.add_metric([reason], count)
     yield recent
 
+    unfinished = unfinished_runs(db)
+    by_state = Counter(summary.state for summary in unfinished)
+    runs = GaugeMetricFamily(
+        "image_crawler_runs",
+        "Runs not finished, by state: sending (enqueue is still reading its list), stalled (still sending"
+        " by its record, but its enqueue gave no sign for a while), running (all sent, lines left)"
+        " or interrupted (enqueue stopped before the end, lines left).",
+        labels=["state"],
+    )
+    for state in RUN_STATES:
+        runs.add_metric([state], by_state[state])
+    yield runs
+    yield GaugeMetricFamily(
+        "image_crawler_lines_in_flight",
+        "URL lines sent by the runs not finished that have no outcome yet.",
+        value=sum(summary.in_flight for summary in unfinished),
+    )
+
 
 def _recent_reasons() -> list[tuple[str, int]]:
     """``(reason, count)`` of the recent errors, the most frequent first, ``other`` last."""
@@ -147,7 +175,8 @@ def _from_redis() -> Iterator[Metric]:
     # Dramatiq's RedisBroker (its dispatch.lua) keeps per queue: the ids waiting for a worker in
     # a list, every message not yet acked in a hash `<queue>.msgs` (so fetched = hash - list),
     # delayed messages (retries waiting for their backoff) in `<queue>.DQ` likewise, and
-    # dead-lettered ones in a sorted set `<queue>.XQ`. One transaction reads them all at once.
+    # dead-lettered ones in a sorted set `<queue>.XQ`. One transaction reads them all at once,
+    # with the workers' download counters (absent until a first body is counted).
     with get_redis().pipeline(transaction=True) as pipe:
         for queue in QUEUES:
             key = f"{_NAMESPACE}:{queue}"
@@ -155,7 +184,8 @@ def _from_redis() -> Iterator[Metric]:
             pipe.hlen(f"{key}.msgs")
             pipe.hlen(f"{_NAMESPACE}:{dq_name(queue)}.msgs")
             pipe.zcard(f"{_NAMESPACE}:{xq_name(queue)}")
-        counts = pipe.execute()
+        pipe.mget(DOWNLOADED_BYTES_KEY, DOWNLOADED_BODIES_KEY)
+        *counts, (downloaded_bytes, downloads) = pipe.execute()
 
     messages = GaugeMetricFamily(
         "image_crawler_queue_messages",
@@ -176,3 +206,14 @@ def _from_redis() -> Iterator[Metric]:
         dead.add_metric([queue], dead_lettered)
     yield messages
     yield dead
+
+    yield CounterMetricFamily(
+        "image_crawler_downloaded_bytes",
+        "Bytes of the bodies downloaded in full, counted by workers; resets with Redis.",
+        value=int(downloaded_bytes or 0),
+    )
+    yield CounterMetricFamily(
+        "image_crawler_downloads",
+        "Bodies downloaded in full, counted by workers; resets with Redis.",
+        value=int(downloads or 0),
+    )

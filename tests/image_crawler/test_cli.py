@@ -454,6 +454,7 @@ def test_runs_lists_every_run_newest_first_with_its_outcomes_and_what_is_in_flig
         ["2", "0", "1", "1", "0", "done"],
         ["3", "1", "0", "1", "1", "running"],
     ]
+    assert rows[0]["rate"] == "-" and float(rows[1]["rate"]) > 0  # a done run has no pace any more
     started = dt.datetime.fromisoformat(f"{rows[0]['date']} {rows[0]['time']}").replace(tzinfo=dt.UTC)
     assert abs(started - storage.utcnow()) < dt.timedelta(minutes=1)
     assert run_cli("runs", "--limit", "1").stdout.splitlines()[1:] == result.stdout.splitlines()[1:2]
@@ -636,7 +637,7 @@ def test_retry_enqueues_the_failed_urls_as_a_new_run_that_names_the_one_it_retri
     assert retry != run and (enqueued, rejected, skipped) == (2, 0, 0)
     assert _queued_urls(no_workers) == 2
     assert result.stderr == (
-        "left out 2 of 4 failed lines, as # comments: 1 credentials redacted in the ledger,"
+        "left out 2 of 4 failed lines, not retried: 1 credentials redacted in the ledger,"
         " 1 not a url enqueue takes\n"
     )
     assert storage.runs(db).find_one({"_id": retry})["retry_of"] == run

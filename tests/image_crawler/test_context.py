@@ -57,3 +57,27 @@ def test_a_context_opens_and_closes_its_own_redis_pool_otherwise(redis_url, mong
 
     assert context.owns_redis
     assert _connections(observer, "context-own") == 0
+
+
+def test_a_workers_robots_txt_over_500_kib_is_cut_there_and_obeyed(redis_url, mongo_db):
+    from image_crawler.robots import MAX_ROBOTS_BYTES, origin
+    from support.http_server import LocalHttpServer
+
+    settings = dataclasses.replace(
+        get_settings(), redis_url=redis_url, obey_robots=True, fetch_allow_private=True
+    )
+    rules = b"User-agent: *\nDisallow: /private/\n"
+    filler = b"# " + b"x" * 1000 + b"\n"
+    with LocalHttpServer() as server:
+        server.add(
+            "/robots.txt", rules + filler * (3 * MAX_ROBOTS_BYTES // len(filler)), content_type="text/plain"
+        )
+        context = Context.create(settings, db=mongo_db)
+        try:
+            assert context.robots is not None
+            assert context.robots.allowed(server.url("/private/cat.png")) is False
+            assert context.robots.allowed(server.url("/cat.png")) is True
+        finally:
+            site = origin(server.url())
+            context.claims.client.delete(f"image-crawler:robots:{site}", f"image-crawler:robots-lock:{site}")
+            context.close()

@@ -24,6 +24,7 @@ from image_crawler.robots import (
     Robots,
     RobotsDisallowed,
     RobotsPending,
+    fetch_with,
     forbids_indexing,
     origin,
     product_token,
@@ -64,7 +65,7 @@ def make_robots(client: redis.Redis, fetcher: Fetcher) -> MakeRobots:
     """Robots (one per worker, say) on the shared Redis, fetching through the project's Fetcher."""
 
     def make(**options: object) -> Robots:
-        return Robots(client, lambda url: fetcher.fetch(url).content, **options)  # type: ignore[arg-type]
+        return Robots(client, fetch_with(fetcher), **options)  # type: ignore[arg-type]
 
     return make
 
@@ -277,7 +278,7 @@ def test_an_unreachable_host_allows_everything(client, fetcher):
     with LocalHttpServer() as gone:
         url = gone.url("/private/cat.png")
     _forget(client, origin(url))
-    robots = Robots(client, lambda url: fetcher.fetch(url).content)
+    robots = Robots(client, fetch_with(fetcher))
 
     assert robots.allowed(url) is True
     _forget(client, origin(url))
@@ -376,10 +377,67 @@ def test_only_the_first_500_kib_of_a_robots_txt_count(client):
     _forget(client, site)
 
 
-def test_a_robots_txt_the_fetcher_refuses_as_too_large_allows_everything(server, make_robots):
-    server.add("/robots.txt", ROBOTS_TXT + b"Disallow: /\n" * 60_000, content_type="text/plain")
+def _huge_robots_txt(size: int = 2 * 1024 * 1024) -> bytes:
+    """``size`` bytes of robots.txt: ROBOTS_TXT, comments past the 500 KiB cut, then a late rule."""
+    comment = b"# " + b"x" * 1000 + b"\n"
+    head = ROBOTS_TXT + comment * (MAX_ROBOTS_BYTES // len(comment) + 1)
+    assert len(head) > MAX_ROBOTS_BYTES  # everything after here is past the cut
+    body = head + b"Disallow: /late/\n"
+    allows = b"Allow: /x\n" * ((size - len(body)) // len(b"Allow: /x\n") + 1)
+    return body + allows
 
-    assert make_robots().allowed(server.url("/private/cat.png")) is True
+
+@pytest.mark.parametrize("gzip", [False, True], ids=["plain", "gzip"])
+def test_a_robots_txt_far_over_500_kib_is_cut_there_and_still_obeyed(server, make_robots, client, gzip):
+    # RFC 9309 §2.5, Google: the first 500 KiB are parsed and the rest is ignored; a huge file
+    # is no broken file that allows everything.
+    server.add("/robots.txt", _huge_robots_txt(), content_type="text/plain", gzip=gzip)
+    robots = make_robots()
+
+    assert robots.allowed(server.url("/private/cat.png")) is False
+    assert robots.allowed(server.url("/late/cat.png")) is True  # only after the cut
+    assert robots.allowed(server.url("/cat.png")) is True
+    assert server.hits("/robots.txt") == 1
+    stored = client.get(f"image-crawler:robots:{origin(server.url())}")
+    assert stored.startswith(ROBOTS_TXT)
+    assert len(stored) <= MAX_ROBOTS_BYTES
+    assert stored.endswith(b"\n")
+
+
+def test_a_robots_txt_over_500_kib_without_content_length_is_cut_too(server, make_robots):
+    server.add("/robots.txt", _huge_robots_txt(), content_type="text/plain", chunked=True)
+
+    assert make_robots().allowed(server.url("/private/cat.png")) is False
+    assert make_robots().allowed(server.url("/late/cat.png")) is True
+
+
+def test_an_endless_robots_txt_is_read_no_further_than_the_cut(client):
+    site = _fake_site()
+    sent: list[int] = []
+
+    class Endless(httpx.SyncByteStream):
+        def __iter__(self) -> Iterator[bytes]:
+            yield ROBOTS_TXT
+            while True:
+                sent.append(64 * 1024)
+                yield b"Disallow: /late/\n" * 4096  # 68 KiB of rules that come too late
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, headers={"Content-Type": "text/plain"}, stream=Endless())
+
+    settings = replace(Settings(), fetch_timeout=5.0, fetch_allow_private=True)
+    with Fetcher(settings, transport=httpx.MockTransport(answer)) as fetcher:
+        robots = Robots(client, fetch_with(fetcher))
+
+        assert robots.allowed(f"{site}/private/cat.png") is False
+        assert robots.allowed(f"{site}/late/cat.png") is False  # inside the first 500 KiB
+    assert sum(sent) < 2 * MAX_ROBOTS_BYTES  # stopped at the cut, not at a limit or the timeout
+    assert client.strlen(f"image-crawler:robots:{site}") <= MAX_ROBOTS_BYTES
+    _forget(client, site)
+
+
+def test_the_robots_txt_limit_is_rfc_9309s_500_kib():
+    assert MAX_ROBOTS_BYTES == 500 * 1024 == 512_000
 
 
 # --- one fetch at a time, and nobody waits long ------------------------------------------

@@ -4,21 +4,27 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import datetime as dt
 import logging
 
 import dramatiq
 import prometheus_client
 import pytest
+import redis
 from prometheus_client.parser import text_string_to_metric_families
 
-from image_crawler import storage
+from image_crawler import outcomes, storage
 from image_crawler.broker import ADMIT_QUEUE, FETCH_QUEUE, PROCESS_QUEUE, create_broker
 from image_crawler.config import get_settings
-from image_crawler.outcomes import OUTCOMES
+from image_crawler.context import DOWNLOADED_BODIES_KEY, DOWNLOADED_BYTES_KEY
+from image_crawler.outcomes import OUTCOMES, Job
+from support.http_server import LocalHttpServer
+from support.images import png_bytes
 from web import create_app
 from web import metrics as web_metrics
 
 QUEUES = (ADMIT_QUEUE, FETCH_QUEUE, PROCESS_QUEUE)
+RUN_STATES = ("sending", "stalled", "running", "interrupted")
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
@@ -58,6 +64,16 @@ def broker(redis_url):
     created.close()
 
 
+@pytest.fixture
+def download_counters(redis_url):
+    """The suite's Redis, without the workers' download counters before and after (tests share it)."""
+    client = redis.Redis.from_url(redis_url)
+    client.delete(DOWNLOADED_BYTES_KEY, DOWNLOADED_BODIES_KEY)
+    yield client
+    client.delete(DOWNLOADED_BYTES_KEY, DOWNLOADED_BODIES_KEY)
+    client.close()
+
+
 def message(queue: str, actor: str) -> dramatiq.Message:
     return dramatiq.Message(queue_name=queue, actor_name=actor, args=(), kwargs={}, options={})
 
@@ -78,7 +94,7 @@ def test_metrics_are_prometheus_text_with_help_for_every_family(client):
         assert family.documentation, f"{family.name} has no HELP"
 
 
-def test_an_empty_crawl_reports_zeros_not_gaps(client, broker):
+def test_an_empty_crawl_reports_zeros_not_gaps(client, broker, download_counters):
     samples = scrape(client)
 
     assert by(samples, "image_crawler_up", "store") == {"mongo": 1, "redis": 1}
@@ -92,6 +108,10 @@ def test_an_empty_crawl_reports_zeros_not_gaps(client, broker):
         for state in ("waiting", "delayed", "in_flight")
     }
     assert by(samples, "image_crawler_queue_dead_messages", "queue") == dict.fromkeys(QUEUES, 0)
+    assert by(samples, "image_crawler_runs", "state") == dict.fromkeys(RUN_STATES, 0)
+    assert labelled(samples, "image_crawler_lines_in_flight") == {(): 0}
+    assert labelled(samples, "image_crawler_downloaded_bytes_total") == {(): 0}
+    assert labelled(samples, "image_crawler_downloads_total") == {(): 0}
 
 
 # --- from MongoDB ------------------------------------------------------------------------
@@ -160,6 +180,54 @@ def test_recent_errors_read_only_the_latest_ones_however_many_there_are(client, 
     assert reasons == {"timeout": 10}
 
 
+def _run(db, run: str, *, lines: int, ended: int = 0, sent: bool = False, interrupted: bool = False) -> None:
+    """A run as ``enqueue`` records it: ``lines`` lines sent so far, ``ended`` of them with an outcome."""
+    outcomes.start_run(db, run)
+    outcomes.run_progress(db, run, enqueued=lines, rejected=0, skipped=0, sent=sent, interrupted=interrupted)
+    documents = [
+        outcomes.outcome_document(Job.new(run, line, f"http://images.test/{run}/{line}.png"), "success")
+        for line in range(1, ended + 1)
+    ]
+    outcomes.record_outcomes(db, documents)
+
+
+def test_unfinished_runs_are_counted_by_state_with_their_lines_in_flight(client, mongo_db):
+    _run(mongo_db, "reading", lines=5)  # enqueue is still sending
+    _run(mongo_db, "crawling", lines=5, ended=2, sent=True)
+    _run(mongo_db, "crawling-too", lines=1, sent=True)
+    _run(mongo_db, "stopped", lines=3, ended=1, interrupted=True)
+    _run(mongo_db, "finished", lines=2, ended=2, sent=True)  # done: not in flight
+    _run(mongo_db, "abandoned", lines=4)  # its enqueue died long ago without a word
+    long_ago = storage.utcnow() - outcomes.STALLED_AFTER - dt.timedelta(minutes=5)
+    storage.runs(mongo_db).update_one(
+        {"_id": "abandoned"}, {"$set": {"started_at": long_ago, "updated_at": long_ago}}
+    )
+
+    samples = scrape(client)
+
+    assert by(samples, "image_crawler_runs", "state") == {
+        "sending": 1,
+        "stalled": 1,
+        "running": 2,
+        "interrupted": 1,
+    }
+    # 5 (reading) + 3 + 1 (crawling) + 2 (stopped) + 4 (abandoned)
+    assert labelled(samples, "image_crawler_lines_in_flight") == {(): 15}
+
+
+def test_a_run_leaves_the_runs_gauges_once_every_line_has_its_outcome(client, mongo_db):
+    _run(mongo_db, "run", lines=2, ended=1, sent=True)
+    assert by(scrape(client), "image_crawler_runs", "state")["running"] == 1
+
+    outcomes.record_outcomes(
+        mongo_db, [outcomes.outcome_document(Job.new("run", 2, "http://images.test/2.png"), "error")]
+    )
+    samples = scrape(client)
+
+    assert by(samples, "image_crawler_runs", "state") == dict.fromkeys(RUN_STATES, 0)
+    assert labelled(samples, "image_crawler_lines_in_flight") == {(): 0}
+
+
 # --- from Redis --------------------------------------------------------------------------
 
 
@@ -193,6 +261,40 @@ def test_queue_messages_are_counted_by_queue_and_state(client, broker):
         consumer.close()
 
 
+def test_downloads_are_the_workers_counters(client, download_counters):
+    download_counters.set(DOWNLOADED_BYTES_KEY, 12 * 1024**4)  # 12 TiB: past any 32-bit count
+    download_counters.set(DOWNLOADED_BODIES_KEY, 3_000_000)
+
+    samples = scrape(client)
+
+    assert labelled(samples, "image_crawler_downloaded_bytes_total") == {(): 12 * 1024**4}
+    assert labelled(samples, "image_crawler_downloads_total") == {(): 3_000_000}
+
+
+def test_downloads_count_the_bodies_a_real_crawl_fetched_in_full(
+    make_pipeline, mongo_db, redis_url, download_counters
+):
+    bodies = {f"/img/{n}.png": png_bytes(40 + n, 30, seed=n) for n in range(3)}
+    with LocalHttpServer() as server:
+        for path, body in bodies.items():
+            server.add(path, body=body, content_type="image/png")
+        server.add("/missing.png", status=404)  # nothing downloaded
+        pipeline = make_pipeline()
+        text = "".join(f"{server.url(path)}\n" for path in [*bodies, "/missing.png"])
+        report = pipeline.enqueue_text(text)
+        pipeline.wait_for(report.run, report.jobs)
+
+    app = create_app({"TESTING": True, "MONGO_DATABASE": mongo_db, "REDIS_URL": redis_url})
+    samples = scrape(app.test_client())
+
+    assert labelled(samples, "image_crawler_downloaded_bytes_total") == {
+        (): sum(len(body) for body in bodies.values())
+    }
+    assert labelled(samples, "image_crawler_downloads_total") == {(): len(bodies)}
+    assert by(samples, "image_crawler_runs", "state") == dict.fromkeys(RUN_STATES, 0), "the run is done"
+    assert labelled(samples, "image_crawler_lines_in_flight") == {(): 0}
+
+
 # --- a store is down ---------------------------------------------------------------------
 
 
@@ -211,6 +313,9 @@ def test_with_mongo_down_the_scrape_answers_with_redis_metrics_and_mongo_up_0(re
     assert labelled(samples, "image_crawler_queue_messages")
     assert not labelled(samples, "image_crawler_outcomes_total"), "no made-up zeros for an unread store"
     assert not labelled(samples, "image_crawler_images_stored")
+    assert not labelled(samples, "image_crawler_runs")
+    assert not labelled(samples, "image_crawler_lines_in_flight")
+    assert labelled(samples, "image_crawler_downloads_total"), "the downloads are read from Redis"
 
 
 def test_with_redis_down_the_scrape_answers_with_mongo_metrics_and_redis_up_0(mongo_db, seed, dead_port):
@@ -225,6 +330,9 @@ def test_with_redis_down_the_scrape_answers_with_mongo_metrics_and_redis_up_0(mo
     assert by(samples, "image_crawler_outcomes_total", "outcome")["success"] == 2
     assert not labelled(samples, "image_crawler_queue_messages")
     assert not labelled(samples, "image_crawler_queue_dead_messages")
+    assert not labelled(samples, "image_crawler_downloaded_bytes_total")
+    assert not labelled(samples, "image_crawler_downloads_total")
+    assert by(samples, "image_crawler_runs", "state") == dict.fromkeys(RUN_STATES, 0)
 
 
 def test_with_both_down_the_scrape_still_answers_and_names_no_internals(
