@@ -181,14 +181,10 @@ def _flush_rejections(db: Database, report: EnqueueReport) -> None:
 _POLL_IDLE_FACTOR = 20
 
 
-def _done(db: Database, run: str) -> int:
-    return storage.outcomes(db).count_documents({"run": run})
-
-
 def _poll_done(db: Database, run: str, poll_interval: float) -> tuple[int, float]:
     """Outcomes of ``run`` so far, and how long to wait before asking again."""
     started = time.monotonic()
-    done = _done(db, run)
+    done = outcomes.count_ended(db, run)
     return done, max(poll_interval, _POLL_IDLE_FACTOR * (time.monotonic() - started))
 
 
@@ -352,7 +348,7 @@ def _send_and_report(
     if not wait:
         return
     if not wait_for_run(db, report.run, report.jobs, timeout=timeout):
-        missing = report.jobs - _done(db, report.run)
+        missing = report.jobs - outcomes.count_ended(db, report.run)
         raise click.ClickException(f"gave up after {timeout:g} s: {missing} urls still have no outcome")
     click.echo(summary_line(report.jobs, outcomes.count_outcomes(db, report.run)))
 
@@ -372,7 +368,7 @@ def _known_run(db: Database, run: str) -> outcomes.RunSummary | None:
 
 def _lines_shown(summary: outcomes.RunSummary) -> str:
     """The run's length, or the lines sent so far followed by ``+`` while it may get more."""
-    return f"{summary.jobs}" if summary.sent else f"{summary.jobs}+"
+    return f"{summary.jobs}" if summary.length_known else f"{summary.jobs}+"
 
 
 def _started(summary: outcomes.RunSummary) -> str:
@@ -450,7 +446,7 @@ def runs(limit: int) -> None:
             _lines_shown(summary),
             *(str(summary.counts[name]) for name in outcomes.OUTCOMES),
             str(summary.in_flight),
-            "-" if summary.state == "done" else f"{summary.rate:.1f}",
+            "-" if summary.pace is None else f"{summary.pace:.1f}",
             summary.state,
             summary.retry_of or "",
         ]
@@ -466,17 +462,16 @@ def runs(limit: int) -> None:
         click.echo("  ".join(cells).rstrip())
 
 
-def _say_what_was_left_out(failures: outcomes.FailedLines, *, as_comments: bool = True) -> None:
-    note = failures.left_out_note(as_comments=as_comments)
+def _say_what_was_left_out(failures: outcomes.FailedLines, *, retrying: bool = False) -> None:
+    note = failures.left_out_note(retrying=retrying)
     if note:
         click.echo(note, err=True)
 
 
 def _not_finished_note(summary: outcomes.RunSummary | None) -> None:
-    if summary is not None and summary.state != "done":
-        click.echo(
-            f"run {summary.run} is not finished: {summary.in_flight} lines in flight may still fail", err=True
-        )
+    note = None if summary is None else summary.not_finished_note()
+    if note:
+        click.echo(note, err=True)
 
 
 _REASON_OPTION = click.option(
@@ -530,12 +525,12 @@ def retry(run: str, reasons: tuple[str, ...], wait: bool, timeout: float | None,
         first = next(urls, None)
         if first is None:
             click.echo(f"nothing to retry in run {run}")
-            _say_what_was_left_out(failures, as_comments=False)
+            _say_what_was_left_out(failures, retrying=True)
             _not_finished_note(summary)
             return
 
         def after_sending() -> None:
-            _say_what_was_left_out(failures, as_comments=False)
+            _say_what_was_left_out(failures, retrying=True)
             _not_finished_note(summary)
 
         _send_and_report(

@@ -8,7 +8,8 @@ collector) is a no-op: nothing is ever counted twice.
 **Counters.** Charts and totals must not read the ledger, which grows with every line. Each
 :func:`record_outcomes` also adds the outcomes it inserted (only those: a duplicate of an
 outcome already recorded adds nothing) to one ``minute_counts`` document per run and UTC
-minute, with ``$inc``. A writer can die between the two writes, so the ledger stays the truth:
+minute, with ``$inc``, and its errors to one ``reason_counts`` document per run, minute and
+(counted) reason, recounted with them. A writer can die between the two writes, so the ledger stays the truth:
 once a minute has *settled* (:data:`SETTLE_AFTER` after it, when no writer still records into
 it), :func:`reconcile` recounts it from the ledger's ``minute_run_outcome_reason`` index and sets
 its counters, once; a mark (``reconciled.through``) says how far that went. Passes run now and
@@ -53,7 +54,7 @@ from pymongo.errors import BulkWriteError, DuplicateKeyError, PyMongoError
 from . import storage
 from .errors import InvalidUrl
 from .fetching import check_url
-from .redaction import redact_url
+from .redaction import redact_url, redact_url_field
 
 logger = logging.getLogger(__name__)
 
@@ -79,9 +80,15 @@ RECONCILE_EVERY_S = 60.0
 RECONCILE_MINUTES = 10
 #: Runs' recent pace is counted over this many minutes, the current one included.
 RATE_MINUTES = 5
-#: A run still ``sending`` with no progress recorded and no outcome for this long is ``stalled``
-#: (its ``enqueue`` was killed, or lost MongoDB, before it could say it stopped).
+#: A run still ``sending`` with no progress recorded for this long (and no outcome over the last
+#: :data:`RATE_MINUTES`) is ``stalled``: its ``enqueue`` was killed, or lost MongoDB, before it
+#: could say it stopped.
 STALLED_AFTER = dt.timedelta(minutes=10)
+#: A run with lines in flight that has had neither progress nor outcomes for this long is taken
+#: as abandoned: the runs going no longer list it.
+ABANDONED_AFTER = dt.timedelta(days=1)
+#: What :attr:`RunSummary.state` can be, finished runs' ``done`` last.
+RUN_STATES = ("sending", "stalled", "running", "interrupted", "done")
 #: The ``reconciled`` document of the per-minute counters.
 _COUNTERS_MARK = "minute_counts"
 
@@ -145,7 +152,7 @@ def outcome_document(
         "md5": md5,
         "ended_at": ended_at,
         # The UTC minute the job ended in, kept so the counters group on a plain field.
-        "minute": ended_at.replace(second=0, microsecond=0),
+        "minute": storage.minute_of(ended_at),
         **extra,
     }
 
@@ -183,8 +190,8 @@ def record_outcomes(db: Database, documents: list[dict[str, Any]]) -> int:
 
 
 def _minute_of(document: dict[str, Any]) -> dt.datetime:
-    minute = document.get("minute") or document["ended_at"].replace(second=0, microsecond=0)
-    return storage.as_utc(minute)
+    minute = document.get("minute")
+    return storage.as_utc(minute) if minute is not None else storage.minute_of(document["ended_at"])
 
 
 def _counter_id(run: str, minute: dt.datetime) -> str:
@@ -196,15 +203,33 @@ def _zero() -> dict[str, int]:
     return dict.fromkeys(OUTCOMES, 0)
 
 
-def _reason_counter_id(run: str, minute: dt.datetime, reason: str | None) -> str:
-    return f"{_counter_id(run, minute)}\n{reason}"
+def _reason_counter_id(run: str, minute: dt.datetime, reason: str | None) -> dict[str, Any]:
+    # A document, not a joined string: no run id or reason can make two counters share a key.
+    return {"minute": minute, "run": run, "reason": reason}
+
+
+_DETAIL_NUMBER = re.compile(r"[0-9]+")
+
+
+def counted_reason(reason: str | None) -> str | None:
+    """The reason errors are counted under: its numbers after the first colon read ``N``.
+
+    ``too many pixels: 3000x3000`` and ``http 429: retry-after 900 s is over RETRY_AFTER_MAX``
+    carry numbers a server picks; counted as they are, each image could make a counter of its
+    own. ``http 404`` keeps its code (before any colon: a few hundred at most).
+    """
+    if reason is None or ":" not in reason:
+        return reason
+    kind, detail = reason.split(":", 1)
+    return f"{kind}:{_DETAIL_NUMBER.sub('N', detail)}"
 
 
 def _count(db: Database, documents: Iterable[dict[str, Any]]) -> None:
     """Add ``documents`` (outcomes just inserted) to their runs' counters of their minutes.
 
     Errors are also counted by reason (``reason_counts``: one document per run, minute and
-    reason, whose number stays small: reasons are short names from a closed list, and codes).
+    :func:`counted_reason`, whose number stays small: reasons are short names from a closed
+    list, HTTP codes, and details whose numbers are not told apart).
     """
     added: dict[tuple[str, dt.datetime], dict[str, int]] = {}
     errors: Counter[tuple[str, dt.datetime, str | None]] = Counter()
@@ -212,7 +237,7 @@ def _count(db: Database, documents: Iterable[dict[str, Any]]) -> None:
         key = (document["run"], _minute_of(document))
         added.setdefault(key, _zero())[document["outcome"]] += 1
         if document["outcome"] == ERROR:
-            errors[(*key, document.get("reason"))] += 1
+            errors[(*key, counted_reason(document.get("reason")))] += 1
     counters = storage.minute_counts(db)
     for (run, minute), counts in added.items():
         counters.update_one(
@@ -230,7 +255,7 @@ def _count(db: Database, documents: Iterable[dict[str, Any]]) -> None:
 
 
 def _this_minute(now: dt.datetime | None = None) -> dt.datetime:
-    return storage.as_utc(now or storage.utcnow()).replace(second=0, microsecond=0)
+    return storage.minute_of(now or storage.utcnow())
 
 
 def _mark_late(db: Database, documents: Iterable[dict[str, Any]]) -> None:
@@ -324,7 +349,8 @@ def _recount_reasons(db: Database, minute: dt.datetime) -> None:
     for row in rows:
         run, reason = row["_id"].get("run"), row["_id"].get("reason")
         if isinstance(run, str):
-            truth[(run, reason)] = int(row["n"])
+            key = (run, counted_reason(reason) if isinstance(reason, str) else None)
+            truth[key] = truth.get(key, 0) + int(row["n"])
     counters = storage.reason_counts(db)
     for counter in counters.find({"minute": minute}, projection={"run": 1, "reason": 1}):
         truth.setdefault((counter["run"], counter.get("reason")), 0)  # counted, yet not in the ledger
@@ -406,6 +432,28 @@ def counts_per_minute(
     return counts
 
 
+def latest_minute(db: Database, until: dt.datetime | None = None) -> dt.datetime | None:
+    """The UTC minute of the most recent outcome (at ``until`` or before, if given), or None.
+
+    One key of the ``minute_run_outcome_reason`` index.
+    """
+    query = {} if until is None else {"minute": {"$lte": until}}
+    row = storage.outcomes(db).find_one(query, projection={"minute": 1}, sort=[("minute", DESCENDING)])
+    minute = None if row is None else row.get("minute")
+    return storage.as_utc(minute) if isinstance(minute, dt.datetime) else None
+
+
+def latest_errors(db: Database, limit: int) -> list[dict[str, Any]]:
+    """The ``limit`` most recent errors (index ``outcome_ended``): ``url``, ``reason``, ``ended_at``."""
+    cursor = storage.outcomes(db).find(
+        {"outcome": ERROR},
+        projection={"_id": 0, "url": 1, "reason": 1, "ended_at": 1},
+        sort=[("ended_at", DESCENDING)],
+        limit=limit,
+    )
+    return [redact_url_field(document, "url") for document in cursor]
+
+
 def counted_totals(db: Database) -> dict[str, int]:
     """How many jobs ended in each outcome so far, from the counters (one document per run and minute)."""
     totals = _zero()
@@ -466,17 +514,17 @@ class RunSummary:
 
     #: When ``enqueue`` last recorded progress (None for runs recorded before it did).
     updated_at: dt.datetime | None = None
-    #: Whether a pass has seen the run finished (see :func:`unfinished_runs`).
-    finished: bool = False
     #: When these numbers were read.
     now: dt.datetime | None = None
 
     @property
     def state(self) -> str:
-        """``sending`` (enqueue is still reading), ``stalled``, ``interrupted``, ``running`` or ``done``.
+        """One of :data:`RUN_STATES`: ``sending``, ``stalled``, ``interrupted``, ``running`` or ``done``.
 
-        ``stalled``: still sending by its record, but with neither progress nor outcomes for
-        :data:`STALLED_AFTER` (its ``enqueue`` died without a word).
+        ``stalled``: still sending by its record, but no progress recorded for
+        :data:`STALLED_AFTER` and no outcome over the pace's window: its ``enqueue`` was probably
+        killed or lost MongoDB (or waits on stopped workers, or on slow input). It is ``sending``
+        again as soon as anything happens.
         """
         if self.interrupted:
             return "interrupted"
@@ -487,24 +535,58 @@ class RunSummary:
     def _stalled(self) -> bool:
         if self.now is None or self.rate > 0:
             return False
-        last = self.updated_at or self.started_at
-        return self.now - last >= STALLED_AFTER
+        return self.now - (self.updated_at or self.started_at) >= STALLED_AFTER
 
     @property
-    def over(self) -> bool:
-        """Nothing more will happen to it: every line it sent has its outcome and it sends no more."""
-        return (self.sent or self.interrupted) and self.in_flight == 0
+    def length_known(self) -> bool:
+        """``enqueue`` will send no more lines: it read the whole file, or stopped."""
+        return self.sent or self.interrupted
+
+    @property
+    def finished(self) -> bool:
+        """Nothing more will happen to it: every line it sent has its outcome, and it sends no more.
+
+        A stalled run whose lines have all ended counts as finished too (its ``enqueue`` is gone);
+        if that ``enqueue`` records progress again after all, the run is unfinished again.
+        """
+        return self.in_flight == 0 and (self.length_known or self.state == "stalled")
+
+    def quiet_for(self, span: dt.timedelta) -> bool:
+        """Not finished, with no progress recorded for ``span`` and no outcome over the pace's window."""
+        if self.now is None or self.rate > 0 or self.finished:
+            return False
+        return self.now - (self.updated_at or self.started_at) >= span
+
+    @property
+    def pace(self) -> float | None:
+        """:attr:`rate` while the run is going; None once it is done (it has no pace any more)."""
+        return None if self.state == "done" else self.rate
 
     @property
     def eta(self) -> dt.timedelta | None:
         """A rough time left at the recent pace, once the run's length is known (None: no estimate)."""
-        if not self.sent or self.rate <= 0 or self.in_flight == 0:
+        if not self.length_known or self.rate <= 0 or self.in_flight == 0:
             return None
         return dt.timedelta(minutes=self.in_flight / self.rate)
 
+    def not_finished_note(self) -> str | None:
+        """What to tell someone listing the run's failed URLs before it has finished (None: it has)."""
+        if self.finished:
+            return None
+        return f"run {self.run} is not finished: {self.in_flight} lines in flight may still fail"
+
+
+#: What a run id may be (``enqueue`` makes 12 hex digits): safe in keys, paths and file names.
+RUN_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
 
 def start_run(db: Database, run: str, *, retry_of: str | None = None) -> None:
-    """Record that ``enqueue`` starts ``run`` (which retries ``retry_of``, if given)."""
+    """Record that ``enqueue`` starts ``run`` (which retries ``retry_of``, if given).
+
+    Raises ValueError for a run id that is not :data:`RUN_ID`.
+    """
+    if not RUN_ID.fullmatch(run):
+        raise ValueError(f"a run id is 1 to 64 letters, digits, '_', '.' or '-', not {run!r}")
     fields = {"jobs": 0, "enqueued": 0, "rejected": 0, "skipped": 0, "sent_at": None, "finished_at": None}
     storage.runs(db).update_one(
         {"_id": run},
@@ -530,6 +612,8 @@ def run_progress(
         "rejected": rejected,
         "skipped": skipped,
         "updated_at": storage.utcnow(),
+        # A run seen finished while stalled that sends again after all is going on again.
+        "finished_at": None,
     }
     if sent:
         fields["sent_at"] = storage.utcnow()
@@ -555,17 +639,23 @@ def get_run(db: Database, run: str, *, now: dt.datetime | None = None) -> RunSum
 def unfinished_runs(db: Database, *, now: dt.datetime | None = None) -> list[RunSummary]:
     """Every run not seen finished yet, newest first; those finished now are marked so.
 
-    A run is finished once nothing more will happen to it (:attr:`RunSummary.over`); the mark
+    A run is finished once nothing more will happen to it (:attr:`RunSummary.finished`); the mark
     (``finished_at``) keeps this read to the runs still going, however many runs there were.
     """
     documents = list(storage.runs(db).find({"finished_at": None}, sort=[("started_at", DESCENDING)]))
     summaries = _summaries(db, documents, now)
-    over = [summary.run for summary in summaries if summary.over]
+    # The counters could say more than the ledger for a while (a late outcome counted twice,
+    # until a recount): the ledger has the last word, once per run, before the mark is set.
+    over = [
+        summary.run
+        for summary in summaries
+        if (summary.finished and count_ended(db, summary.run) >= summary.jobs) or _abandoned(db, summary)
+    ]
     if over:
         storage.runs(db).update_many(
             {"_id": {"$in": over}, "finished_at": None}, {"$set": {"finished_at": storage.utcnow()}}
         )
-    return [summary for summary in summaries if not summary.over]
+    return [summary for summary in summaries if summary.run not in over]
 
 
 def retries_of(db: Database, run: str) -> list[str]:
@@ -579,6 +669,31 @@ def retries_of(db: Database, run: str) -> list[str]:
 def count_runs(db: Database) -> int:
     """How many runs ``enqueue`` recorded (from collection metadata: no scan)."""
     return storage.runs(db).estimated_document_count()
+
+
+def _abandoned(db: Database, summary: RunSummary) -> bool:
+    """Lines in flight, but neither progress nor any outcome for :data:`ABANDONED_AFTER`.
+
+    Its lines were lost (Redis lost its data) or its workers have been gone for that long: the
+    runs going stop listing it (it keeps its state wherever it is shown).
+    """
+    if not summary.quiet_for(ABANDONED_AFTER):
+        return False
+    last = last_counted_minute(db, summary.run)
+    return last is None or storage.as_utc(summary.now or storage.utcnow()) - last >= ABANDONED_AFTER
+
+
+def last_counted_minute(db: Database, run: str, *, first: bool = False) -> dt.datetime | None:
+    """The last (or ``first``) minute with a counted outcome of ``run``, or None.
+
+    One key of the ``run_minute`` index.
+    """
+    row = storage.minute_counts(db).find_one(
+        {"run": run},
+        projection={"_id": 0, "minute": 1},
+        sort=[("minute", ASCENDING if first else DESCENDING)],
+    )
+    return None if row is None else storage.as_utc(row["minute"])
 
 
 def has_outcomes(db: Database, run: str) -> bool:
@@ -607,7 +722,6 @@ def _summaries(db: Database, documents: list[dict[str, Any]], now: dt.datetime |
                 counts=totals[document["_id"]],
                 rate=sum(recent[document["_id"]].values()) / minutes,
                 updated_at=_utc_or_none(document.get("updated_at")),
-                finished=document.get("finished_at") is not None,
                 now=now,
             )
         )
@@ -621,7 +735,7 @@ def _utc_or_none(value: Any) -> dt.datetime | None:
 def top_error_reasons(
     db: Database, *, since: dt.datetime | None = None, run: str | None = None, limit: int = 10
 ) -> list[tuple[str | None, int]]:
-    """The ``limit`` most frequent error reasons with their counts, most frequent first.
+    """The ``limit`` most frequent error reasons (0: all) with their counts, most frequent first.
 
     Of the errors that ended from ``since`` on (default: ever), of ``run`` or of all, summed
     from the reason counters of the window (index ``minute`` or ``run_minute``): the cost
@@ -634,10 +748,11 @@ def top_error_reasons(
         match["run"] = run
     pipeline: list[dict[str, Any]] = [{"$match": match}] if match else []
     pipeline.append({"$group": {"_id": "$reason", "n": {"$sum": "$n"}}})
-    rows = storage.reason_counts(db).aggregate(pipeline)
-    counts = [(row["_id"], int(row["n"])) for row in rows if row["n"]]
-    counts.sort(key=lambda pair: (-pair[1], str(pair[0])))
-    return counts[:limit] if limit else counts
+    pipeline.append({"$match": {"n": {"$gt": 0}}})
+    pipeline.append({"$sort": {"n": DESCENDING, "_id": ASCENDING}})
+    if limit:
+        pipeline.append({"$limit": limit})
+    return [(row["_id"], int(row["n"])) for row in storage.reason_counts(db).aggregate(pipeline)]
 
 
 def failed_outcomes(
@@ -733,12 +848,15 @@ class FailedLines:
         """The URL lines alone."""
         return (line.encode() for line, is_url in self.lines() if is_url)
 
-    def left_out_note(self, *, as_comments: bool = True) -> str | None:
-        """How many of the lines read so far were left out, and why (None: none were)."""
+    def left_out_note(self, *, retrying: bool = False) -> str | None:
+        """How many of the lines read so far were left out, and why (None: none were).
+
+        They were written as ``#`` comments; with ``retrying``, they were not sent again.
+        """
         if not self.left_out:
             return None
         why = ", ".join(f"{self.left_out[reason]} {reason}" for reason in _LEFT_OUT if self.left_out[reason])
-        how = ", as # comments" if as_comments else ", not retried"
+        how = ", not retried" if retrying else ", as # comments"
         return f"left out {sum(self.left_out.values())} of {self.listed} failed lines{how}: {why}"
 
 
@@ -756,8 +874,18 @@ def get_outcome(db: Database, job_id: str) -> dict[str, Any] | None:
     return storage.outcomes(db).find_one({"_id": job_id})
 
 
+def count_ended(db: Database, run: str) -> int:
+    """How many of ``run``'s lines have their outcome, counted in the ledger (exact; ``run_outcome_line``)."""
+    return storage.outcomes(db).count_documents({"run": run})
+
+
 def count_outcomes(db: Database, run: str | None = None) -> dict[str, int]:
-    """How many jobs ended in each outcome, for one run or overall."""
+    """How many jobs ended in each outcome, for one run or overall, counted in the ledger.
+
+    Exact at once, where the counters (:func:`counted_totals`, :func:`run_totals`) may lack for
+    a few minutes what a crashed writer did not count; but it reads every outcome it counts:
+    for the end of one run (``enqueue --wait``), not for pages.
+    """
     pipeline: list[dict[str, Any]] = [{"$group": {"_id": "$outcome", "n": {"$sum": 1}}}]
     if run is not None:
         pipeline.insert(0, {"$match": {"run": run}})

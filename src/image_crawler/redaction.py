@@ -40,6 +40,17 @@ def redact_url(url: str, *, checked: bool = True) -> str:
     return url if at < 0 else f"{url[:start]}***{url[at:]}"
 
 
+def redact_url_field(document: dict[str, Any], field: str) -> dict[str, Any]:
+    """``document`` with the URL in ``field`` (if any) shown without credentials.
+
+    The pipeline stores URLs redacted; readers apply this too, for documents an earlier
+    version stored before it did (docs/architecture.md, "Credentials").
+    """
+    if isinstance(document.get(field), str):
+        document[field] = redact_url(document[field])
+    return document
+
+
 def redact(text: str) -> str:
     """``text`` with the userinfo of every URL in it replaced by ``***``."""
     if "@" not in text:

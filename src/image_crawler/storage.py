@@ -6,12 +6,16 @@
 * ``minute_counts`` — one document per run and UTC minute, ``run``, ``minute``, ``success``,
   ``duplicate``, ``error``: the ledger counted as it is written, and recounted from it once a
   minute has settled (:func:`image_crawler.outcomes.reconcile`). Charts and totals read these.
+* ``reason_counts`` — one document per run, UTC minute and counted error reason
+  (:func:`image_crawler.outcomes.counted_reason`), ``_id`` = ``{minute, run, reason}``, ``n``:
+  the errors counted by reason, kept and recounted as ``minute_counts`` is.
 * ``reconciled`` — one document, ``_id`` = ``minute_counts``, ``through``: every minute before
-  it has been recounted from the ledger.
+  it has been recounted from the ledger (both counter collections).
 * ``runs``     — one document per ``enqueue``, ``_id`` = run id: ``started_at``, ``retry_of``
   (the run it retries, or None), ``jobs`` (lines sent so far, each gets one outcome),
-  ``enqueued``, ``rejected``, ``skipped``, ``sent_at`` once the whole file was read (just before
-  its last batch is sent), ``interrupted_at`` if ``enqueue`` stopped before it sent everything.
+  ``enqueued``, ``rejected``, ``skipped``, ``updated_at`` (its last progress), ``sent_at`` once
+  the whole file was read (just before its last batch is sent), ``interrupted_at`` if
+  ``enqueue`` stopped before it sent everything, ``finished_at`` once a reader saw it finished.
 
 The GridFS file is written before the ``images`` document, so a document always
 points at a complete PNG; the document insert is the commit point that decides
@@ -25,18 +29,20 @@ import datetime as dt
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import cache
+from typing import Any
 
 import gridfs
 import pymongo
 from bson import ObjectId
 from gridfs.errors import FileExists
+from gridfs.grid_file import GridOut
 from pymongo.collection import Collection
 from pymongo.database import Database
 from pymongo.errors import BulkWriteError, OperationFailure
 
 from .config import Settings
 from .errors import StoreBusy
-from .redaction import redact_url
+from .redaction import redact_url, redact_url_field
 
 IMAGES = "images"
 OUTCOMES = "outcomes"
@@ -62,6 +68,16 @@ def as_utc(moment: dt.datetime) -> dt.datetime:
     if moment.tzinfo is None:
         return moment.replace(tzinfo=dt.UTC)
     return moment.astimezone(dt.UTC)
+
+
+def minute_of(moment: dt.datetime) -> dt.datetime:
+    """The UTC minute ``moment`` falls in (outcomes are counted and charted per minute)."""
+    return as_utc(moment).replace(second=0, microsecond=0)
+
+
+def this_minute() -> dt.datetime:
+    """The current UTC minute."""
+    return minute_of(utcnow())
 
 
 def connect(settings: Settings, *, timeout_s: float = 10.0) -> Database:
@@ -287,3 +303,37 @@ def store_image(db: Database, record: ImageRecord, png: bytes | None, *, job_id:
     if png is None:
         raise ValueError("the PNG is needed to store a new image")
     return store_new_images(db, [(record, png, job_id)])[record.md5] == job_id
+
+
+# --- reads of the web app ----------------------------------------------------------------
+
+
+def count_images(db: Database) -> int:
+    """How many distinct images are stored (from collection metadata: no scan)."""
+    return images(db).estimated_document_count()
+
+
+def latest_images(db: Database, *, skip: int, limit: int) -> list[dict[str, Any]]:
+    """Image documents, newest first (index ``inserted_at``), ``limit`` of them after ``skip``."""
+    cursor = images(db).find(
+        {},
+        projection={"width": 1, "height": 1, "inserted_at": 1, "source_url": 1},
+        sort=[("inserted_at", pymongo.DESCENDING)],
+        skip=skip,
+        limit=limit,
+    )
+    return [redact_url_field(document, "source_url") for document in cursor]
+
+
+def find_image(db: Database, md5: str) -> dict[str, Any] | None:
+    """The ``images`` document of ``md5``, or None."""
+    document: dict[str, Any] | None = images(db).find_one({"_id": md5})
+    return None if document is None else redact_url_field(document, "source_url")
+
+
+def open_gray_png(db: Database, md5: str) -> GridOut | None:
+    """The stored grayscale PNG of ``md5`` as a file to stream (chunks are read lazily), or None."""
+    try:
+        return gray_files(db).get(md5)
+    except gridfs.NoFile:
+        return None

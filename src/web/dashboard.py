@@ -7,19 +7,11 @@ import math
 
 from flask import Blueprint, current_app, render_template, url_for
 
-from image_crawler import outcomes
+from image_crawler import outcomes, storage
+from image_crawler.storage import as_utc
 
-from .db import (
-    as_utc,
-    count_images,
-    get_db,
-    latest_errors,
-    latest_images,
-    latest_minute,
-    outcome_totals,
-    settle_counters,
-)
-from .monitoring import requested_minutes, this_minute
+from .db import get_db, settle_counters
+from .monitoring import requested_minutes
 from .params import whole_number
 
 bp = Blueprint("dashboard", __name__)
@@ -44,21 +36,22 @@ def index() -> str:
     db = get_db()
 
     settle_counters(db)  # totals come from the counters: a crashed writer's outcomes count within minutes
-    totals = outcome_totals(db)
+    totals = outcomes.counted_totals(db)
     # Up to the next minute, like the chart: an outcome from a worker whose clock runs far ahead
     # would otherwise keep the page "live" (and refreshing every few seconds) until that date.
-    now = this_minute()
-    latest = latest_minute(db, until=now + dt.timedelta(minutes=1))
+    now = storage.this_minute()
+    latest = outcomes.latest_minute(db, until=now + dt.timedelta(minutes=1))
     live = latest is not None and now - latest <= dt.timedelta(minutes=config["LIVE_MINUTES"])
     page_size = int(config["GALLERY_PAGE_SIZE"])
-    image_count = count_images(db)
+    image_count = storage.count_images(db)
     shown_runs = int(config["DASHBOARD_RUNS"])
     running = outcomes.unfinished_runs(db)
     # With no run going, the latest few: what just ended stays in view.
     runs = running[:shown_runs] if running else outcomes.recent_runs(db, 3)
     # Changes whenever an outcome, an image or a line sent is added: the page script swaps content only then.
     sent = sum(summary.jobs for summary in running)
-    version = f"{sum(totals.values())}.{image_count}.{sent}.{len(running)}"
+    states = "".join(summary.state[0] for summary in running)  # a run turning stalled changes the page
+    version = f"{sum(totals.values())}.{image_count}.{sent}.{states}"
     return render_template(
         "dashboard/index.html",
         totals=totals,
@@ -76,8 +69,8 @@ def index() -> str:
         reasons=outcomes.top_error_reasons(
             db, since=now - dt.timedelta(minutes=minutes - 1), limit=int(config["TOP_REASONS"])
         ),
-        errors=latest_errors(db, int(config["RECENT_ERRORS"])),
-        images=latest_images(db, skip=(page - 1) * page_size, limit=page_size),
+        errors=outcomes.latest_errors(db, int(config["RECENT_ERRORS"])),
+        images=storage.latest_images(db, skip=(page - 1) * page_size, limit=page_size),
         image_count=image_count,
         page=page,
         pages=max(1, math.ceil(image_count / page_size)),

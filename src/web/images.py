@@ -9,7 +9,9 @@ from flask import Blueprint, Response, current_app, jsonify, request, url_for
 from werkzeug.exceptions import BadRequest, NotFound
 from werkzeug.wsgi import wrap_file
 
-from .db import as_utc, find_image, get_db, open_gray_png
+from image_crawler.storage import as_utc, find_image, open_gray_png
+
+from .db import get_db
 
 bp = Blueprint("images", __name__, url_prefix="/image")
 

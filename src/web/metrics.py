@@ -4,12 +4,13 @@ Every value is read from MongoDB and Redis when Prometheus asks, by a collector 
 the app's own (never prometheus_client's global one). What a scrape reads stays the same size
 however long the ledger grows (README: Metrics), but for the counters' sum below:
 
-* outcomes by outcome — summed from the per-minute counters (:func:`~web.db.outcome_totals`),
-  which grow with the minutes a crawl was busy, not with its outcomes;
-* images stored — the collection's metadata (:func:`~web.db.count_images`);
-* recent errors by reason — at most :data:`RECENT_ERROR_SAMPLE` of the latest error outcomes
-  (:func:`~web.db.recent_error_reasons`), those of the last :data:`RECENT_ERROR_MINUTES` minutes;
-* runs in flight by state, and their lines without an outcome — the runs not finished
+* outcomes by outcome — summed from the per-minute counters
+  (:func:`~image_crawler.outcomes.counted_totals`), which grow with the minutes a crawl was
+  busy, not with its outcomes;
+* images stored — the collection's metadata (:func:`~image_crawler.storage.count_images`);
+* recent errors by reason — the error-reason counters of the last :data:`RECENT_ERROR_MINUTES`
+  minutes (:func:`~image_crawler.outcomes.top_error_reasons`);
+* runs not finished by state, and their lines without an outcome — the runs not finished
   (:func:`~image_crawler.outcomes.unfinished_runs`, which marks those it finds over, so the read
   stays the size of the runs going on);
 * queues — four counters per Dramatiq queue, and the workers' two download counters
@@ -33,25 +34,24 @@ from flask.blueprints import BlueprintSetupState
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from image_crawler import outcomes, storage
 from image_crawler.broker import ADMIT_QUEUE, FETCH_QUEUE, PROCESS_QUEUE
 from image_crawler.context import DOWNLOADED_BODIES_KEY, DOWNLOADED_BYTES_KEY
-from image_crawler.outcomes import unfinished_runs
+from image_crawler.outcomes import counted_totals, top_error_reasons, unfinished_runs
 from image_crawler.redaction import redact
 
-from .db import count_images, get_db, get_redis, outcome_totals, recent_error_reasons
+from .db import get_db, get_redis
 
 bp = Blueprint("metrics", __name__)
 
 #: Errors count as recent for this many minutes after they ended.
 RECENT_ERROR_MINUTES = 5
-#: A scrape reads at most this many of the latest error outcomes, however many there are.
-RECENT_ERROR_SAMPLE = 1_000
 #: Reasons named in ``image_crawler_recent_errors``; the rest are summed as ``other``.
-TOP_REASONS = 20
+METRIC_REASONS = 20
 
 #: The states of a run not finished (:attr:`~image_crawler.outcomes.RunSummary.state`, but ``done``),
 #: each reported in ``image_crawler_runs`` even when no run is in it.
-RUN_STATES = ("sending", "stalled", "running", "interrupted")
+RUN_STATES = tuple(state for state in outcomes.RUN_STATES if state != "done")
 
 #: The queues of the pipeline, as the workers consume them.
 QUEUES = (ADMIT_QUEUE, FETCH_QUEUE, PROCESS_QUEUE)
@@ -108,26 +108,26 @@ class CrawlCollector:
 
 def _from_mongo() -> Iterator[Metric]:
     db = get_db()
-    outcomes = CounterMetricFamily(
+    ended = CounterMetricFamily(
         "image_crawler_outcomes",
         "URL lines that ended, by outcome (success, duplicate, error).",
         labels=["outcome"],
     )
-    for outcome, count in outcome_totals(db).items():
-        outcomes.add_metric([outcome], count)
-    yield outcomes
+    for outcome, count in counted_totals(db).items():
+        ended.add_metric([outcome], count)
+    yield ended
 
     yield GaugeMetricFamily(
         "image_crawler_images_stored",
         "Distinct images stored (MongoDB's estimate from collection metadata).",
-        value=count_images(db),
+        value=storage.count_images(db),
     )
 
     recent = GaugeMetricFamily(
         "image_crawler_recent_errors",
-        f"Error outcomes of the last {RECENT_ERROR_MINUTES} minutes by reason, without the detail after"
-        f" a colon; counted over the latest {RECENT_ERROR_SAMPLE} errors at most; the {TOP_REASONS} most"
-        " frequent reasons are named, the others summed as other.",
+        f"Error outcomes of the last {RECENT_ERROR_MINUTES} minutes (this one and those before) by reason,"
+        f" without the detail after a colon; the {METRIC_REASONS} most frequent reasons are named, the"
+        " others summed as other.",
         labels=["reason"],
     )
     for reason, count in _recent_reasons():
@@ -155,11 +155,11 @@ def _from_mongo() -> Iterator[Metric]:
 
 def _recent_reasons() -> list[tuple[str, int]]:
     """``(reason, count)`` of the recent errors, the most frequent first, ``other`` last."""
-    since = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=RECENT_ERROR_MINUTES)
-    counts = Counter(
-        _reason_class(reason) for reason in recent_error_reasons(get_db(), since, RECENT_ERROR_SAMPLE)
-    )
-    named = counts.most_common(TOP_REASONS)
+    since = storage.this_minute() - dt.timedelta(minutes=RECENT_ERROR_MINUTES - 1)
+    counts: Counter[str] = Counter()
+    for reason, count in top_error_reasons(get_db(), since=since, limit=0):
+        counts[_reason_class(reason)] += count
+    named = counts.most_common(METRIC_REASONS)
     rest = sum(counts.values()) - sum(count for _, count in named)
     return named + ([("other", rest)] if rest else [])
 

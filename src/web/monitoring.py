@@ -9,11 +9,11 @@ from flask import Blueprint, Response, current_app, jsonify, request
 from pymongo.database import Database
 from werkzeug.exceptions import BadRequest
 
-from image_crawler import storage
+from image_crawler import outcomes, storage
 from image_crawler.outcomes import OUTCOMES
 
 from . import charts
-from .db import count_by_minute, get_db, settle_counters
+from .db import get_db, settle_counters
 from .params import whole_number
 
 bp = Blueprint("monitoring", __name__)
@@ -40,11 +40,6 @@ class Bucket:
         return {"minute": self.minute.strftime("%Y-%m-%dT%H:%M:%SZ"), **self.counts}
 
 
-def this_minute() -> dt.datetime:
-    """The current UTC minute."""
-    return storage.utcnow().replace(second=0, microsecond=0)
-
-
 def minute_buckets(
     db: Database,
     minutes: int | None,
@@ -52,10 +47,11 @@ def minute_buckets(
     *,
     longest: int = LONGEST_WINDOW,
     run: str | None = None,
+    earlier: bool = True,
 ) -> list[Bucket]:
     """Buckets of UTC minutes, oldest first: every outcome from the window's first minute on is in one.
 
-    The counts come from the per-minute counters (:func:`web.db.count_by_minute`), never the
+    The counts come from the per-minute counters (:func:`image_crawler.outcomes.counts_per_minute`), never the
     ledger: what a request costs follows the minutes it shows.
 
     The window is the ``minutes`` minutes ending with the current one, empty minutes included.
@@ -69,18 +65,31 @@ def minute_buckets(
     minutes that had outcomes are listed. The answer then grows with the minutes a crawl was
     busy, never with the time since its first outcome.
 
+    Without ``earlier``, the minutes before those ``longest`` are neither read nor listed (a
+    chart of a month-long crawl stays a day wide).
+
     With ``run``, only that run's outcomes count; with ``None`` as well, the buckets end with
     the run's last outcome (a run that ended yesterday is not followed by a day of empty minutes).
     """
-    now = (now or this_minute()).replace(second=0, microsecond=0)
+    now = storage.minute_of(now or storage.utcnow())
     since = None if minutes is None else now - (minutes - 1) * _MINUTE
-    counts = _fold_later_minutes(count_by_minute(db, since, run=run), now + _MINUTE)
+    first = None
+    if since is None and run is not None:
+        last = outcomes.last_counted_minute(db, run)
+        if last is None:
+            return []
+        now = min(now, last)
+        first = outcomes.last_counted_minute(db, run, first=True)
+    if since is None and not earlier:
+        # From the first outcome (the run's, if known; else the first in the window) on.
+        since = max(first or now - (longest - 1) * _MINUTE, now - (longest - 1) * _MINUTE)
+    counts = _fold_later_minutes(outcomes.counts_per_minute(db, since, run=run), now + _MINUTE)
     if since is None:
         if not counts:
             return []
-        if run is not None:
-            now = min(now, max(counts))
         since = max(min(counts), now - (longest - 1) * _MINUTE)
+    elif minutes is None and first is None:
+        since = max(min(counts, default=since), since)
     until = now + _MINUTE if now + _MINUTE in counts else now
     buckets = [Bucket(minute, counts[minute]) for minute in sorted(counts) if minute < since]
     minute = since
@@ -137,12 +146,15 @@ def requested_minutes(*, allow_all: bool) -> int | None:
 def histogram() -> Response:
     """The StackedBar chart of success, duplicate and error per minute (``image/svg+xml``).
 
-    ``?run=`` draws one run's outcomes only; ``?minutes=all`` is then taken too (the run's minutes).
+    ``?run=`` draws one run's outcomes only; ``?minutes=all`` is then taken too: the run's
+    minutes, its last ``MAX_MINUTES`` at most (up to its last outcome).
     """
     run = requested_run()
     minutes = requested_minutes(allow_all=run is not None)
     settle_counters(get_db())
-    buckets = minute_buckets(get_db(), minutes, longest=int(current_app.config["MAX_MINUTES"]), run=run)
+    # A bar per minute of at most MAX_MINUTES: a month-long run's chart shows its last day.
+    longest = int(current_app.config["MAX_MINUTES"])
+    buckets = minute_buckets(get_db(), minutes, longest=longest, run=run, earlier=False)
     svg = charts.outcomes_per_minute_svg(
         [bucket.minute for bucket in buckets],
         {name: [bucket.counts[name] for bucket in buckets] for name in OUTCOMES},

@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime as dt
 import itertools
 import math
-import re
 from collections.abc import Iterator
 
 from flask import (
@@ -18,6 +17,7 @@ from flask import (
     stream_with_context,
     url_for,
 )
+from werkzeug.exceptions import BadRequest
 
 from image_crawler import outcomes
 from image_crawler.redaction import redact_url
@@ -28,8 +28,8 @@ from .params import whole_number
 
 bp = Blueprint("runs", __name__)
 
-#: A run id safe to put in a file name as it is (``enqueue`` makes 12 hex digits).
-_PLAIN_RUN_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+#: The longest ``?reason=`` text a failed-URL list is filtered by.
+_LONGEST_REASON = 200
 
 
 @bp.app_template_filter("duration")
@@ -90,7 +90,8 @@ def show(run: str) -> str:
     for error in errors:  # stored without credentials; this also covers what an earlier version kept
         error["url"] = redact_url(str(error.get("url", "")))
     done = sum(counts.values())
-    live = summary is not None and summary.state in {"sending", "running"}
+    # Outcomes may still come in (an interrupted run's lines too); a stalled run is quiet.
+    live = summary is not None and not summary.finished and summary.state != "stalled"
     return render_template(
         "runs/show.html",
         run=run,
@@ -101,7 +102,7 @@ def show(run: str) -> str:
         refresh_seconds=current_app.config["REFRESH_SECONDS" if live else "IDLE_REFRESH_SECONDS"],
         version=f"{done}.{summary.jobs if summary else 0}.{summary.state if summary else ''}",
         chart_url=url_for("monitoring.histogram", run=run, minutes="all", v=done),
-        reasons=outcomes.top_error_reasons(db, run=run),
+        reasons=outcomes.top_error_reasons(db, run=run, limit=int(current_app.config["TOP_REASONS"])),
         errors=errors[:shown],
         more_errors=len(errors) > shown,
         retries=outcomes.retries_of(db, run),
@@ -113,24 +114,29 @@ def failed(run: str) -> Response:
     """The run's failed URLs, one per line in line order: a URL list to enqueue again.
 
     What ``image-crawler failed RUN`` prints: errors that cannot be retried from what the ledger
-    keeps are ``#`` comments, and so is a last line saying how many were left out, and why.
+    keeps are ``#`` comments, and so are the last lines saying how many were left out, and why,
+    and, for a run not finished, how many lines may still fail. The very last line is
+    ``# end: N failed lines``: a download cut short (MongoDB failing mid-way) lacks it.
     ``?reason=TEXT`` (repeatable) keeps the errors whose reason contains TEXT, ignoring case.
     """
+    reasons = [reason for reason in request.args.getlist("reason") if reason]
+    if any(len(reason) > _LONGEST_REASON or not reason.isprintable() for reason in reasons):
+        raise BadRequest(f"reason must be at most {_LONGEST_REASON} printable characters.")
     db = get_db()
     settle_counters(db)
-    _known(run)
-    reasons = [reason for reason in request.args.getlist("reason") if reason]
+    summary = _known(run)
     failures = outcomes.FailedLines(db, run, reasons)
 
     def body() -> Iterator[str]:
         for line, _ in failures.lines():
             yield line + "\n"
-        note = failures.left_out_note()
-        if note:
-            yield f"# {note}\n"
+        for note in (failures.left_out_note(), summary and summary.not_finished_note()):
+            if note:
+                yield f"# {note}\n"
+        yield f"# end: {failures.listed} failed lines\n"
 
     response = Response(stream_with_context(body()), mimetype="text/plain")
-    name = f"failed-{run}.txt" if _PLAIN_RUN_ID.fullmatch(run) else "failed.txt"
+    name = f"failed-{run}.txt" if outcomes.RUN_ID.fullmatch(run) else "failed.txt"
     response.headers["Content-Disposition"] = f'attachment; filename="{name}"'
     response.cache_control.no_cache = True
     return response

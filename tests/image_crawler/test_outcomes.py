@@ -455,9 +455,9 @@ def test_reasons_a_crash_left_uncounted_are_recounted_once_their_minute_has_sett
 
 def _run(db, run: str, *, lines: int, sent: bool = True, started: dt.datetime | None = None, **kw) -> None:
     outcomes.start_run(db, run, retry_of=kw.pop("retry_of", None))
-    if started is not None:
-        storage.runs(db).update_one({"_id": run}, {"$set": {"started_at": started}})
     outcomes.run_progress(db, run, enqueued=lines, rejected=0, skipped=0, sent=sent, **kw)
+    if started is not None:  # as if enqueue ran then, whatever the clock says now
+        storage.runs(db).update_one({"_id": run}, {"$set": {"started_at": started, "updated_at": started}})
 
 
 def test_unfinished_runs_are_those_with_lines_to_go_and_a_finished_run_is_marked_once(db):
@@ -475,7 +475,7 @@ def test_unfinished_runs_are_those_with_lines_to_go_and_a_finished_run_is_marked
     assert going["sending"].state == "sending"
     assert storage.runs(db).find_one({"_id": "over"})["finished_at"] is not None
     assert storage.runs(db).count_documents({"finished_at": None}) == 2
-    assert outcomes.get_run(db, "over").finished
+    assert outcomes.get_run(db, "over", now=now).finished
 
 
 def test_an_interrupted_run_whose_lines_all_ended_is_finished(db):
@@ -486,9 +486,9 @@ def test_an_interrupted_run_whose_lines_all_ended_is_finished(db):
 
 
 def test_the_time_left_follows_the_recent_pace_once_the_length_is_known(db):
-    now = MINUTE + dt.timedelta(minutes=4)
+    now = MINUTE + dt.timedelta(minutes=5)
     _run(db, "run", lines=100, started=MINUTE)
-    for minute in range(5):  # 10 outcomes a minute over the last five minutes
+    for minute in range(5):  # 10 outcomes a minute, 30 s into each of five minutes
         at = MINUTE + dt.timedelta(minutes=minute)
         outcomes.record_outcomes(
             db, _at("run", range(1 + 10 * minute, 11 + 10 * minute), outcomes.SUCCESS, at)
@@ -496,11 +496,23 @@ def test_the_time_left_follows_the_recent_pace_once_the_length_is_known(db):
 
     summary = outcomes.get_run(db, "run", now=now)
 
-    assert summary.in_flight == 50
-    assert summary.rate == pytest.approx(50 / 4)
-    assert summary.eta == dt.timedelta(minutes=50 / (50 / 4))
+    # The pace's window is this minute and the four before: 40 outcomes over 4 minutes.
+    assert (summary.in_flight, summary.rate, summary.pace) == (50, 10.0, 10.0)
+    assert summary.eta == dt.timedelta(minutes=5)
     storage.runs(db).update_one({"_id": "run"}, {"$set": {"sent_at": None}})
     assert outcomes.get_run(db, "run", now=now).eta is None  # its length is not known yet
+    storage.runs(db).update_one({"_id": "run"}, {"$set": {"interrupted_at": now}})
+    assert outcomes.get_run(db, "run", now=now).eta == dt.timedelta(minutes=5)  # stopped: known again
+
+
+def test_a_done_run_has_no_pace(db):
+    _run(db, "run", lines=2, started=MINUTE)
+    outcomes.record_outcomes(db, _at("run", range(1, 3), outcomes.SUCCESS, MINUTE))
+
+    summary = outcomes.get_run(db, "run", now=MINUTE + dt.timedelta(minutes=1))
+
+    assert (summary.state, summary.pace, summary.eta) == ("done", None, None)
+    assert summary.rate > 0 and summary.not_finished_note() is None
 
 
 def test_a_run_still_sending_with_nothing_happening_for_long_is_stalled(db):
@@ -514,6 +526,18 @@ def test_a_run_still_sending_with_nothing_happening_for_long_is_stalled(db):
     assert outcomes.get_run(db, "run", now=later).state == "stalled"
     outcomes.record_outcomes(db, _at("run", range(1, 2), outcomes.SUCCESS, later))  # something happens
     assert outcomes.get_run(db, "run", now=later).state == "sending"
+
+
+def test_a_stalled_run_whose_lines_all_ended_is_finished_until_its_enqueue_sends_again(db):
+    _run(db, "run", lines=2, sent=False, started=MINUTE)
+    outcomes.record_outcomes(db, _at("run", range(1, 3), outcomes.SUCCESS, MINUTE))
+    much_later = MINUTE + outcomes.STALLED_AFTER + dt.timedelta(minutes=outcomes.RATE_MINUTES)
+
+    assert outcomes.unfinished_runs(db, now=much_later) == []  # its enqueue is gone: it is over
+    assert outcomes.get_run(db, "run", now=much_later).state == "stalled"  # and says how it ended
+
+    outcomes.run_progress(db, "run", enqueued=4, rejected=0, skipped=0)  # it was only slow after all
+    assert [summary.run for summary in outcomes.unfinished_runs(db)] == ["run"]
 
 
 def test_the_runs_retrying_a_run_are_listed_oldest_first(db):
@@ -548,3 +572,55 @@ def test_failed_lines_list_retryable_urls_and_comment_the_rest(db):
         "left out 2 of 4 failed lines, as # comments:"
         " 1 credentials redacted in the ledger, 1 not a url enqueue takes"
     )
+
+
+def test_a_run_is_not_marked_finished_while_the_ledger_says_lines_are_in_flight(db):
+    now = MINUTE + dt.timedelta(minutes=2)
+    _run(db, "run", lines=3, started=MINUTE)
+    outcomes.record_outcomes(db, _at("run", range(1, 3), outcomes.SUCCESS, MINUTE))
+    # A late outcome counted twice (a recount between its insert and its count): the counters
+    # say every line ended, the ledger knows better.
+    storage.minute_counts(db).update_one({"run": "run"}, {"$inc": {"success": 1}})
+    assert outcomes.get_run(db, "run", now=now).finished
+
+    assert [summary.run for summary in outcomes.unfinished_runs(db, now=now)] == ["run"]
+    assert storage.runs(db).find_one({"_id": "run"})["finished_at"] is None
+
+
+def test_a_run_quiet_for_a_day_with_lines_in_flight_is_abandoned(db):
+    _run(db, "lost", lines=5, started=MINUTE)
+    outcomes.record_outcomes(db, _at("lost", range(1, 3), outcomes.SUCCESS, MINUTE))
+    _run(db, "slow", lines=5, started=MINUTE)
+    late = MINUTE + outcomes.ABANDONED_AFTER  # slow but alive: an outcome now and then
+    outcomes.record_outcomes(db, _at("slow", range(1, 2), outcomes.SUCCESS, late))
+    now = late + dt.timedelta(minutes=outcomes.RATE_MINUTES + 1)
+
+    assert [summary.run for summary in outcomes.unfinished_runs(db, now=now)] == ["slow"]
+    assert storage.runs(db).find_one({"_id": "lost"})["finished_at"] is not None
+    assert outcomes.get_run(db, "lost", now=now).state == "running"  # still says where it stopped
+
+
+def test_errors_whose_reasons_differ_only_in_numbers_a_server_picks_are_counted_together(db):
+    outcomes.record_outcomes(
+        db, _at("run", range(1, 3), outcomes.ERROR, MINUTE, "too many pixels: 3000x3000")
+    )
+    outcomes.record_outcomes(db, _at("run", range(3, 4), outcomes.ERROR, MINUTE, "too many pixels: 90x90000"))
+    outcomes.record_outcomes(db, _at("run", range(4, 5), outcomes.ERROR, MINUTE, "http 404"))
+    outcomes.record_outcomes(db, _at("run", range(5, 6), outcomes.ERROR, MINUTE, "http 500"))
+    outcomes.record_outcomes(db, _at("run", range(6, 7), outcomes.ERROR, MINUTE, None))
+    outcomes.record_outcomes(db, _at("run", range(7, 8), outcomes.ERROR, MINUTE, "None"))
+    counted = outcomes.top_error_reasons(db, limit=0)
+
+    outcomes.reconcile(db, now=MINUTE + dt.timedelta(hours=1))  # a recount gives the same
+
+    assert sorted(counted, key=str) == sorted(
+        [("too many pixels: NxN", 3), ("http 404", 1), ("http 500", 1), (None, 1), ("None", 1)], key=str
+    )
+    assert sorted(outcomes.top_error_reasons(db, limit=0), key=str) == sorted(counted, key=str)
+    assert storage.reason_counts(db).count_documents({}) == 5
+
+
+@pytest.mark.parametrize("run", ["", "a b", "a\nb", "x" * 65, "run/1", "ünï"])
+def test_a_run_id_that_could_be_misread_is_refused(db, run):
+    with pytest.raises(ValueError, match="run id"):
+        outcomes.start_run(db, run)

@@ -14,9 +14,9 @@ from pymongo.database import Database
 from image_crawler import outcomes, storage
 from image_crawler.imaging import to_grayscale
 from image_crawler.outcomes import Job
+from image_crawler.storage import this_minute
 from support.images import png_bytes
 from web import create_app
-from web.monitoring import this_minute
 
 
 @dataclass

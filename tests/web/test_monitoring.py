@@ -261,3 +261,45 @@ def test_the_chart_counts_the_current_minute_from_the_counters_the_writers_keep(
 
     assert sum(b["success"] for b in buckets) == 4
     assert sum(b["error"] for b in buckets) == 0
+
+
+def test_the_chart_of_a_month_long_run_shows_its_last_day_up_to_its_last_outcome(mongo_db):
+    from image_crawler import outcomes, storage
+    from image_crawler.outcomes import Job
+
+    storage.ensure_indexes(mongo_db)
+    last = storage.this_minute() - dt.timedelta(days=2)
+    documents = []
+    for day in range(30):  # an outcome a day for a month, ending two days ago
+        at = last - dt.timedelta(days=29 - day) + dt.timedelta(seconds=5)
+        documents.append(
+            outcomes.outcome_document(Job.new("long", day + 1, "http://x.test/a"), "success", at=at)
+        )
+    outcomes.record_outcomes(mongo_db, documents)
+
+    chart = minute_buckets(mongo_db, None, longest=1440, run="long", earlier=False)
+    everything = minute_buckets(mongo_db, None, longest=1440, run="long")
+
+    assert len(chart) == 1440 and chart[-1].minute == last and chart[-1].counts["success"] == 1
+    assert sum(bucket.counts["success"] for bucket in chart) == 1  # the day before is one minute too far
+    assert sum(bucket.counts["success"] for bucket in everything) == 30  # the JSON keeps every one
+
+
+def test_the_chart_of_a_short_run_starts_at_its_first_outcome(mongo_db):
+    from image_crawler import outcomes, storage
+    from image_crawler.outcomes import Job
+
+    storage.ensure_indexes(mongo_db)
+    first = storage.this_minute() - dt.timedelta(hours=3)
+    documents = [
+        outcomes.outcome_document(
+            Job.new("short", n, "http://x.test/a"), "success", at=first + dt.timedelta(minutes=n)
+        )
+        for n in (0, 10)
+    ]
+    outcomes.record_outcomes(mongo_db, documents)
+
+    chart = minute_buckets(mongo_db, None, longest=1440, run="short", earlier=False)
+
+    assert [bucket.minute for bucket in (chart[0], chart[-1])] == [first, first + dt.timedelta(minutes=10)]
+    assert len(chart) == 11

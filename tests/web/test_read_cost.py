@@ -89,7 +89,7 @@ def counting(mongo_db) -> CountingDatabase:
 
 
 def test_the_chart_and_the_totals_read_counters_only_and_as_many_as_before(counting, mongo_db, seed):
-    from web.db import outcome_totals
+    from image_crawler.outcomes import counted_totals as outcome_totals
 
     _crawl(seed, per_minute=20)
 

@@ -52,7 +52,8 @@ def test_the_dashboard_shows_runs_going_with_progress_pace_and_time_left(client,
     rows = _rows(page)
     assert list(rows) == ["going"]  # a finished run is not among the runs going
     assert "running" in rows["going"] and "40 of 100" in rows["going"]
-    assert "30 0 10" in rows["going"]  # success, duplicate, error
+    cells = dict(re.findall(r'<td class="num (success|duplicate|error)">([\d,]+)</td>', page))
+    assert cells == {"success": "30", "duplicate": "0", "error": "10"}
     # 40 outcomes in the run's first minute: 40 a minute, 60 lines to go.
     assert "40.0" in rows["going"] and "~2 min" in rows["going"]
     bars = Elements(page).all("progress")
@@ -126,9 +127,23 @@ def test_a_run_page_says_where_the_run_stands(client, mongo_db):
 
     page = " ".join(re.sub(r"<[^>]+>", " ", client.get("/runs/abc123").text).split())
 
-    assert "started" in page and "6 lines" in page  # in flight
+    assert "in flight 6 lines" in page
     assert "retries base" in page and "retried by later" in page
     assert "about 2 min at this pace" in page
+
+
+def test_the_failed_list_of_a_run_not_finished_says_so_last(client, mongo_db):
+    _run(mongo_db, "abc123", lines=5)
+    _ended(mongo_db, "abc123", range(1, 3), "error", reason="http 404")
+
+    lines = client.get("/runs/abc123/failed.txt").text.splitlines()
+
+    assert lines == [
+        "http://images.test/abc123/1.png",
+        "http://images.test/abc123/2.png",
+        "# run abc123 is not finished: 3 lines in flight may still fail",
+        "# end: 2 failed lines",
+    ]
 
 
 def test_an_unknown_run_is_404(client):
@@ -167,9 +182,11 @@ def test_the_failed_list_is_a_url_list_of_the_runs_errors_in_line_order(client, 
         "http://images.test/abc123/5.png",
         "# line 6, http 500: credentials redacted in the ledger: http://***@images.test/6.png",
         "# left out 1 of 5 failed lines, as # comments: 1 credentials redacted in the ledger",
+        "# end: 5 failed lines",  # a download cut short lacks it
     ]
     only = client.get("/runs/abc123/failed.txt?reason=404&reason=TIMEOUT").text.splitlines()
-    assert only == [f"http://images.test/abc123/{n}.png" for n in (1, 2, 4, 5)]
+    assert only == [*(f"http://images.test/abc123/{n}.png" for n in (1, 2, 4, 5)), "# end: 4 failed lines"]
+    assert client.get("/runs/abc123/failed.txt?reason=a%00b").status_code == 400
 
 
 def test_a_hostile_run_page_is_escaped(client, mongo_db):
