@@ -118,53 +118,111 @@ def _allowed_image_formats(spec: str) -> frozenset[str]:
     return frozenset(name for name in names if _decodable(name))
 
 
+def _setting(default: Any, parse: Callable[[str], Any], doc: str, **options: Any) -> Any:
+    """A field of :class:`Settings`: its default, how its variable is read and bounded, what it means."""
+    return field(default=default, metadata={"parse": parse, "doc": doc}, **options)
+
+
 @dataclass(frozen=True)
 class Settings:
-    """Every setting of image-crawler, read from the environment variable named like its field."""
+    """Every setting of image-crawler, read from the environment variable named like its field.
 
-    redis_url: str = "redis://localhost:6379/0"
-    mongo_uri: str = "mongodb://localhost:27017/image_crawler"
-    #: Seconds allowed for a whole download (connect, each read, and in total).
-    fetch_timeout: float = 30.0
-    #: Retries of a transient failure (5xx, 429, timeout, reset) before the job ends in error.
-    fetch_retries: int = 3
-    fetch_max_bytes: int = 50 * 1024 * 1024
-    fetch_max_redirects: int = 5
-    fetch_allow_private: bool = False
-    max_image_pixels: int = 50_000_000
-    #: zlib level of the stored grayscale PNGs (0 = none, 9 = smallest). Measured on photos (make bench):
-    #: level 1 encodes 3.8× faster than 6 for 16 % more bytes; 9 is no smaller than 6.
-    png_compress_level: int = 1
-    #: Seconds a downloaded body (and its PNG) may wait in Redis for the next task.
-    claim_ttl: int = 3600
-    #: Most URL lines in one fetch message (1: one image per message). Fewer when a list is
-    #: too short to give every worker thread a batch of this size.
-    batch_size: int = 32
-    #: Downloads one worker process runs at once, over all the batches its threads fetch.
-    fetch_concurrency: int = 32
-    #: Worker deaths while running a URL (a decoder crash, the OOM killer) before it ends in error.
-    max_deliveries: int = 3
-    #: Megabytes of estimated decoding peak (docs/architecture.md, "Memory") one worker process
-    #: may hold at once; a larger image waits until nothing else decodes, then runs alone.
-    decode_memory_mb: int = 1024
-    #: Pillow formats a body may be decoded as, comma-separated, or ``all`` (every one but EPS).
-    #: Any other format ends as ``unsupported format <NAME>`` without its decoder ever running.
-    image_formats: str = ",".join(WEB_IMAGE_FORMATS)
-    #: Requests in flight to one host name at once, over every worker (0: no limit).
-    host_concurrency: int = 8
-    #: Least milliseconds between the starts of two requests to one host name, over every worker.
-    host_delay_ms: int = 0
-    #: Longest ``Retry-After`` (seconds) a URL waits for; one asking for longer ends in error.
-    retry_after_max: int = 600
-    #: The User-Agent of every request; empty: ``image-crawler/<version> (+<project URL>)``.
-    user_agent: str = ""
-    #: Whether robots.txt (and ``X-Robots-Tag: noimageindex``/``noai``) is obeyed.
-    obey_robots: bool = False
-    #: Whether each worker process serves Dramatiq's Prometheus metrics (README: Metrics).
-    worker_metrics: bool = False
-    #: HTTP basic auth for the web app: when both are set, every route but ``/healthz`` asks for them.
-    web_user: str = ""
-    web_password: str = field(default="", repr=False)
+    Each field's metadata holds ``parse`` (reads the variable's text, refusing what is out of
+    bounds with a ValueError that says what is expected) and ``doc`` (what it means, in a line).
+    """
+
+    redis_url: str = _setting(
+        "redis://localhost:6379/0",
+        _url("redis", "rediss", "unix"),
+        "The Redis of the broker, results and claim checks.",
+    )
+    mongo_uri: str = _setting(
+        "mongodb://localhost:27017/image_crawler",
+        _url("mongodb", "mongodb+srv"),
+        "The MongoDB to store into; the database is the URI's path.",
+    )
+    fetch_timeout: float = _setting(
+        30.0, _seconds, "Seconds allowed for a whole download (connect, each read, in total)."
+    )
+    fetch_retries: int = _setting(
+        3,
+        _int_in(0, 100),
+        "Retries of a transient failure (5xx, 429, timeout, reset) before the job ends in error.",
+    )
+    fetch_max_bytes: int = _setting(
+        50 * 1024 * 1024, _int_in(1), "Largest body downloaded, counted after decompression."
+    )
+    fetch_max_redirects: int = _setting(5, _int_in(0, 100), "Most redirects followed for one URL.")
+    fetch_allow_private: bool = _setting(
+        False, _flag, "Whether URLs may reach loopback, private and other non-public addresses."
+    )
+    max_image_pixels: int = _setting(
+        50_000_000, _int_in(1), "Most pixels an image may have; a larger one is refused before decoding."
+    )
+    # Measured on photos (make bench): level 1 encodes 3.8x faster than 6 for 16 % more bytes;
+    # 9 is no smaller than 6.
+    png_compress_level: int = _setting(
+        1, _int_in(0, 9), "zlib level of the stored grayscale PNGs (0 = none, 9 = smallest)."
+    )
+    claim_ttl: int = _setting(
+        3600, _int_in(60), "Seconds a downloaded body (and its PNG) may wait in Redis for the next task."
+    )
+    batch_size: int = _setting(
+        32,
+        _int_in(1, 1000),
+        "Most URL lines in one fetch message (1: one image per message); fewer when a list is too"
+        " short to give every worker thread a batch this size.",
+    )
+    fetch_concurrency: int = _setting(
+        32,
+        _int_in(1, 1000),
+        "Downloads one worker process runs at once, over all the batches its threads fetch.",
+    )
+    max_deliveries: int = _setting(
+        3,
+        _int_in(1, 100),
+        "Worker deaths while running a URL (a decoder crash, the OOM killer) before it ends in error.",
+    )
+    decode_memory_mb: int = _setting(
+        1024,
+        _int_in(16),
+        'Megabytes of estimated decoding peak (docs/architecture.md, "Memory") one worker process may'
+        " hold at once; a larger image waits until nothing else decodes, then runs alone.",
+    )
+    image_formats: str = _setting(
+        ",".join(WEB_IMAGE_FORMATS),
+        _image_formats,
+        "Pillow formats a body may be decoded as, comma-separated, or all (every one but EPS); any"
+        " other ends as `unsupported format <NAME>` without its decoder running.",
+    )
+    host_concurrency: int = _setting(
+        8, _int_in(0, 10_000), "Requests in flight to one host name at once, over every worker (0: no limit)."
+    )
+    host_delay_ms: int = _setting(
+        0, _int_in(0, 3_600_000), "Least milliseconds between the starts of two requests to one host name."
+    )
+    retry_after_max: int = _setting(
+        600,
+        _int_in(1, 86_400),
+        "Longest Retry-After (seconds) a URL waits for; one asking for longer ends in error.",
+    )
+    user_agent: str = _setting(
+        "", str, "The User-Agent of every request; empty: image-crawler/<version> (+<project URL>)."
+    )
+    obey_robots: bool = _setting(
+        False, _flag, "Whether robots.txt (and X-Robots-Tag: noimageindex, noai…) is obeyed."
+    )
+    worker_metrics: bool = _setting(
+        False, _flag, "Whether each worker command serves Dramatiq's Prometheus metrics (README: Metrics)."
+    )
+    web_user: str = _setting(
+        "",
+        str,
+        "HTTP basic auth user of the web app; with WEB_PASSWORD, every route but /healthz asks for them.",
+    )
+    web_password: str = _setting(
+        "", str, "HTTP basic auth password of the web app, taken as written.", repr=False
+    )
 
     @property
     def allowed_image_formats(self) -> frozenset[str]:
@@ -174,34 +232,18 @@ class Settings:
     @property
     def mongo_database(self) -> str:
         """The database named by the path of ``MONGO_URI``."""
-        return urlsplit(self.mongo_uri).path.lstrip("/").split("?")[0] or "image_crawler"
+        return database_name(self.mongo_uri)
 
 
-_PARSERS: dict[str, Callable[[str], Any]] = {
-    "redis_url": _url("redis", "rediss", "unix"),
-    "mongo_uri": _url("mongodb", "mongodb+srv"),
-    "fetch_timeout": _seconds,
-    "fetch_retries": _int_in(0, 100),
-    "fetch_max_bytes": _int_in(1),
-    "fetch_max_redirects": _int_in(0, 100),
-    "fetch_allow_private": _flag,
-    "max_image_pixels": _int_in(1),
-    "png_compress_level": _int_in(0, 9),
-    "claim_ttl": _int_in(60),
-    "batch_size": _int_in(1, 1000),
-    "fetch_concurrency": _int_in(1, 1000),
-    "max_deliveries": _int_in(1, 100),
-    "decode_memory_mb": _int_in(16),
-    "image_formats": _image_formats,
-    "host_concurrency": _int_in(0, 10_000),
-    "host_delay_ms": _int_in(0, 3_600_000),
-    "retry_after_max": _int_in(1, 86_400),
-    "user_agent": str,
-    "obey_robots": _flag,
-    "worker_metrics": _flag,
-    "web_user": str,
-    "web_password": str,
-}
+def database_name(uri: str) -> str:
+    """The database a MongoDB URI names by its path (``image_crawler`` when it names none)."""
+    return urlsplit(uri).path.lstrip("/").split("?")[0] or "image_crawler"
+
+
+def describe(setting: str) -> str:
+    """What the setting named ``setting`` (a field name) means, in a line."""
+    doc: str = {item.name: item for item in fields(Settings)}[setting].metadata["doc"]
+    return doc
 
 
 def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
@@ -216,7 +258,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         # A password is taken as written: spaces around it are part of it.
         value = raw if setting.name == "web_password" else raw.strip()
         try:
-            values[setting.name] = _PARSERS[setting.name](value)
+            values[setting.name] = setting.metadata["parse"](value)
         except ValueError as exc:
             shown = "***" if setting.name == "web_password" else repr(redact_url(raw, checked=False))
             raise ConfigError(f"{name}={shown} is invalid: {exc}") from None

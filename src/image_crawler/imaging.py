@@ -58,7 +58,7 @@ def to_grayscale(
     data: bytes,
     *,
     max_pixels: int,
-    compress_level: int = 6,
+    compress_level: int = Settings.png_compress_level,
     budget: DecodeBudget | None = None,
     formats: Collection[str] | None = None,
 ) -> GrayImage:

@@ -24,16 +24,40 @@ CONTENT_SECURITY_POLICY = (
 )
 
 
+#: The app's own config keys and their defaults (``create_app``'s ``test_config`` overrides any).
+DEFAULT_CONFIG: Mapping[str, Any] = {
+    # A ready ``Database`` object to use instead of ``MONGO_URI`` (tests, embedding).
+    "MONGO_DATABASE": None,
+    # Seconds to wait for MongoDB or Redis before a page or /healthz gives up.
+    "SERVICE_TIMEOUT": 3.0,
+    # The histogram's default window (?minutes=), its longest, and how far ?minutes=all lists
+    # every minute.
+    "DEFAULT_MINUTES": 60,
+    "MAX_MINUTES": monitoring.LONGEST_WINDOW,
+    # Images per gallery page, and the highest ?page= of any list.
+    "GALLERY_PAGE_SIZE": 24,
+    "MAX_PAGE": 100_000,
+    # Latest errors listed (on the dashboard; a run page lists its first ones).
+    "RECENT_ERRORS": 15,
+    # Error reasons listed, most frequent first.
+    "TOP_REASONS": 10,
+    # Runs not finished the dashboard lists (the others are "and N more"), runs per /runs page.
+    "DASHBOARD_RUNS": 10,
+    "RUNS_PAGE_SIZE": 50,
+    # The pages count as live while the newest outcome is at most this many minutes old; they
+    # refresh themselves every REFRESH_SECONDS then, every IDLE_REFRESH_SECONDS otherwise.
+    "LIVE_MINUTES": 2,
+    "REFRESH_SECONDS": 5,
+    "IDLE_REFRESH_SECONDS": 30,
+}
+
+
 def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     """Build the app from the environment's settings, overridden by ``test_config``.
 
     Besides Flask's own keys the config holds ``MONGO_URI``, ``REDIS_URL``, ``WEB_USER`` and
     ``WEB_PASSWORD`` (from the settings; with both set, every route but ``/healthz`` asks for
-    them), ``MONGO_DATABASE`` (a ready ``Database`` object to use instead of ``MONGO_URI``),
-    ``SERVICE_TIMEOUT`` (seconds to wait for MongoDB or Redis), the histogram windows
-    ``DEFAULT_MINUTES``/``MAX_MINUTES``, and the pages' ``GALLERY_PAGE_SIZE``, ``MAX_PAGE``,
-    ``RECENT_ERRORS``, ``TOP_REASONS``, ``DASHBOARD_RUNS`` (unfinished runs listed),
-    ``RUNS_PAGE_SIZE``, ``LIVE_MINUTES``, ``REFRESH_SECONDS`` and ``IDLE_REFRESH_SECONDS``.
+    them), and the keys of :data:`DEFAULT_CONFIG`.
     """
     # As in the workers: no log line of this process (an error's text, a traceback) shows the
     # credentials of a URL, MONGO_URI and REDIS_URL included.
@@ -45,20 +69,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
         REDIS_URL=settings.redis_url,
         WEB_USER=settings.web_user,
         WEB_PASSWORD=settings.web_password,
-        MONGO_DATABASE=None,
-        SERVICE_TIMEOUT=3.0,
-        DEFAULT_MINUTES=60,
-        MAX_MINUTES=monitoring.LONGEST_WINDOW,
-        GALLERY_PAGE_SIZE=24,
-        MAX_PAGE=100_000,
-        RECENT_ERRORS=15,
-        TOP_REASONS=10,
-        DASHBOARD_RUNS=10,
-        RUNS_PAGE_SIZE=50,
-        # The dashboard counts as live while the newest outcome is at most this many minutes old.
-        LIVE_MINUTES=2,
-        REFRESH_SECONDS=5,
-        IDLE_REFRESH_SECONDS=30,
+        **DEFAULT_CONFIG,
     )
     if test_config is not None:
         app.config.from_mapping(test_config)

@@ -18,7 +18,7 @@ from flask_pymongo import PyMongo
 from pymongo.database import Database
 
 from image_crawler import outcomes
-from image_crawler.config import Settings
+from image_crawler.config import database_name
 
 _DB = "image_crawler.db"
 _REDIS = "image_crawler.redis"
@@ -44,7 +44,7 @@ def init_app(app: Flask) -> None:
             appname="image-crawler-web",
         )
         assert mongo.cx is not None
-        database = mongo.cx[Settings(mongo_uri=uri).mongo_database]
+        database = mongo.cx[database_name(uri)]
     app.extensions[_DB] = database
     app.extensions[_RECONCILE] = outcomes.Schedule(outcomes.RECONCILE_EVERY_S)
     app.extensions[_REDIS] = redis.Redis.from_url(

@@ -246,3 +246,29 @@ def test_a_refused_url_setting_shows_no_password_however_it_is_written():
         load_settings({"MONGO_URI": "http://admin:pa/ss@mongo:27017/db"})
 
     assert "pa/ss" not in str(refused.value) and "admin" not in str(refused.value)
+
+
+def test_every_setting_says_what_it_means_and_is_read_by_its_own_parser():
+    import dataclasses
+
+    from image_crawler.config import Settings, describe, load_settings
+
+    for setting in dataclasses.fields(Settings):
+        assert describe(setting.name).strip(), setting.name
+        parse = setting.metadata["parse"]
+        default = setting.default
+        if isinstance(default, bool):
+            shown = "1" if default else "0"
+        else:
+            shown = str(default)
+        if shown:  # the default, written as a variable, reads back as the default
+            assert parse(shown) == default, setting.name
+            assert getattr(load_settings({setting.name.upper(): shown}), setting.name) == default
+
+
+def test_the_database_is_the_uri_path():
+    from image_crawler.config import database_name
+
+    assert database_name("mongodb://mongo:27017/crawl?replicaSet=rs0") == "crawl"
+    assert database_name("mongodb://mongo:27017") == "image_crawler"
+    assert database_name("mongodb+srv://user:pw@cluster.example.net/other") == "other"
