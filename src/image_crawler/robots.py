@@ -24,7 +24,8 @@ How a robots.txt is looked up (:class:`Robots`):
   included), an unreachable host, a 5xx, a timeout, a body that is no robots.txt at all (HTML,
   garbage). A permanent failure (4xx) is remembered for ``ttl``, a transient one (5xx, timeout,
   connection failure) for ``error_ttl`` only, so the file is asked for again soon. RFC 9309
-  §2.3.1.4 would have a crawler assume "disallow all" on a 5xx; the issue asks for "allow".
+  §2.3.1.4 would have a crawler assume "disallow all" on a 5xx; we allow, as Scrapy does, so that
+  a host's broken server does not end a whole list as disallowed.
 - Parsing is protego's (Scrapy's parser): the group of the longest ``User-agent`` matching our
   product token, else ``*``; ``Allow``/``Disallow`` with ``*`` and ``$``, longest match wins.
 """

@@ -1,4 +1,4 @@
-"""What an image becomes (DESIGN §3): exact gray, every Pillow mode, typed errors for bad bytes."""
+"""What an image becomes (docs/architecture.md): exact gray, every Pillow mode, typed errors for bad bytes."""
 
 from __future__ import annotations
 
