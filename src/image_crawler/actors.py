@@ -53,6 +53,7 @@ from .claims import BODIES, PNGS
 from .config import get_settings
 from .context import Context, count_downloads, get_context, longest_download_s
 from .context import share_redis as _share_redis
+from .dramatiq_internals import heartbeats_key
 from .errors import CrawlError, FetchTimeout, HttpStatusError, ResultMissing, ShuttingDown
 from .fetching import Download
 from .middleware import Verdict, WorkerShape, reason_for, retry_transient
@@ -127,7 +128,7 @@ def _worker_threads() -> int:
     """Worker threads of the whole cluster: live worker processes × this process's threads."""
     shape = next((m for m in broker.middleware if isinstance(m, WorkerShape)), None)
     now_ms = int(time.time() * 1000)
-    live = broker.client.zcount(f"{broker.namespace}:__heartbeats__", now_ms - HEARTBEAT_TIMEOUT_MS, "+inf")
+    live = broker.client.zcount(heartbeats_key(broker.namespace), now_ms - HEARTBEAT_TIMEOUT_MS, "+inf")
     return max(1, int(live)) * (shape.threads if shape is not None else 8)
 
 

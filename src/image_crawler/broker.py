@@ -1,10 +1,13 @@
-"""Dramatiq setup: the Redis broker, its middleware and their order. Nothing else."""
+"""Dramatiq setup: the Redis broker, its middleware and their order. Nothing else.
+
+What relies on Dramatiq's private details (the broker class, its consumer, the group barrier,
+Redis key formats) is in :mod:`image_crawler.dramatiq_internals`.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
-import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -13,7 +16,6 @@ from typing import Any
 
 import dramatiq
 import redis
-from dramatiq.brokers.redis import RedisBroker, _RedisConsumer
 from dramatiq.middleware import (
     AgeLimit,
     Callbacks,
@@ -31,7 +33,8 @@ from redis.backoff import ExponentialWithJitterBackoff
 from redis.retry import Retry
 
 from .config import Settings
-from .middleware import CrashGuard, DistinctGroupCallbacks, ExpectedFailures, RecordFailures, WorkerShape
+from .dramatiq_internals import WORKER_LOGGER, DistinctGroupCallbacks, PipelinedRedisBroker
+from .middleware import CrashGuard, ExpectedFailures, RecordFailures, WorkerShape
 
 #: A worker that has not been heard from for this long is presumed dead and its messages
 #: (running and prefetched) are put back on their queues. Dramatiq's default is 60 s.
@@ -48,9 +51,6 @@ RESULT_TTL_MS = 60 * 60 * 1000
 #: logged, and the message would then be acknowledged with its follow-up lost. A process a
 #: person waits for (``image-crawler``) makes its clients inside :func:`outage_budget` instead.
 REDIS_OUTAGE_BUDGET_S = 300
-
-#: How often a consumer looks for messages of its own that it lost track of (see below).
-ORPHAN_SWEEP_S = 10.0
 
 FETCH_QUEUE = "fetch"
 PROCESS_QUEUE = "process"
@@ -138,123 +138,6 @@ def connect_redis(url: str) -> redis.Redis:
     )
 
 
-class _PipelinableScript:
-    """The broker's Lua dispatch script, sent on the calling thread's pipeline when it has one."""
-
-    def __init__(self, script: Callable[..., Any]) -> None:
-        self.script = script
-        self.local = threading.local()
-
-    def __call__(self, keys=None, args=None, client=None):
-        return self.script(keys=keys, args=args, client=client or getattr(self.local, "pipe", None))
-
-
-class _OrphanRequeueingConsumer(_RedisConsumer):
-    """A Redis consumer that puts back messages it fetched but never received.
-
-    Dramatiq's fetch script moves message ids to this worker's ack set and returns the
-    messages. When Redis runs that and then goes away before the reply arrives (a restart),
-    the client retries and gets the next messages: the first ones stay in the ack set of a
-    worker that is alive, so maintenance never requeues them, and their jobs never end.
-    Every ``ORPHAN_SWEEP_S`` the consumer compares its ack set with the messages it holds
-    (prefetched, or handed to a worker thread and not yet acked); ids it did not hold in two
-    sweeps in a row are requeued.
-
-    When Dramatiq replaces a consumer (after a connection error it could not ride out), the new
-    one does not know what the old one handed out: those messages may run a second time, which
-    every actor of the pipeline tolerates; the ones the old consumer had prefetched or was
-    holding for a delay come back instead of staying stuck.
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._handed_out: set[str] = set()  # redis message ids given to worker threads, not yet acked
-        self._lock = threading.Lock()  # worker threads ack; the consumer thread sweeps
-        self._unheld: set[str] = set()
-        self._next_sweep = time.monotonic() + ORPHAN_SWEEP_S
-
-    def __next__(self):
-        if time.monotonic() >= self._next_sweep:
-            self._next_sweep = time.monotonic() + ORPHAN_SWEEP_S
-            self._requeue_orphans()
-        message = super().__next__()
-        if message is not None:
-            with self._lock:
-                self._handed_out.add(message.options["redis_message_id"])
-        return message
-
-    def ack(self, message):
-        super().ack(message)  # a failed ack raises and is tried again: the message stays held
-        self._release(message)
-
-    def nack(self, message):
-        super().nack(message)
-        self._release(message)
-
-    def _release(self, message) -> None:
-        with self._lock:
-            self._handed_out.discard(message.options["redis_message_id"])
-
-    def _requeue_orphans(self) -> None:
-        # Take what is held *before* reading the ack set: an id acked in between is simply absent.
-        with self._lock:
-            held = set(self._handed_out)
-        held.update(
-            dramatiq.Message.decode(data).options["redis_message_id"] for data in self.message_cache if data
-        )
-        acks = f"{self.broker.namespace}:__acks__.{self.broker.broker_id}.{self.queue_name}"
-        try:
-            unheld = {member.decode() for member in self.broker.client.smembers(acks)} - held
-            orphans, self._unheld = unheld & self._unheld, unheld
-            if orphans:
-                logging.getLogger(__name__).warning(
-                    "Requeueing %d message(s) of queue %r whose fetch reply was lost.",
-                    len(orphans),
-                    self.queue_name,
-                )
-                self.broker.do_requeue(self.queue_name, *orphans)
-        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
-            self._unheld = set()  # Redis is away: look again at the next sweep
-
-
-class PipelinedRedisBroker(RedisBroker):
-    """A :class:`RedisBroker` that can send a batch of messages in one Redis pipeline,
-    and whose consumers recover messages whose fetch reply was lost.
-
-    Every message still goes through Dramatiq's own ``enqueue`` (middleware hooks, ids, the
-    Lua dispatch script); inside :meth:`pipelined` the calling thread's script calls are
-    queued on a Redis pipeline instead of being sent one by one. Other threads (a worker's
-    consumers in the same process) are not affected.
-    """
-
-    def __init__(self, **options: Any) -> None:
-        super().__init__(**options)
-        self._dispatch_script = _PipelinableScript(self.scripts["dispatch"])
-        self.scripts["dispatch"] = self._dispatch_script
-
-    @property
-    def consumer_class(self):
-        return _OrphanRequeueingConsumer
-
-    @contextmanager
-    def pipelined(self, *, transaction: bool = False) -> Iterator[redis.client.Pipeline]:
-        """Buffer this thread's ``enqueue`` calls made in the block and send them at its end.
-
-        Yields the pipeline, so other commands can ride along; with ``transaction=True`` the
-        block is sent as one MULTI/EXEC, which no other client sees half done (Redis does not
-        roll back a command that fails inside it). A pipeline that loses its connection is sent
-        again, unless it WATCHes a key: then it raises ``WatchError``.
-        """
-        local = self._dispatch_script.local
-        with self.client.pipeline(transaction=transaction) as pipe:
-            local.pipe = pipe
-            try:
-                yield pipe
-            finally:
-                local.pipe = None
-            pipe.execute()
-
-
 def worker_metrics_address(environ: Mapping[str, str] = os.environ) -> tuple[str, int]:
     """The host and port the worker metrics exporter listens on, from Dramatiq's variables."""
     host = environ.get("dramatiq_prom_host") or WORKER_METRICS_HOST
@@ -329,7 +212,7 @@ def setup_broker(settings: Settings) -> PipelinedRedisBroker:
     """Create the broker and make it Dramatiq's global broker (what actors bind to)."""
     broker = create_broker(settings)
     dramatiq.set_broker(broker)
-    worker_logger = logging.getLogger("dramatiq.worker.WorkerThread")
+    worker_logger = logging.getLogger(WORKER_LOGGER)
     if not any(isinstance(f, ExpectedFailures) for f in worker_logger.filters):
         worker_logger.addFilter(ExpectedFailures())
     return broker

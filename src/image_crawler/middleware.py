@@ -1,4 +1,5 @@
-"""Dramatiq middleware of the pipeline."""
+"""Dramatiq middleware of the pipeline (the group barrier, which relies on Dramatiq's private
+details, is :class:`~image_crawler.dramatiq_internals.DistinctGroupCallbacks`)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,7 @@ import threading
 
 import pymongo.errors
 import redis.exceptions
-from dramatiq import Message
 from dramatiq.middleware import Middleware, MiddlewareError, SkipMessage, TimeLimitExceeded
-from dramatiq.middleware.group_callbacks import GroupCallbacks
 
 from .errors import CrawlError
 
@@ -66,7 +65,8 @@ class ExpectedFailures(logging.Filter):
 
     Dramatiq logs every exception an actor raises as an error with a traceback; expected failures
     would bury real faults. (A URL's own failures — a 404, a timeout — end that URL inside its
-    batch and never reach this logger.) Attach to Dramatiq's worker logger.
+    batch and never reach this logger.) Attach to Dramatiq's worker logger
+    (:data:`~image_crawler.dramatiq_internals.WORKER_LOGGER`).
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
@@ -117,56 +117,6 @@ class RecordFailures(Middleware):
             broker.get_actor(recorder).send(message.args[0], reason)
         except Exception:  # a lost outcome must at least be visible in the log
             logger.exception("Could not send the failure of %s%r", message.actor_name, message.args)
-
-
-class DistinctGroupCallbacks(GroupCallbacks):
-    """Group completion callbacks whose barrier counts distinct members, and goes when it fires.
-
-    Dramatiq's barrier is a counter that each member completion decrements: a member
-    redelivered after it completed (its worker died before the ack) counts twice, and the
-    callback fires while another member is still running. Here a completion adds the member's
-    message id to a set next to the barrier; the callbacks fire once the set holds as many
-    ids as the group has members, and both keys are deleted then, so Redis keeps nothing of
-    a finished group. A member that completes after its barrier is gone (fired, or expired)
-    fires the callbacks again: callbacks must be idempotent, as ``collect`` is.
-
-    ``group.run()`` still creates the barrier through this middleware's rate-limiter backend
-    (a ``SET NX`` of the member count under the group's completion id).
-
-    Parameters:
-      rate_limiter_backend(RedisBackend): Dramatiq's Redis rate-limiter backend; its client runs the script.
-      barrier_ttl(int): Milliseconds a barrier lives if its group never completes.
-    """
-
-    _ARRIVE = """
-    local parties = redis.call("get", KEYS[1])
-    if not parties then
-        return 1
-    end
-    redis.call("sadd", KEYS[2], ARGV[1])
-    if redis.call("scard", KEYS[2]) >= tonumber(parties) then
-        redis.call("del", KEYS[1], KEYS[2])
-        return 1
-    end
-    redis.call("pexpire", KEYS[2], ARGV[2])
-    return 0
-    """
-
-    def __init__(self, rate_limiter_backend, *, barrier_ttl: int) -> None:
-        super().__init__(rate_limiter_backend, barrier_ttl=barrier_ttl)
-        self._arrive = rate_limiter_backend.client.register_script(self._ARRIVE)
-
-    def after_process_message(self, broker, message, *, result=None, exception=None):
-        if exception is not None:
-            return
-        group_id = message.options.get("group_completion_uuid")
-        callbacks = message.options.get("group_completion_callbacks")
-        if not (group_id and callbacks):
-            return
-        keys = [group_id, f"{group_id}@members"]
-        if self._arrive(keys=keys, args=[message.message_id, self.barrier_ttl]):
-            for callback in callbacks:
-                broker.enqueue(Message(**callback))
 
 
 class Verdict(enum.Enum):

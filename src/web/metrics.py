@@ -28,7 +28,6 @@ from collections.abc import Callable, Iterable, Iterator
 
 import pymongo.errors
 import redis.exceptions
-from dramatiq.common import dq_name, xq_name
 from flask import Blueprint, Response, current_app
 from flask.blueprints import BlueprintSetupState
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -37,6 +36,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from image_crawler import outcomes, storage
 from image_crawler.broker import ADMIT_QUEUE, FETCH_QUEUE, PROCESS_QUEUE
 from image_crawler.context import DOWNLOADED_BODIES_KEY, DOWNLOADED_BYTES_KEY
+from image_crawler.dramatiq_internals import queue_keys
 from image_crawler.outcomes import counted_totals, top_error_reasons, unfinished_runs
 from image_crawler.redaction import redact
 
@@ -55,8 +55,6 @@ RUN_STATES = tuple(state for state in outcomes.RUN_STATES if state != "done")
 
 #: The queues of the pipeline, as the workers consume them.
 QUEUES = (ADMIT_QUEUE, FETCH_QUEUE, PROCESS_QUEUE)
-#: The key prefix of Dramatiq's RedisBroker: its default namespace, which the pipeline keeps.
-_NAMESPACE = "dramatiq"
 
 _REGISTRY = "image_crawler.metrics"
 _FAILURES: dict[str, tuple[type[BaseException], ...]] = {
@@ -179,11 +177,11 @@ def _from_redis() -> Iterator[Metric]:
     # with the workers' download counters (absent until a first body is counted).
     with get_redis().pipeline(transaction=True) as pipe:
         for queue in QUEUES:
-            key = f"{_NAMESPACE}:{queue}"
-            pipe.llen(key)
-            pipe.hlen(f"{key}.msgs")
-            pipe.hlen(f"{_NAMESPACE}:{dq_name(queue)}.msgs")
-            pipe.zcard(f"{_NAMESPACE}:{xq_name(queue)}")
+            keys = queue_keys(queue)
+            pipe.llen(keys.waiting)
+            pipe.hlen(keys.messages)
+            pipe.hlen(keys.delayed_messages)
+            pipe.zcard(keys.dead)
         pipe.mget(DOWNLOADED_BYTES_KEY, DOWNLOADED_BODIES_KEY)
         *counts, (downloaded_bytes, downloads) = pipe.execute()
 

@@ -21,10 +21,11 @@ from dramatiq.results import Results
 from dramatiq.results.middleware import DEFAULT_RESULT_TTL
 
 from image_crawler import broker as broker_module
-from image_crawler import cli
+from image_crawler import cli, dramatiq_internals
 from image_crawler.broker import REDIS_OUTAGE_BUDGET_S, connect_redis, create_broker, setup_broker
 from image_crawler.config import get_settings
-from image_crawler.middleware import CrashGuard, DistinctGroupCallbacks, RecordFailures, WorkerShape
+from image_crawler.dramatiq_internals import DistinctGroupCallbacks, ack_set_key, queue_keys
+from image_crawler.middleware import CrashGuard, RecordFailures, WorkerShape
 from support.services import free_port, start_redis
 
 
@@ -162,7 +163,7 @@ _QUEUE = "pipelined-test"
 def queued(broker):
     broker.declare_queue(_QUEUE)
     broker.flush(_QUEUE)
-    yield lambda: broker.client.hlen(f"{broker.namespace}:{_QUEUE}.msgs")
+    yield lambda: broker.client.hlen(queue_keys(_QUEUE, broker.namespace).messages)
     broker.flush(_QUEUE)
 
 
@@ -224,7 +225,7 @@ def test_a_transactional_block_sends_its_messages_and_commands_together(broker, 
 
 @pytest.fixture
 def sweep_every_call(monkeypatch):
-    monkeypatch.setattr(broker_module, "ORPHAN_SWEEP_S", 0.0)
+    monkeypatch.setattr(dramatiq_internals, "ORPHAN_SWEEP_S", 0.0)
 
 
 def _drain(consumer, *, ack: bool, calls: int = 20) -> list[int]:
@@ -243,7 +244,7 @@ def test_messages_whose_fetch_reply_was_lost_are_requeued(broker, queued, sweep_
     for n in range(3):
         broker.enqueue(_message(n))
     broker.do_fetch(_QUEUE, 2)  # Redis ran a fetch, and its reply never reached anybody
-    acks = f"{broker.namespace}:__acks__.{broker.broker_id}.{_QUEUE}"
+    acks = ack_set_key(broker.broker_id, _QUEUE, broker.namespace)
     assert broker.client.scard(acks) == 2
 
     consumer = broker.consume(_QUEUE, prefetch=10, timeout=10)
@@ -262,8 +263,8 @@ def test_messages_a_consumer_holds_are_never_requeued(broker, queued, sweep_ever
     received = _drain(consumer, ack=False)  # handed out, still being worked on
 
     assert sorted(received) == [0, 1, 2]
-    assert broker.client.llen(f"{broker.namespace}:{_QUEUE}") == 0  # nothing put back
-    acks = f"{broker.namespace}:__acks__.{broker.broker_id}.{_QUEUE}"
+    assert broker.client.llen(queue_keys(_QUEUE, broker.namespace).waiting) == 0  # nothing put back
+    acks = ack_set_key(broker.broker_id, _QUEUE, broker.namespace)
     assert broker.client.scard(acks) == 3
 
 

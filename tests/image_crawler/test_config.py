@@ -257,10 +257,7 @@ def test_every_setting_says_what_it_means_and_is_read_by_its_own_parser():
         assert describe(setting.name).strip(), setting.name
         parse = setting.metadata["parse"]
         default = setting.default
-        if isinstance(default, bool):
-            shown = "1" if default else "0"
-        else:
-            shown = str(default)
+        shown = ("1" if default else "0") if isinstance(default, bool) else str(default)
         if shown:  # the default, written as a variable, reads back as the default
             assert parse(shown) == default, setting.name
             assert getattr(load_settings({setting.name.upper(): shown}), setting.name) == default

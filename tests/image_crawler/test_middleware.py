@@ -17,6 +17,7 @@ from dramatiq.results import ResultFailure, Results
 
 from image_crawler import errors, outcomes, storage
 from image_crawler.broker import PROCESS_QUEUE
+from image_crawler.dramatiq_internals import WORKER_LOGGER
 from image_crawler.middleware import (
     CrashGuard,
     ExpectedFailures,
@@ -499,7 +500,7 @@ def test_an_expected_failure_whose_reason_holds_a_percent_sign_still_logs_one_li
         raise errors.CrawlError("100% broken, %s and %(name)s")
     except errors.CrawlError:
         record = logging.LogRecord(
-            "dramatiq.worker.WorkerThread",
+            WORKER_LOGGER,
             logging.ERROR,
             __file__,
             1,

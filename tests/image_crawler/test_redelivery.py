@@ -17,6 +17,7 @@ import pytest
 from dramatiq.middleware import Middleware
 
 from image_crawler import storage
+from image_crawler.dramatiq_internals import ack_sets_prefix, heartbeats_key
 from support.http_server import LocalHttpServer, Response
 from support.images import decode_png, expected_gray, png_bytes
 
@@ -157,7 +158,7 @@ def test_redis_keeps_nothing_of_finished_work(make_pipeline, server):
     _crawl_to_the_end(pipeline, lines)
 
     # What may stay: Dramatiq's bookkeeping of live workers, and the per-batch admission mark.
-    allowed = ("dramatiq:__heartbeats__", "dramatiq:__acks__.", "image-crawler:admitted:")
+    allowed = (heartbeats_key(), ack_sets_prefix(), "image-crawler:admitted:")
     left = sorted(
         key.decode() for key in set(client.scan_iter()) - earlier if not key.decode().startswith(allowed)
     )

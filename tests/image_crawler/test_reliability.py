@@ -14,6 +14,7 @@ import pymongo
 import pytest
 import redis
 
+from image_crawler.dramatiq_internals import ack_set_key, heartbeats_key
 from support.http_server import LocalHttpServer
 from support.images import png_bytes
 from support.processes import image_crawler_command, signal_workers, start_workers, stop_workers
@@ -57,7 +58,7 @@ def _wait_until(predicate, timeout: float, what: str) -> None:
 
 def _held_messages(client: redis.Redis, worker_ids: set[str]) -> int:
     """Messages fetched but not acknowledged by these broker ids (running and prefetched)."""
-    keys = [key for wid in worker_ids for key in client.scan_iter(f"dramatiq:__acks__.{wid}.*")]
+    keys = [key for wid in worker_ids for key in client.scan_iter(ack_set_key(wid, "*"))]
     return sum(client.scard(key) for key in keys)
 
 
@@ -82,8 +83,8 @@ def test_a_killed_worker_loses_nothing_and_its_messages_come_back(crawl_env, tmp
     with LocalHttpServer() as server:
         urls, bodies = _url_list(server, tmp_path)
         doomed = start_workers(env, processes=1, threads=4, log=tmp_path / "doomed.log")
-        _wait_until(lambda: client.zcard("dramatiq:__heartbeats__") > 0, 60, "the first worker to start")
-        doomed_ids = set(client.zrange("dramatiq:__heartbeats__", 0, -1))
+        _wait_until(lambda: client.zcard(heartbeats_key()) > 0, 60, "the first worker to start")
+        doomed_ids = set(client.zrange(heartbeats_key(), 0, -1))
         survivor = start_workers(env, processes=1, threads=4, log=tmp_path / "survivor.log")
         enqueue = _start_enqueue(env, urls)
         replacement = None
