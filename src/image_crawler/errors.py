@@ -1,9 +1,34 @@
 """Typed errors of the pipeline.
 
-Every error a job can end with is a :class:`CrawlError`; its ``reason`` is the
-short text stored in the job's outcome (``http 404``, ``timeout``, ``not an image``).
-``transient`` says whether trying again later may help; the actors' retry policy
-reads it instead of matching on messages.
+Every error a job can end with is a :class:`CrawlError`; its ``reason`` is the short text
+stored in the job's outcome (``http 404``, ``timeout``, ``not an image``), and its
+``transient`` flag says whether trying again later may help: the retry policy reads the flag,
+never the message. The flag is one way to ask, for every error: a class sets it for all its
+errors (``FetchTimeout``), :class:`HttpStatusError` per status. ``retry_limit`` caps the
+retries of a kind of error whatever the actor allows.
+
+    CrawlError                      reason, transient (False), retry_limit (None)
+    ├── FetchError                  the URL could not be downloaded
+    │   ├── InvalidUrl
+    │   ├── ForbiddenAddress
+    │   ├── HttpStatusError         transient for 408, 429 and 5xx
+    │   ├── FetchTimeout            transient
+    │   ├── ConnectionFailed        transient
+    │   ├── TooManyRedirects
+    │   ├── TooLarge
+    │   └── robots.RobotsDisallowed
+    ├── ImageError                  the body could not be turned into an image
+    │   ├── NotAnImage
+    │   ├── TruncatedImage
+    │   ├── TooManyPixels
+    │   └── UnsupportedFormat
+    ├── ClaimExpired
+    ├── ResultMissing               transient, at most 4 retries
+    ├── ShuttingDown                transient
+    └── StoreBusy                   transient
+
+Not job outcomes, and so not here: ``politeness.HostBusy`` and ``robots.RobotsPending`` (a
+line waits for its host's turn, without using a try) and ``config.ConfigError``.
 """
 
 from __future__ import annotations
@@ -12,19 +37,14 @@ from __future__ import annotations
 class CrawlError(Exception):
     """A job failed; ``reason`` is what the outcome ledger records."""
 
+    #: Whether trying again later may succeed (network, 5xx, a store being down).
     transient: bool = False
+    #: At most this many retries for this kind of failure, whatever the actor allows (None: no cap).
+    retry_limit: int | None = None
 
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
-
-
-class TransientError(CrawlError):
-    """A failure that may go away on its own (network, 5xx, a store being down)."""
-
-    transient = True
-    #: At most this many retries for this kind of failure, whatever the actor allows (None: no cap).
-    retry_limit: int | None = None
 
 
 # --- fetching -------------------------------------------------------------------------
@@ -128,22 +148,27 @@ class ClaimExpired(CrawlError):
     """A body or PNG parked in Redis between tasks is gone (its TTL ran out)."""
 
 
-class ResultMissing(TransientError):
+class ResultMissing(CrawlError):
     """A group member's result is not (or no longer) in the result backend.
 
     Right after a redelivered member fired the group's callback early, the other result is
     seconds away; a result that expired never comes back, so the wait is kept short.
     """
 
+    transient = True
     retry_limit = 4
 
 
-class ShuttingDown(TransientError):
+class ShuttingDown(CrawlError):
     """This worker process is exiting and starts no more downloads: the message goes again."""
+
+    transient = True
 
     def __init__(self, reason: str = "worker shutting down") -> None:
         super().__init__(reason)
 
 
-class StoreBusy(TransientError):
+class StoreBusy(CrawlError):
     """Another worker is writing the same grayscale file right now."""
+
+    transient = True

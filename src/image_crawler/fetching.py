@@ -51,17 +51,9 @@ from urllib.parse import urlsplit
 import httpcore
 import httpx
 
+# Our errors by their module's name: ``errors.TooManyRedirects`` is never httpx's.
+from . import errors
 from .config import Settings
-from .errors import (
-    ConnectionFailed,
-    FetchError,
-    FetchTimeout,
-    ForbiddenAddress,
-    HttpStatusError,
-    InvalidUrl,
-    TooLarge,
-    TooManyRedirects,
-)
 
 # httpx logs every request at INFO: a crawl makes millions, and each costs a worker time.
 logging.getLogger("httpx").setLevel(logging.WARNING)
@@ -109,8 +101,6 @@ class Download:
     #: The body as served, after transfer and content decoding (gzip, chunked…).
     content: bytes
     content_type: str | None
-    #: The URL that answered, after redirects.
-    final_url: str
     #: Its ``X-Robots-Tag`` headers, each as sent.
     robots_tags: tuple[str, ...] = ()
 
@@ -122,24 +112,24 @@ def check_url(url: str) -> str:
     """
     url = url.strip()
     if len(url) > MAX_URL_LENGTH:
-        raise InvalidUrl("url too long")
+        raise errors.InvalidUrl("url too long")
     try:
         parts = urlsplit(url)
         if parts.scheme.lower() not in _SCHEMES:
-            raise InvalidUrl("not an http(s) url")
+            raise errors.InvalidUrl("not an http(s) url")
         if not parts.hostname:
-            raise InvalidUrl("url has no host")
+            raise errors.InvalidUrl("url has no host")
         if any(char.isspace() for char in parts.hostname):
-            raise InvalidUrl("unparsable url")
+            raise errors.InvalidUrl("unparsable url")
         userinfo, at, _ = parts.netloc.rpartition("@")
         if at and not _RFC3986_USERINFO.fullmatch(userinfo):
             # Spaces, quotes or brackets would be sent, yet could hide the credentials from
             # redaction wherever the URL is quoted (a log line, a repr): they must be %-encoded.
-            raise InvalidUrl("credentials in url need percent-encoding")
+            raise errors.InvalidUrl("credentials in url need percent-encoding")
         parts.port  # noqa: B018 -- raises ValueError on a port that is not a number in range
         httpx.URL(url)  # what will actually be sent must parse too (IDNA, control characters)
     except (ValueError, httpx.InvalidURL):
-        raise InvalidUrl("unparsable url") from None
+        raise errors.InvalidUrl("unparsable url") from None
     return url
 
 
@@ -290,7 +280,7 @@ class Fetcher:
         except httpx.HTTPError as exc:
             raise _fetch_error(exc) from exc
         except httpx.InvalidURL as exc:  # not an HTTPError; e.g. a Location httpx cannot encode
-            raise InvalidUrl("unparsable url") from exc
+            raise errors.InvalidUrl("unparsable url") from exc
 
     def close(self) -> None:
         """Close the pooled connections."""
@@ -318,7 +308,7 @@ class Fetcher:
             # Closing without reading drops the connection; a redirect body is not worth trusting.
             response.close()
             request = response.next_request
-        raise TooManyRedirects()
+        raise errors.TooManyRedirects()
 
     def _read(self, response: httpx.Response, deadline: float, head: int | None = None) -> Download:
         """Read the body of a final response within the size and time limits (or its first ``head`` bytes)."""
@@ -326,12 +316,12 @@ class Fetcher:
             retry_after = None
             if response.status_code in (429, 503):
                 retry_after = parse_retry_after(response.headers.get("retry-after"))
-            raise HttpStatusError(response.status_code, retry_after=retry_after)
+            raise errors.HttpStatusError(response.status_code, retry_after=retry_after)
         limit = self._settings.fetch_max_bytes if head is None else head
         decoder = _BodyDecoder(response.headers.get("content-encoding", ""))
         declared = _content_length(response)
         if head is None and decoder.is_identity and declared is not None and declared > limit:
-            raise TooLarge()
+            raise errors.TooLarge()
         if response.is_stream_consumed:  # an in-memory response (mock transport), decoded by httpx
             decoder, chunks = _BodyDecoder(""), iter([response.content])
         else:
@@ -343,25 +333,24 @@ class Fetcher:
             received += len(raw)
             # Unencoded, raw bytes are body bytes, counted below (and cut there with ``head``).
             if not decoder.is_identity and received > _RAW_BYTES_FACTOR * limit:
-                raise TooLarge()
+                raise errors.TooLarge()
             for piece in decoder.decode(raw):
                 body += piece
                 if len(body) > limit:
                     if head is None:
-                        raise TooLarge()
+                        raise errors.TooLarge()
                     del body[head:]
                     cut = True  # the rest is never read: closing the response drops the connection
                     break
             if cut:
                 break
             if time.monotonic() > deadline:
-                raise FetchTimeout()
+                raise errors.FetchTimeout()
         if not cut:
             decoder.finish()
         return Download(
             bytes(body),
             response.headers.get("content-type"),
-            str(response.url),
             tuple(response.headers.get_list("x-robots-tag")),
         )
 
@@ -374,11 +363,11 @@ class Fetcher:
         try:
             addresses = list(self._resolve(host, port))
         except (OSError, UnicodeError):
-            raise ConnectionFailed("dns lookup failed") from None
+            raise errors.ConnectionFailed("dns lookup failed") from None
         if not addresses:
-            raise ConnectionFailed("dns lookup failed")
+            raise errors.ConnectionFailed("dns lookup failed")
         if not self._settings.fetch_allow_private and not all(map(is_public_address, addresses)):
-            raise ForbiddenAddress("private address")
+            raise errors.ForbiddenAddress("private address")
         return addresses
 
     def _check_destination(self, request: httpx.Request) -> None:
@@ -392,7 +381,7 @@ class Fetcher:
 def _check_scheme(request: httpx.Request) -> None:
     """Request event hook: refuse a hop to a non-http(s) URL."""
     if request.url.scheme not in _SCHEMES:
-        raise InvalidUrl("not an http(s) url")
+        raise errors.InvalidUrl("not an http(s) url")
 
 
 class _CheckedBackend(httpcore.NetworkBackend):
@@ -460,10 +449,10 @@ class _CheckedTransport(httpx.HTTPTransport):
 
 
 def _time_left(deadline: float) -> dict[str, Any]:
-    """The request timeout extension for the rest of the budget; FetchTimeout when none is left."""
+    """The request timeout extension for the rest of the budget; errors.FetchTimeout when none is left."""
     left = deadline - time.monotonic()
     if left <= 0:
-        raise FetchTimeout()
+        raise errors.FetchTimeout()
     return httpx.Timeout(left).as_dict()
 
 
@@ -490,7 +479,7 @@ class _BodyDecoder:
         if self._gzip:
             self._decompressor = zlib.decompressobj(16 + zlib.MAX_WBITS)
         elif encoding != "deflate" and not self.is_identity:
-            raise FetchError("unsupported content encoding")
+            raise errors.FetchError("unsupported content encoding")
 
     def decode(self, data: bytes) -> Iterator[bytes]:
         """Yield the decoded bytes of ``data``, in pieces of bounded size."""
@@ -522,14 +511,14 @@ class _BodyDecoder:
                 if not data and len(piece) < _DECODE_STEP:
                     return
         except zlib.error:
-            raise FetchError("bad content encoding") from None
+            raise errors.FetchError("bad content encoding") from None
 
     def finish(self) -> None:
         """Check that the encoded body ended where its encoding says it ends."""
         if self._head:  # a one-byte deflate body: no stream is that short
-            raise ConnectionFailed("truncated body")
+            raise errors.ConnectionFailed("truncated body")
         if self._decompressor is not None and not self._decompressor.eof:
-            raise ConnectionFailed("truncated body")
+            raise errors.ConnectionFailed("truncated body")
 
 
 _ZLIB_HEADER = 2
@@ -539,28 +528,26 @@ def _has_zlib_header(data: bytes) -> bool:
     return len(data) >= 2 and data[0] & 0x0F == 8 and (data[0] << 8 | data[1]) % 31 == 0
 
 
-def _fetch_error(exc: httpx.HTTPError) -> FetchError:
+def _fetch_error(exc: httpx.HTTPError) -> errors.FetchError:
     """The typed error an httpx failure stands for; the precise reason comes from its causes."""
     if isinstance(exc, httpx.TimeoutException):
-        return FetchTimeout()
+        return errors.FetchTimeout()
     if isinstance(exc, httpx.UnsupportedProtocol):
-        return InvalidUrl("not an http(s) url")
-    if isinstance(exc, httpx.TooManyRedirects):
-        return TooManyRedirects()
+        return errors.InvalidUrl("not an http(s) url")
     causes = list(_causes(exc))
     if any(isinstance(cause, socket.gaierror) for cause in causes):
-        return ConnectionFailed("dns lookup failed")
+        return errors.ConnectionFailed("dns lookup failed")
     if any(isinstance(cause, ssl.SSLCertVerificationError) for cause in causes):
-        return FetchError("tls certificate rejected")  # permanent: retrying will not fix a certificate
+        return errors.FetchError("tls certificate rejected")  # permanent: retrying will not fix a certificate
     if any(isinstance(cause, ssl.SSLError) for cause in causes):
-        return ConnectionFailed("tls error")
+        return errors.ConnectionFailed("tls error")
     if any(isinstance(cause, ConnectionRefusedError) for cause in causes):
-        return ConnectionFailed("connection refused")
+        return errors.ConnectionFailed("connection refused")
     if any(isinstance(cause, ConnectionResetError) for cause in causes):
-        return ConnectionFailed("connection reset")
+        return errors.ConnectionFailed("connection reset")
     if isinstance(exc, httpx.ProtocolError):
-        return ConnectionFailed("protocol error")
-    return ConnectionFailed("connection error")
+        return errors.ConnectionFailed("protocol error")
+    return errors.ConnectionFailed("connection error")
 
 
 def _causes(exc: BaseException) -> Iterator[BaseException]:

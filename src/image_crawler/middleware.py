@@ -53,7 +53,7 @@ def retry_transient(max_retries: int, *, also: tuple[type[BaseException], ...] =
     """A ``retry_when`` predicate: retry transient errors (and ``also`` these) up to ``max_retries`` times."""
 
     def retry_when(retries: int, exception: BaseException) -> bool:
-        limit = getattr(exception, "retry_limit", None)
+        limit = exception.retry_limit if isinstance(exception, CrawlError) else None
         worth_it = is_transient(exception) or isinstance(exception, also)
         return retries < (max_retries if limit is None else min(limit, max_retries)) and worth_it
 
