@@ -20,8 +20,8 @@ format:
 # The targets on the workers users run (two pairs of runs, for the range), then the per-stage
 # table from the instrumented workers, whose timing wrappers cost CPU of their own.
 bench:
-	$(PYTHON) benchmarks/pipeline.py --plain --repeat 2 --skip-imaging
-	$(PYTHON) benchmarks/pipeline.py
+	$(PYTHON) -m benchmarks.pipeline --plain --repeat 2 --skip-imaging
+	$(PYTHON) -m benchmarks.pipeline
 
 ci:
 	.ci/run

@@ -1,7 +1,7 @@
 """How many fetch messages wait in Redis while a list is crawled, by ``--max-in-flight``.
 
-    .venv/bin/python benchmarks/backlog.py --lines 20000 --max-in-flight 0
-    .venv/bin/python benchmarks/backlog.py --lines 20000 --max-in-flight 5000
+    .venv/bin/python -m benchmarks.backlog --lines 20000 --max-in-flight 0
+    .venv/bin/python -m benchmarks.backlog --lines 20000 --max-in-flight 5000
 
 Crawls ``--lines`` distinct 16×16 PNGs (fixed costs only) with ``dramatiq image_crawler.actors``
 and ``image-crawler enqueue --wait --max-in-flight N``, sampling Redis (not MongoDB, which would
@@ -21,17 +21,11 @@ import uuid
 from pathlib import Path
 
 import redis
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script: `benchmarks` importable
+from tests.support.services import REPO, database_uri, mongo_endpoint, start_redis
 
 from benchmarks.images import tiny_set
-from benchmarks.services import (
-    REPO,
-    start_image_server,
-    start_mongo_shim,
-    start_redis,
-    stop_group,
-)
+from benchmarks.services import crawl_env, start_image_server, stop_group
+from image_crawler.broker import ADMIT_QUEUE, FETCH_QUEUE
 
 
 def main() -> None:
@@ -51,20 +45,17 @@ def main() -> None:
             (served / image.path.name).symlink_to(image.path)
         started = []
         try:
-            redis_process, redis_url = start_redis(work)
+            redis_process, redis_url = start_redis(work, new_session=True)
             started.append(redis_process)
-            mongo_uri = os.environ.get("MONGO_URI")
-            if not mongo_uri:
-                shim, base = start_mongo_shim(work)
+            shim, mongo_uri = mongo_endpoint(work)
+            if shim is not None:
                 started.append(shim)
-                mongo_uri = f"{base}/backlog_{uuid.uuid4().hex[:8]}"
+                mongo_uri = database_uri(mongo_uri, f"backlog_{uuid.uuid4().hex[:8]}")
             server, port = start_image_server(served)
             started.append(server)
             urls = work / "urls.txt"
             urls.write_text("".join(f"http://127.0.0.1:{port}/{image.path.name}\n" for image in images))
-            env = dict(os.environ, REDIS_URL=redis_url, MONGO_URI=mongo_uri, FETCH_ALLOW_PRIVATE="1")
-            # One local server stands in for the many hosts of a real list: no per-host limit.
-            env.setdefault("HOST_CONCURRENCY", "0")
+            env = crawl_env(redis_url, mongo_uri)
             command = [sys.executable, "-m", "dramatiq", "image_crawler.actors", "--path", str(REPO)]
             command += ["--processes", str(args.processes), "--threads", str(args.threads)]
             workers = subprocess.Popen(
@@ -99,8 +90,8 @@ def main() -> None:
                 samples.append(
                     (
                         time.monotonic() - began,
-                        client.hlen("dramatiq:fetch.msgs"),
-                        client.llen("dramatiq:admit"),
+                        client.hlen(f"dramatiq:{FETCH_QUEUE}.msgs"),
+                        client.llen(f"dramatiq:{ADMIT_QUEUE}"),
                         client.info("memory")["used_memory"] / 2**20,
                     )
                 )

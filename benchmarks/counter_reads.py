@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
-import os
 import tempfile
 import time
 import uuid
@@ -34,6 +33,7 @@ import pymongo
 from pymongo import monitoring
 from pymongo.database import Database
 from pymongo.errors import OperationFailure
+from tests.support.services import mongo_endpoint
 
 from benchmarks import services
 from image_crawler import outcomes, storage
@@ -155,10 +155,9 @@ def main(argv: list[str] | None = None) -> None:
     sizes = [int(size) for size in args.sizes.split(",")]
 
     with contextlib.ExitStack() as stack:
-        uri = os.environ.get("MONGO_URI")
-        if not uri:
-            work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="counter-reads-")))
-            shim, uri = services.start_mongo_shim(work)
+        work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="counter-reads-")))
+        shim, uri = mongo_endpoint(work)
+        if shim is not None:
             stack.callback(services.stop_group, shim)
             print("MongoDB: the mongo shim (no explain, no indexes: times and collections only)")
         commands = _Commands()

@@ -1,16 +1,15 @@
 """The processes a benchmark run needs, each in its own process group, and a sampler watching them.
 
-Everything started here is stopped by its own process group id (never by name), so a run
-cannot touch anyone else's redis-server, shim or workers on the machine.
+Everything a benchmark starts is stopped by its own process group id (never by name), so a run
+cannot touch anyone else's redis-server, shim or workers on the machine. redis-server and the
+mongo shim are started by ``tests.support.services``, which the test suite uses too.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -20,30 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
-
-REPO = Path(__file__).resolve().parent.parent
-#: Where DESIGN.md §7 says the MongoDB stand-in lives.
-MONGO_SHIM = REPO.parent / "shared" / "tools" / "mongo-shim"
-
-
-def free_port() -> int:
-    """A TCP port nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _wait_for_port(port: int, process: subprocess.Popen, what: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{what} exited with code {process.returncode}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError(f"{what} did not listen on port {port} within {timeout:g} s")
+from tests.support.services import REPO
 
 
 def stop_group(process: subprocess.Popen, timeout: float = 30.0) -> None:
@@ -66,30 +42,12 @@ def stop_group(process: subprocess.Popen, timeout: float = 30.0) -> None:
         os.killpg(process.pid, signal.SIGKILL)
 
 
-def start_redis(directory: Path) -> tuple[subprocess.Popen, str]:
-    """A private redis-server on a free port, data in ``directory`` and not persisted."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        raise RuntimeError("redis-server is not on PATH (apt-get install redis-server)")
-    port = free_port()
-    args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(directory)]
-    args += ["--save", "", "--appendonly", "no", "--logfile", str(directory / "redis.log")]
-    process = subprocess.Popen(args, start_new_session=True, stdout=subprocess.DEVNULL)
-    _wait_for_port(port, process, "redis-server")
-    return process, f"redis://127.0.0.1:{port}/0"
-
-
-def start_mongo_shim(directory: Path) -> tuple[subprocess.Popen, str]:
-    """The mongomock-backed MongoDB stand-in on a free port; returns it and its base URI."""
-    if not MONGO_SHIM.exists():
-        raise RuntimeError(f"no MONGO_URI set and no mongo shim at {MONGO_SHIM}")
-    port = free_port()
-    log = open(directory / "mongo-shim.log", "wb")  # noqa: SIM115 - lives as long as the shim
-    process = subprocess.Popen(
-        [str(MONGO_SHIM), "--port", str(port)], start_new_session=True, stdout=log, stderr=log
-    )
-    _wait_for_port(port, process, "mongo-shim", timeout=180)
-    return process, f"mongodb://127.0.0.1:{port}"
+def crawl_env(redis_url: str, mongo_uri: str) -> dict[str, str]:
+    """The environment of a benchmark's workers and ``image-crawler``: this one, on its own stores."""
+    env = dict(os.environ, REDIS_URL=redis_url, MONGO_URI=mongo_uri, FETCH_ALLOW_PRIVATE="1")
+    # One local server stands in for the many hosts of a real list: no per-host limit.
+    env.setdefault("HOST_CONCURRENCY", "0")
+    return env
 
 
 def start_image_server(directory: Path) -> tuple[subprocess.Popen, int]:

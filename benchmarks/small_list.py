@@ -16,16 +16,15 @@ Prints the wall time from launching ``enqueue`` to its summary (CLI start-up inc
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from benchmarks import images, services
+from tests.support.services import REPO, database_uri, mongo_endpoint, start_redis
 
-REPO = Path(__file__).resolve().parent.parent
+from benchmarks import images, services
 
 
 def main() -> None:
@@ -42,20 +41,17 @@ def main() -> None:
     try:
         server, port = services.start_image_server(bench_images[0].path.parent)
         started.append(server)
-        redis_process, redis_url = services.start_redis(work)
+        redis_process, redis_url = start_redis(work, new_session=True)
         started.append(redis_process)
-        mongo_uri = os.environ.get("MONGO_URI")
-        if not mongo_uri:
-            shim, base = services.start_mongo_shim(work)
+        shim, mongo_uri = mongo_endpoint(work)
+        if shim is not None:
             started.append(shim)
-            mongo_uri = f"{base}/small_list"
+            mongo_uri = database_uri(mongo_uri, "small_list")
         lines = [f"http://127.0.0.1:{port}/{image.path.name}" for image in bench_images]
         lines += lines[: args.repeats]
         urls = work / "urls.txt"
         urls.write_text("\n".join(lines) + "\n")
-        env = dict(os.environ, REDIS_URL=redis_url, MONGO_URI=mongo_uri, FETCH_ALLOW_PRIVATE="1")
-        # One local server stands in for the many hosts of a real list: no per-host limit.
-        env.setdefault("HOST_CONCURRENCY", "0")
+        env = services.crawl_env(redis_url, mongo_uri)
         env["PYTHONPATH"] = str(args.src)
         log = open(work / "workers.log", "wb")  # noqa: SIM115 - closed with the workers
         workers = subprocess.Popen(

@@ -11,15 +11,14 @@ import os
 import shutil
 import subprocess
 import tempfile
-import time
 import uuid
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import pymongo
 import pytest
 
-from support.services import start_redis
+from support.pipeline import Pipeline
+from support.services import database_uri, start_redis
 
 _redis: dict[str, object] = {}
 
@@ -74,63 +73,6 @@ def mongo_uri() -> str:
     return uri
 
 
-class Pipeline:
-    """An in-process pipeline: the real broker on the suite's Redis, a real dramatiq.Worker, mongomock."""
-
-    def __init__(self, db, settings, threads: int = 8) -> None:
-        import dramatiq
-        import redis
-
-        from image_crawler import actors
-        from image_crawler.claims import ClaimCheck
-        from image_crawler.context import Context, set_context
-        from image_crawler.fetching import Fetcher
-
-        self.db = db
-        self.settings = settings
-        self.broker = actors.broker
-        self.broker.flush_all()
-        self.context = Context(
-            settings,
-            db,
-            ClaimCheck(redis.Redis.from_url(settings.redis_url), settings.claim_ttl),
-            Fetcher(settings),
-        )
-        from image_crawler import storage
-
-        storage.ensure_indexes(db)
-        self._previous = set_context(self.context)
-        self.worker = dramatiq.Worker(self.broker, worker_threads=threads, worker_timeout=50)
-        self.worker.start()
-
-    def enqueue_text(self, text: str | bytes, **kwargs):
-        """Enqueue the lines of ``text`` as ``image-crawler enqueue`` would."""
-        import io
-
-        from image_crawler.cli import enqueue_lines
-
-        data = text.encode() if isinstance(text, str) else text
-        return enqueue_lines(io.BytesIO(data), self.db, **kwargs)
-
-    def wait_for(self, run: str, jobs: int, timeout: float = 60.0) -> None:
-        """Block until every job of ``run`` has an outcome (fails the test after ``timeout``)."""
-        from image_crawler import storage
-
-        deadline = time.monotonic() + timeout
-        while (done := storage.outcomes(self.db).count_documents({"run": run})) < jobs:
-            if time.monotonic() > deadline:
-                pytest.fail(f"only {done} of {jobs} jobs of run {run} ended within {timeout} s")
-            time.sleep(0.05)
-
-    def close(self) -> None:
-        from image_crawler.context import set_context
-
-        self.worker.stop()
-        set_context(self._previous)
-        self.context.close()
-        self.broker.flush_all()
-
-
 @pytest.fixture
 def make_pipeline(redis_url, mongo_db):
     """Start in-process pipelines on ``mongo_db`` with settings overridden by keyword."""
@@ -169,9 +111,8 @@ def _forget_hosts(redis_url: str) -> None:
 def crawl_env(mongo_uri, tmp_path):
     """Environment for worker and CLI processes: a private Redis and a fresh database at MONGO_URI."""
     redis_process, redis_url = start_redis(tmp_path)
-    parts = urlsplit(mongo_uri)
     database = f"e2e_{uuid.uuid4().hex[:8]}"
-    env = dict(os.environ, REDIS_URL=redis_url, MONGO_URI=urlunsplit(parts._replace(path=f"/{database}")))
+    env = dict(os.environ, REDIS_URL=redis_url, MONGO_URI=database_uri(mongo_uri, database))
     env.update(FETCH_ALLOW_PRIVATE="1", FETCH_RETRIES="1", FETCH_TIMEOUT="5", PYTHONUNBUFFERED="1")
     client = pymongo.MongoClient(mongo_uri, tz_aware=True)
     yield env, client[database]

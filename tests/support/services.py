@@ -1,36 +1,117 @@
-"""Services the tests start for themselves: a redis-server on a free port."""
+"""Services the tests and the benchmarks start for themselves: redis-server and the mongo shim, on free ports.
+
+One module for both, standard library only. The suite imports it as ``support.services``
+(pytest puts ``tests/`` on ``sys.path`` for ``tests/conftest.py``); the benchmarks as
+``tests.support.services`` (``python -m benchmarks.<name>`` from the repository root puts the
+root on ``sys.path``, and ``tests/`` is a namespace package).
+"""
 
 from __future__ import annotations
 
+import os
+import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+#: The repository this checkout is.
+REPO = Path(__file__).resolve().parents[2]
+#: Where the workplace keeps the MongoDB stand-in (a wire endpoint backed by mongomock).
+MONGO_SHIM = REPO.parent / "shared" / "tools" / "mongo-shim"
 
 
 def free_port() -> int:
     """A TCP port nothing listens on right now."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+        return int(sock.getsockname()[1])
+
+
+def _accepts(port: int) -> bool:
+    with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+        return True
+
+
+def _answers_ping(port: int) -> bool:
+    with socket.create_connection(("127.0.0.1", port), timeout=0.2) as sock:
+        sock.sendall(b"PING\r\n")
+        return sock.recv(16).startswith(b"+PONG")
+
+
+def _wait_until_serving(
+    process: subprocess.Popen,
+    port: int,
+    what: str,
+    *,
+    timeout: float,
+    ready: Callable[[int], bool] = _accepts,
+) -> None:
+    """Wait until ``ready(port)`` (by default: the port accepts a connection).
+
+    Raises RuntimeError if ``process`` exits first, or kills it and raises after ``timeout``.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{what} exited with code {process.returncode}")
+        try:
+            if ready(port):
+                return
+        except OSError:
+            pass
+        time.sleep(0.05)
+    process.kill()
+    process.wait()
+    raise RuntimeError(f"{what} did not start on port {port} within {timeout:g} s")
 
 
 def start_redis(
-    directory: Path, *, appendonly: bool = False, port: int | None = None
+    directory: Path, *, appendonly: bool = False, port: int | None = None, new_session: bool = False
 ) -> tuple[subprocess.Popen, str]:
-    """Start a redis-server on a free port in ``directory``; returns the process and its URL."""
+    """Start a redis-server on a free port (or ``port``) in ``directory``; returns the process and its URL.
+
+    Nothing is saved unless ``appendonly``; its log is ``directory/redis.log``. ``new_session``
+    gives it a process group of its own (to be stopped by that group, as the benchmarks do).
+    """
+    if shutil.which("redis-server") is None:
+        raise RuntimeError("redis-server is not on PATH (apt-get install redis-server)")
     port = port or free_port()
     args = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(directory), "--save", ""]
     args += ["--appendonly", "yes" if appendonly else "no", "--logfile", str(directory / "redis.log")]
-    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2) as sock:
-                sock.sendall(b"PING\r\n")
-                if sock.recv(16).startswith(b"+PONG"):
-                    return process, f"redis://127.0.0.1:{port}/0"
-        except OSError:
-            time.sleep(0.05)
-    process.kill()
-    raise RuntimeError(f"redis-server did not start on port {port}")
+    process = subprocess.Popen(
+        args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=new_session
+    )
+    _wait_until_serving(process, port, "redis-server", timeout=10, ready=_answers_ping)
+    return process, f"redis://127.0.0.1:{port}/0"
+
+
+def start_mongo_shim(directory: Path) -> tuple[subprocess.Popen, str]:
+    """The mongo shim on a free port in a process group of its own; returns it and its base URI.
+
+    It logs to ``directory/mongo-shim.log``.
+    """
+    if not MONGO_SHIM.exists():
+        raise RuntimeError(f"no MONGO_URI set and no mongo shim at {MONGO_SHIM}")
+    port = free_port()
+    with open(directory / "mongo-shim.log", "wb") as log:  # the child keeps its own copy
+        process = subprocess.Popen(
+            [str(MONGO_SHIM), "--port", str(port)], start_new_session=True, stdout=log, stderr=log
+        )
+    _wait_until_serving(process, port, "mongo-shim", timeout=180)
+    return process, f"mongodb://127.0.0.1:{port}"
+
+
+def mongo_endpoint(directory: Path) -> tuple[subprocess.Popen | None, str]:
+    """``MONGO_URI`` when it is set (and no process), else a mongo shim started in ``directory``."""
+    uri = os.environ.get("MONGO_URI")
+    if uri:
+        return None, uri
+    return start_mongo_shim(directory)
+
+
+def database_uri(uri: str, database: str) -> str:
+    """``uri`` (``mongodb://…``) naming ``database`` instead of the database it names, if any."""
+    return urlunsplit(urlsplit(uri)._replace(path=f"/{database}"))
