@@ -11,10 +11,11 @@ MongoDB, explained (``executionStats``): the table shows the index keys and docu
 examined. The counters' rows stay flat while the ledger's grow with the size.
 
 It needs a MongoDB: ``MONGO_URI`` when set (a database ``counter_reads_<random>`` is made and
-dropped on that server), else the mongo shim of ``../shared/tools``, started for the run and
-stopped by its process group. The shim cannot ``explain`` (nor use indexes: it scans), so with
-it the table shows times and the collections each read touched; run it against a real
-MongoDB for the examined counts. The default sizes suit the shim; a real server takes millions.
+dropped on that server), else the MongoDB stand-in ``$MONGO_SHIM`` (tests/support/services.py),
+started for the run and stopped by its process group. The shim cannot ``explain`` (nor use
+indexes: it scans), so with it the table shows times and the collections each read touched;
+run it against a real MongoDB for the examined counts. The default sizes suit the shim; a real
+server takes millions.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
-"""``make bench``: the pipeline end to end against the machine's ceiling, on the same cores (issue 6).
+"""``make bench``: the pipeline end to end against the machine's ceiling, on the same cores.
 
 1. Serves a few thousand distinct photo-like images (benchmarks/images.py, cached) from a local
    HTTP server (benchmarks/server.py) and starts a private redis-server; MongoDB is ``MONGO_URI``,
-   or else the mongo shim of ``../shared/tools``, started for the run.
+   or else the MongoDB stand-in ``$MONGO_SHIM`` (tests/support/services.py), started for the run.
 2. **Pipeline**: ``dramatiq benchmarks.instrumented_actors`` workers (the project's actors plus
    timing middleware) and ``image-crawler enqueue URLS --wait``, at the settings of the
    environment (``BATCH_SIZE``, ``FETCH_CONCURRENCY``, ``PNG_COMPRESS_LEVEL``…: the defaults
@@ -493,7 +493,7 @@ def main(argv: list[str] | None = None) -> None:
         else:
             stack.callback(stop_group, shim)
             mongo_pid = shim.pid
-            what = "the mongo shim of ../shared/tools, started for this run"
+            what = "the MongoDB stand-in MONGO_SHIM, started for this run"
         if mongo_pid is not None:
             services["mongo-shim" if is_mongo_shim(mongo_pid) else "mongod"] = mongo_pid
         mongo_note = f"{what}; both sides write to this same server, each to a fresh database."

@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from benchmarks import imaging_bench
+from image_crawler.broker import ACTOR_NAMES
 
 #: The pipeline's actors (image_crawler.actors) in the order of the flow, for the per-actor rows.
-ACTORS = ("admit", "fetch", "md5", "grayscale", "collect", "record_failure", "record_admit_failure")
+ACTORS = ACTOR_NAMES
 #: The MongoDB endpoint's role, whichever it is.
 MONGO_ROLES = ("mongo-shim", "mongod")
 #: What the pipeline's processes are, in the CPU efficiency: everything it runs but the image server.

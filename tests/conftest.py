@@ -55,7 +55,7 @@ def redis_url() -> str:
 
 @pytest.fixture
 def mongo_db():
-    """A fresh in-memory MongoDB database (mongomock: no MongoDB server can run here)."""
+    """A fresh in-memory MongoDB database (mongomock), for tests that run in this process."""
     mongomock = pytest.importorskip("mongomock")
     from mongomock.gridfs import enable_gridfs_integration
 

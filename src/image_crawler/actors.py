@@ -100,6 +100,19 @@ RETRY_MIN_BACKOFF_MS = 2_000
 RETRY_MAX_BACKOFF_MS = 300_000
 #: Shortest wait of a line whose host had no turn free (ms): less would only churn the queue.
 HOST_WAIT_MIN_MS = 250
+#: Retries of a message that failed as a whole because Redis or MongoDB did (admit, fetch, the
+#: recorders), and the longest backoff between them: together, through an outage of an hour.
+STORE_RETRIES = 20
+STORE_MAX_BACKOFF_MS = 300_000
+#: Retries of md5 and grayscale (a result or a parked body not readable yet), and of collect.
+PROCESS_RETRIES = 5
+COLLECT_RETRIES = 10
+COLLECT_MAX_BACKOFF_MS = 120_000
+#: Time limit of a grayscale message: a minute per line (a 49-megapixel JPEG takes 4 s of CPU
+#: here, more while it waits for the decode budget or shares the cores), never less than
+#: Dramatiq's default of 10 minutes.
+GRAYSCALE_MS_PER_LINE = 60_000
+GRAYSCALE_LEAST_MS = 600_000
 
 
 def admitted_key(batch: dict[str, Any]) -> str:
@@ -149,8 +162,8 @@ def _cut(lines: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
 @dramatiq.actor(
     queue_name=ADMIT_QUEUE,
     priority=ADMIT_PRIORITY,
-    retry_when=retry_transient(20),
-    max_backoff=300_000,
+    retry_when=retry_transient(STORE_RETRIES),
+    max_backoff=STORE_MAX_BACKOFF_MS,
     failure_recorder="record_admit_failure",
 )
 def admit(batch: dict[str, Any]) -> None:
@@ -244,8 +257,8 @@ _GUARDED: dict[str, Any] = {"on_crash": after_worker_death}
     # A whole fetch fails only when Redis or MongoDB does (a URL's own failures end or retry
     # that URL): retried like the recorders, through a long outage; also when a store so slow
     # made it run out of time (running twice only repeats work).
-    retry_when=retry_transient(20, also=(TimeLimitExceeded,)),
-    max_backoff=300_000,
+    retry_when=retry_transient(STORE_RETRIES, also=(TimeLimitExceeded,)),
+    max_backoff=STORE_MAX_BACKOFF_MS,
     # Every download of a batch ends within START_WITHIN_S + its longest (2 × FETCH_TIMEOUT,
     # and its robots.txt) of its start.
     time_limit=int(longest_download_s(settings) * 1000) + 60_000,
@@ -443,7 +456,7 @@ def _bodies(context: Context, parcel: dict[str, Any]) -> Iterator[tuple[int, byt
 
 @dramatiq.actor(
     store_results=True,
-    retry_when=retry_transient(5),
+    retry_when=retry_transient(PROCESS_RETRIES),
     queue_name=PROCESS_QUEUE,
     priority=PROCESS_PRIORITY,
     **_GUARDED,
@@ -456,12 +469,10 @@ def md5(parcel: dict[str, Any]) -> list[str]:
 
 @dramatiq.actor(
     store_results=True,
-    retry_when=retry_transient(5),
+    retry_when=retry_transient(PROCESS_RETRIES),
     queue_name=PROCESS_QUEUE,
     priority=PROCESS_PRIORITY,
-    # A minute per line (a 49-megapixel JPEG takes 4 s of CPU here, more while it waits for the
-    # decode budget or shares the cores), never less than Dramatiq's default of 10 minutes.
-    time_limit=max(600_000, settings.batch_size * 60_000),
+    time_limit=max(GRAYSCALE_LEAST_MS, settings.batch_size * GRAYSCALE_MS_PER_LINE),
     **_GUARDED,
 )
 def grayscale(parcel: dict[str, Any]) -> list[dict[str, Any]]:
@@ -495,8 +506,8 @@ def grayscale(parcel: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 @dramatiq.actor(
-    retry_when=retry_transient(10),
-    max_backoff=120_000,
+    retry_when=retry_transient(COLLECT_RETRIES),
+    max_backoff=COLLECT_MAX_BACKOFF_MS,
     queue_name=PROCESS_QUEUE,
     priority=PROCESS_PRIORITY,
     **_GUARDED,
@@ -567,8 +578,8 @@ def _store_and_record(
 
 #: Recorders outlast a long MongoDB outage, and their own failures are only logged.
 _RECORDER_OPTIONS: dict[str, Any] = {
-    "retry_when": retry_transient(20),
-    "max_backoff": 300_000,
+    "retry_when": retry_transient(STORE_RETRIES),
+    "max_backoff": STORE_MAX_BACKOFF_MS,
     "queue_name": PROCESS_QUEUE,
     "priority": PROCESS_PRIORITY,
     "failure_recorder": None,

@@ -56,6 +56,9 @@ FETCH_QUEUE = "fetch"
 PROCESS_QUEUE = "process"
 #: Batches of URL lines from ``enqueue``, turned into fetch messages as workers have room.
 ADMIT_QUEUE = "admit"
+#: The pipeline's actors (``image_crawler.actors``), in the order a URL meets them, then the
+#: recorders of messages that failed for good: named here so that reading them sets up nothing.
+ACTOR_NAMES = ("admit", "fetch", "md5", "grayscale", "collect", "record_failure", "record_admit_failure")
 
 # Work already started outranks new work (a lower number runs first): a worker holding several
 # kinds of message finishes md5, grayscale, collect and the recorders, then fetches, and admits

@@ -439,3 +439,11 @@ def test_the_workers_broker_keeps_the_workers_outage_budget(redis_url):
 
     assert finished.returncode == 0, finished.stderr
     assert float(finished.stdout) == REDIS_OUTAGE_BUDGET_S
+
+
+def test_the_actor_names_of_the_broker_module_are_the_actors_that_exist():
+    from image_crawler import actors
+    from image_crawler.broker import ACTOR_NAMES
+
+    assert set(ACTOR_NAMES) == set(actors.broker.actors)
+    assert ACTOR_NAMES[:5] == ("admit", "fetch", "md5", "grayscale", "collect")  # the order a URL meets them

@@ -19,8 +19,9 @@ from urllib.parse import urlsplit, urlunsplit
 
 #: The repository this checkout is.
 REPO = Path(__file__).resolve().parents[2]
-#: Where the workplace keeps the MongoDB stand-in (a wire endpoint backed by mongomock).
-MONGO_SHIM = REPO.parent / "shared" / "tools" / "mongo-shim"
+#: A MongoDB wire endpoint for machines without a MongoDB server (``--port P`` serves, ``--wait
+#: P`` waits for it): ``$MONGO_SHIM``, else ``shared/tools/mongo-shim`` beside the checkout.
+MONGO_SHIM = Path(os.environ.get("MONGO_SHIM") or REPO.parent / "shared" / "tools" / "mongo-shim")
 
 
 def free_port() -> int:
