@@ -113,9 +113,9 @@ def _reads(now: dt.datetime) -> dict[str, Callable[[Database], Any]]:
         "runs (20 latest)": lambda db: outcomes.recent_runs(db, 20),
         "recount, nothing due": lambda db: outcomes.reconcile(db, max_minutes=outcomes.RECONCILE_MINUTES),
         "before: totals from the ledger": lambda db: [
-            storage.outcomes(db).count_documents({"outcome": name}) for name in outcomes.OUTCOMES
+            storage.ledger(db).count_documents({"outcome": name}) for name in outcomes.OUTCOMES
         ],
-        "before: chart from the ledger": lambda db: list(storage.outcomes(db).aggregate(ledger_chart)),
+        "before: chart from the ledger": lambda db: list(storage.ledger(db).aggregate(ledger_chart)),
     }
 
 

@@ -170,13 +170,13 @@ def run_pipeline(
     db = storage.connect(settings)
     try:
         counts = outcomes.count_outcomes(db, run)
-        last = storage.outcomes(db).find_one({"run": run}, sort=[("ended_at", pymongo.DESCENDING)])
+        last = storage.ledger(db).find_one({"run": run}, sort=[("ended_at", pymongo.DESCENDING)])
         stored = storage.images(db).count_documents({})
         png_mean = next(
             storage.images(db).aggregate([{"$group": {"_id": None, "mean": {"$avg": "$gray_size"}}}]), {}
         ).get("mean", 0.0)
         reasons = list(
-            storage.outcomes(db).aggregate(
+            storage.ledger(db).aggregate(
                 [
                     {"$match": {"run": run, "outcome": "error"}},
                     {"$group": {"_id": "$reason", "n": {"$sum": 1}}},
@@ -244,7 +244,7 @@ def _wait_for_outcomes(env: dict[str, str], urls: Path) -> None:
     expected = sum(1 for line in urls.read_text().splitlines() if line.strip())
     db = storage.connect(load_settings(env))
     try:
-        while storage.outcomes(db).estimated_document_count() < expected:
+        while storage.ledger(db).estimated_document_count() < expected:
             time.sleep(0.1)
     finally:
         db.client.close()

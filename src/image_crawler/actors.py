@@ -443,7 +443,7 @@ def _download(context: Context, url: str, cutoff: float) -> Download:
 
 def _unfinished(context: Context, jobs: list[Job]) -> list[Job]:
     """The jobs that have no outcome yet (a redelivered or repeated message skips the others)."""
-    done = outcomes.finished(context.db, [job.id for job in jobs])
+    done = outcomes.ended_jobs(context.db, [job.id for job in jobs])
     return [job for job in jobs if job.id not in done]
 
 
@@ -516,7 +516,7 @@ def collect(parcel: dict[str, Any], meta: list[list[Any]], members: dict[str, st
     """Pull md5 and grayscale results, store each new image once, and record every outcome of the parcel."""
     context = get_context()
     jobs = jobs_of(parcel)
-    done = outcomes.finished(context.db, [job.id for job in jobs])
+    done = outcomes.ended_jobs(context.db, [job.id for job in jobs])
     if len(done) < len(jobs):
         digests: list[str] = _member_result(md5, parcel, members["md5"])
         grays: list[dict[str, Any]] = _member_result(grayscale, parcel, members["grayscale"])

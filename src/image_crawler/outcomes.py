@@ -175,7 +175,7 @@ def record_outcomes(db: Database, documents: list[dict[str, Any]]) -> int:
     _mark_late(db, documents)
     inserted, failure = documents, None
     try:
-        storage.outcomes(db).insert_many(documents, ordered=False)
+        storage.ledger(db).insert_many(documents, ordered=False)
     except BulkWriteError as exc:
         errors = exc.details.get("writeErrors", [])
         refused = {error["index"] for error in errors}
@@ -306,7 +306,7 @@ def _next_busy_minute(db: Database, after: dt.datetime | None, until: dt.datetim
     window: dict[str, Any] = {"$lt": until}
     if after is not None:
         window["$gte"] = after
-    row = storage.outcomes(db).find_one(
+    row = storage.ledger(db).find_one(
         {"minute": window}, projection={"_id": 0, "minute": 1}, sort=[("minute", ASCENDING)]
     )
     return None if row is None else storage.as_utc(row["minute"])
@@ -315,7 +315,7 @@ def _next_busy_minute(db: Database, after: dt.datetime | None, until: dt.datetim
 def _recount(db: Database, minute: dt.datetime) -> None:
     """Set every counter of ``minute`` to what the ledger holds (covered by ``minute_run_outcome_reason``)."""
     truth: dict[str, dict[str, int]] = {}
-    rows = storage.outcomes(db).aggregate(
+    rows = storage.ledger(db).aggregate(
         [
             {"$match": {"minute": minute}},
             {"$group": {"_id": {"run": "$run", "outcome": "$outcome"}, "n": {"$sum": 1}}},
@@ -340,7 +340,7 @@ def _recount(db: Database, minute: dt.datetime) -> None:
 def _recount_reasons(db: Database, minute: dt.datetime) -> None:
     """Set every error-reason counter of ``minute`` to what the ledger holds."""
     truth: dict[tuple[str, str | None], int] = {}
-    rows = storage.outcomes(db).aggregate(
+    rows = storage.ledger(db).aggregate(
         [
             {"$match": {"minute": minute, "outcome": ERROR}},
             {"$group": {"_id": {"run": "$run", "reason": "$reason"}, "n": {"$sum": 1}}},
@@ -438,14 +438,14 @@ def latest_minute(db: Database, until: dt.datetime | None = None) -> dt.datetime
     One key of the ``minute_run_outcome_reason`` index.
     """
     query = {} if until is None else {"minute": {"$lte": until}}
-    row = storage.outcomes(db).find_one(query, projection={"minute": 1}, sort=[("minute", DESCENDING)])
+    row = storage.ledger(db).find_one(query, projection={"minute": 1}, sort=[("minute", DESCENDING)])
     minute = None if row is None else row.get("minute")
     return storage.as_utc(minute) if isinstance(minute, dt.datetime) else None
 
 
 def latest_errors(db: Database, limit: int) -> list[dict[str, Any]]:
     """The ``limit`` most recent errors (index ``outcome_ended``): ``url``, ``reason``, ``ended_at``."""
-    cursor = storage.outcomes(db).find(
+    cursor = storage.ledger(db).find(
         {"outcome": ERROR},
         projection={"_id": 0, "url": 1, "reason": 1, "ended_at": 1},
         sort=[("ended_at", DESCENDING)],
@@ -698,7 +698,7 @@ def last_counted_minute(db: Database, run: str, *, first: bool = False) -> dt.da
 
 def has_outcomes(db: Database, run: str) -> bool:
     """Whether the ledger holds any outcome of ``run`` (a run enqueued before runs were recorded)."""
-    return storage.outcomes(db).find_one({"run": run}, projection={"_id": 1}) is not None
+    return storage.ledger(db).find_one({"run": run}, projection={"_id": 1}) is not None
 
 
 def _summaries(db: Database, documents: list[dict[str, Any]], now: dt.datetime | None) -> list[RunSummary]:
@@ -772,7 +772,7 @@ def failed_outcomes(
         if after is not None:
             query["line"] = {"$gt": after}
         batch = list(
-            storage.outcomes(db).find(
+            storage.ledger(db).find(
                 query,
                 projection={"_id": 0, "line": 1, "url": 1, "reason": 1, "rejected": 1},
                 sort=[("line", ASCENDING)],
@@ -860,23 +860,23 @@ class FailedLines:
         return f"left out {sum(self.left_out.values())} of {self.listed} failed lines{how}: {why}"
 
 
-def finished(db: Database, job_ids: Iterable[str]) -> set[str]:
+def ended_jobs(db: Database, job_ids: Iterable[str]) -> set[str]:
     """Which of ``job_ids`` have an outcome already (one query)."""
     wanted = list(job_ids)
     if not wanted:
         return set()
-    found = storage.outcomes(db).find({"_id": {"$in": wanted}}, projection={"_id": 1})
+    found = storage.ledger(db).find({"_id": {"$in": wanted}}, projection={"_id": 1})
     return {document["_id"] for document in found}
 
 
 def get_outcome(db: Database, job_id: str) -> dict[str, Any] | None:
     """The ledger entry of one job, or None while it is still running."""
-    return storage.outcomes(db).find_one({"_id": job_id})
+    return storage.ledger(db).find_one({"_id": job_id})
 
 
 def count_ended(db: Database, run: str) -> int:
     """How many of ``run``'s lines have their outcome, counted in the ledger (exact; ``run_outcome_line``)."""
-    return storage.outcomes(db).count_documents({"run": run})
+    return storage.ledger(db).count_documents({"run": run})
 
 
 def count_outcomes(db: Database, run: str | None = None) -> dict[str, int]:
@@ -890,6 +890,6 @@ def count_outcomes(db: Database, run: str | None = None) -> dict[str, int]:
     if run is not None:
         pipeline.insert(0, {"$match": {"run": run}})
     counts = dict.fromkeys(OUTCOMES, 0)
-    for row in storage.outcomes(db).aggregate(pipeline):
+    for row in storage.ledger(db).aggregate(pipeline):
         counts[row["_id"]] = row["n"]
     return counts

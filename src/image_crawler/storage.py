@@ -44,12 +44,12 @@ from .config import Settings
 from .errors import StoreBusy
 from .redaction import redact_url, redact_url_field
 
-IMAGES = "images"
-OUTCOMES = "outcomes"
-MINUTE_COUNTS = "minute_counts"
-REASON_COUNTS = "reason_counts"
-RECONCILED = "reconciled"
-RUNS = "runs"
+IMAGES_COLLECTION = "images"
+OUTCOMES_COLLECTION = "outcomes"
+MINUTE_COUNTS_COLLECTION = "minute_counts"
+REASON_COUNTS_COLLECTION = "reason_counts"
+RECONCILED_COLLECTION = "reconciled"
+RUNS_COLLECTION = "runs"
 GRAY_BUCKET = "gray"
 
 #: A writer finishes a GridFS file within seconds; chunks without a file document that are
@@ -109,32 +109,32 @@ def get_database(settings: Settings) -> Database:
 
 def images(db: Database) -> Collection:
     """The ``images`` collection."""
-    return db[IMAGES]
+    return db[IMAGES_COLLECTION]
 
 
-def outcomes(db: Database) -> Collection:
-    """The ``outcomes`` collection (the job ledger)."""
-    return db[OUTCOMES]
+def ledger(db: Database) -> Collection:
+    """The ``outcomes`` collection: the job ledger (:mod:`image_crawler.outcomes` reads and writes it)."""
+    return db[OUTCOMES_COLLECTION]
 
 
 def minute_counts(db: Database) -> Collection:
     """The ``minute_counts`` collection (outcomes per run and minute)."""
-    return db[MINUTE_COUNTS]
+    return db[MINUTE_COUNTS_COLLECTION]
 
 
 def reason_counts(db: Database) -> Collection:
     """The ``reason_counts`` collection (errors per run, minute and reason)."""
-    return db[REASON_COUNTS]
+    return db[REASON_COUNTS_COLLECTION]
 
 
 def reconciled(db: Database) -> Collection:
     """The ``reconciled`` collection (how far the counters have been recounted)."""
-    return db[RECONCILED]
+    return db[RECONCILED_COLLECTION]
 
 
 def runs(db: Database) -> Collection:
     """The ``runs`` collection (one document per ``enqueue``)."""
-    return db[RUNS]
+    return db[RUNS_COLLECTION]
 
 
 def gray_files(db: Database) -> gridfs.GridFS:
@@ -145,14 +145,14 @@ def gray_files(db: Database) -> gridfs.GridFS:
 def ensure_indexes(db: Database) -> None:
     """Create every index the pipeline and the web app rely on; safe to call any number of times."""
     images(db).create_index([("inserted_at", pymongo.DESCENDING)], name="inserted_at")
-    ledger = outcomes(db)
+    outcome_ledger = ledger(db)
     # A run's outcomes (enqueue --wait counts them) and its errors in line order (image-crawler failed).
-    ledger.create_index(
+    outcome_ledger.create_index(
         [("run", pymongo.ASCENDING), ("outcome", pymongo.ASCENDING), ("line", pymongo.ASCENDING)],
         name="run_outcome_line",
     )
     # Recounting a minute: $match on minute, $group on run, outcome and reason, from the index alone.
-    ledger.create_index(
+    outcome_ledger.create_index(
         [
             ("minute", pymongo.ASCENDING),
             ("run", pymongo.ASCENDING),
@@ -161,11 +161,11 @@ def ensure_indexes(db: Database) -> None:
         ],
         name="minute_run_outcome_reason",
     )
-    ledger.create_index(
+    outcome_ledger.create_index(
         [("outcome", pymongo.ASCENDING), ("ended_at", pymongo.DESCENDING)], name="outcome_ended"
     )
     # Prefixes of the two above.
-    _drop_superseded(ledger, "run_outcome", "minute_outcome", "minute_run_outcome")
+    _drop_superseded(outcome_ledger, "run_outcome", "minute_outcome", "minute_run_outcome")
     counts = minute_counts(db)
     counts.create_index([("minute", pymongo.ASCENDING)], name="minute")  # the histogram's window
     counts.create_index([("run", pymongo.ASCENDING), ("minute", pymongo.ASCENDING)], name="run_minute")

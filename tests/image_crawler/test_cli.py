@@ -117,7 +117,7 @@ def test_enqueue_a_file_and_wait_for_the_summary(make_pipeline, db, server, tmp_
     run, enqueued, rejected, skipped = _enqueued(result.stdout)
     assert (enqueued, rejected, skipped) == (3, 1, 2)
     assert _last_line(result.stdout) == "done: 4 urls — 2 success, 0 duplicate, 2 error"
-    reasons = {entry["line"]: entry["reason"] for entry in storage.outcomes(db).find({"run": run})}
+    reasons = {entry["line"]: entry["reason"] for entry in storage.ledger(db).find({"run": run})}
     assert reasons == {3: None, 4: None, 5: "http 404", 6: "not an http(s) url"}
 
 
@@ -154,7 +154,7 @@ def test_blank_and_comment_lines_are_not_jobs(db, no_workers, run_cli):
     assert result.exit_code == 0, result.output
     run, enqueued, rejected, skipped = _enqueued(result.stdout)
     assert (enqueued, rejected, skipped) == (0, 0, 6)
-    assert storage.outcomes(db).count_documents({"run": run}) == 0
+    assert storage.ledger(db).count_documents({"run": run}) == 0
     assert _queued_urls(no_workers) == 0
 
 
@@ -742,7 +742,7 @@ def test_a_crawled_run_is_listed_done_with_the_counts_of_its_ledger(make_pipelin
 def test_reconcile_counts_what_the_counters_missed(db, run_cli):
     old = storage.utcnow() - dt.timedelta(hours=3)
     missed = [outcomes.outcome_document(Job.new("r", n, "http://x.test/"), "success", at=old) for n in (1, 2)]
-    storage.outcomes(db).insert_many(missed)  # as a version without counters left them
+    storage.ledger(db).insert_many(missed)  # as a version without counters left them
 
     first = run_cli("reconcile")
     storage.minute_counts(db).delete_many({})
@@ -792,7 +792,7 @@ def test_runs_failed_and_retry_through_a_mongodb_endpoint(crawl_env):
         "# line 2, not an http(s) url: not a url enqueue takes: nope",
     ]
     retry = _enqueued(retried.stdout)[0]
-    assert database[storage.RUNS].find_one({"_id": retry})["retry_of"] == run
+    assert database[storage.RUNS_COLLECTION].find_one({"_id": retry})["retry_of"] == run
 
 
 # --- settings ---------------------------------------------------------------------------
@@ -845,7 +845,7 @@ def test_progress_polls_leave_mongodb_idle_twenty_times_as_long_as_a_count_takes
             return 7
 
     assert cli._poll_done(db, "quick", poll_interval=0.5) == (0, 0.5)
-    monkeypatch.setattr(storage, "outcomes", lambda database: SlowLedger())
+    monkeypatch.setattr(storage, "ledger", lambda database: SlowLedger())
     done, pause = cli._poll_done(db, "large", poll_interval=0.5)
     assert done == 7
     assert 1.0 <= pause < 2.0

@@ -53,7 +53,7 @@ def test_the_counters_add_up_the_bodies_served_in_full(make_pipeline, server, co
     # FETCH_MAX_BYTES were not downloaded in full.
     full = [*images.values(), images["/img/1.png"], not_an_image, images["/img/0.png"]]
     assert _counted(counters) == (sum(len(body) for body in full), len(full))
-    assert storage.outcomes(pipeline.db).count_documents({"run": report.run}) == len(paths)
+    assert storage.ledger(pipeline.db).count_documents({"run": report.run}) == len(paths)
 
 
 def test_a_crawl_that_downloads_nothing_leaves_the_counters_alone(make_pipeline, server, counters):

@@ -271,7 +271,7 @@ def test_a_group_member_that_fails_for_good_gives_exactly_one_error_outcome(make
     pipeline.wait_for(job["run"], 1, timeout=20)
     _settle(pipeline)
 
-    ledger = list(storage.outcomes(pipeline.db).find({"run": job["run"]}))
+    ledger = list(storage.ledger(pipeline.db).find({"run": job["run"]}))
     assert [(entry["outcome"], entry["reason"]) for entry in ledger] == [("error", "body expired")]
     assert storage.images(pipeline.db).count_documents({}) == 0
 
@@ -303,7 +303,7 @@ def test_a_collector_without_member_results_ends_in_error_once_retries_run_out(m
     pipeline.wait_for(job["run"], 1, timeout=60)
     _settle(pipeline)
 
-    ledger = list(storage.outcomes(pipeline.db).find({"run": job["run"]}))
+    ledger = list(storage.ledger(pipeline.db).find({"run": job["run"]}))
     assert [(entry["outcome"], entry["reason"]) for entry in ledger] == [("error", "md5 result missing")]
     assert outcomes.count_outcomes(pipeline.db, job["run"]) == {"success": 0, "duplicate": 0, "error": 1}
 

@@ -50,7 +50,7 @@ def test_the_first_outcome_wins_and_a_second_is_refused(db):
     assert entry["outcome"] == "success"
     assert entry["md5"] == "d41d8cd98f00b204e9800998ecf8427e"
     assert entry["reason"] is None
-    assert storage.outcomes(db).count_documents({}) == 1
+    assert storage.ledger(db).count_documents({}) == 1
 
 
 def test_the_ledger_entry_describes_the_job(db):
@@ -123,7 +123,7 @@ def test_record_outcomes_counts_only_the_new_ones(db):
     mixed = _errors("run", range(1, 7), reason="another reason")  # lines 1-3 already have an outcome
     assert outcomes.record_outcomes(db, mixed) == 3
 
-    assert storage.outcomes(db).count_documents({"run": "run"}) == 6
+    assert storage.ledger(db).count_documents({"run": "run"}) == 6
     assert outcomes.get_outcome(db, "run:2")["reason"] == "http 404"
     assert outcomes.get_outcome(db, "run:5")["reason"] == "another reason"
 
@@ -177,7 +177,7 @@ def _processed(pipeline, parcel: dict, body: bytes) -> tuple[dict, list, dict]:
 
 def _snapshot(db, run: str) -> tuple[list, list, list]:
     return (
-        list(storage.outcomes(db).find({"run": run})),
+        list(storage.ledger(db).find({"run": run})),
         list(storage.images(db).find()),
         list(db["gray.files"].find()),
     )
@@ -307,8 +307,8 @@ def test_outcomes_a_crash_left_uncounted_are_counted_once_their_minute_has_settl
     outcomes.record_outcomes(db, _at("run", range(1, 3), outcomes.SUCCESS, MINUTE))
     # A worker died after its outcomes were inserted and before it counted them: the ledger
     # holds them, the counters do not.
-    storage.outcomes(db).insert_many(_at("run", range(3, 6), outcomes.ERROR, MINUTE, "http 404"))
-    storage.outcomes(db).insert_many(_at("other", range(1, 2), outcomes.DUPLICATE, MINUTE))
+    storage.ledger(db).insert_many(_at("run", range(3, 6), outcomes.ERROR, MINUTE, "http 404"))
+    storage.ledger(db).insert_many(_at("other", range(1, 2), outcomes.DUPLICATE, MINUTE))
     assert outcomes.counted_totals(db) == {"success": 2, "duplicate": 0, "error": 0}
 
     soon = MINUTE + outcomes.SETTLE_AFTER  # still open to late writers: not recounted yet
@@ -328,7 +328,7 @@ def test_outcomes_a_crash_left_uncounted_are_counted_once_their_minute_has_settl
 
 def test_a_counter_that_says_more_than_the_ledger_is_set_right(db):
     outcomes.record_outcomes(db, _at("run", range(1, 3), outcomes.SUCCESS, MINUTE))
-    storage.outcomes(db).delete_one({"_id": "run:2"})  # the ledger is the truth
+    storage.ledger(db).delete_one({"_id": "run:2"})  # the ledger is the truth
 
     outcomes.reconcile(db, now=MINUTE + dt.timedelta(hours=1))
 
@@ -338,7 +338,7 @@ def test_a_counter_that_says_more_than_the_ledger_is_set_right(db):
 def test_reconciliation_walks_only_the_minutes_that_had_outcomes_a_few_at_a_time(db):
     busy = [MINUTE + dt.timedelta(days=n) for n in range(5)]  # years of minutes between them
     for n, minute in enumerate(busy):
-        storage.outcomes(db).insert_many(_at("run", range(10 * n + 1, 10 * n + 3), outcomes.SUCCESS, minute))
+        storage.ledger(db).insert_many(_at("run", range(10 * n + 1, 10 * n + 3), outcomes.SUCCESS, minute))
     now = busy[-1] + dt.timedelta(hours=1)
 
     assert outcomes.reconcile(db, now=now, max_minutes=2) == 2
@@ -380,7 +380,7 @@ def test_an_outcome_recorded_late_into_a_settled_minute_is_recounted_even_after_
 
 def test_reconciliation_runs_now_and_then_and_never_fails_the_caller(db, dead_mongodb):
     schedule = outcomes.Schedule(every_s=3600)
-    storage.outcomes(db).insert_many(_at("run", range(1, 3), outcomes.SUCCESS, MINUTE))
+    storage.ledger(db).insert_many(_at("run", range(1, 3), outcomes.SUCCESS, MINUTE))
 
     assert outcomes.reconcile_if_due(db, schedule) is True
     assert outcomes.run_totals(db, ["run"])["run"]["success"] == 2
@@ -441,8 +441,8 @@ def test_an_error_recorded_again_adds_nothing_to_its_reason(db):
 
 def test_reasons_a_crash_left_uncounted_are_recounted_once_their_minute_has_settled(db):
     outcomes.record_outcomes(db, _at("run", range(1, 3), outcomes.ERROR, MINUTE, "http 404"))
-    storage.outcomes(db).insert_many(_at("run", range(3, 6), outcomes.ERROR, MINUTE, "timeout"))
-    storage.outcomes(db).delete_one({"_id": "run:2"})  # and the ledger is the truth
+    storage.ledger(db).insert_many(_at("run", range(3, 6), outcomes.ERROR, MINUTE, "timeout"))
+    storage.ledger(db).delete_one({"_id": "run:2"})  # and the ledger is the truth
     assert outcomes.top_error_reasons(db) == [("http 404", 2)]
 
     outcomes.reconcile(db, now=MINUTE + outcomes.SETTLE_AFTER + dt.timedelta(minutes=1))

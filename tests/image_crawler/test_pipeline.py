@@ -91,7 +91,7 @@ def test_mixed_list_gives_exact_counts_and_one_outcome_per_url(
 
     pipeline.wait_for(report.run, report.jobs, timeout=90)
 
-    ledger = list(storage.outcomes(pipeline.db).find({"run": report.run}))
+    ledger = list(storage.ledger(pipeline.db).find({"run": report.run}))
     assert sorted(doc["line"] for doc in ledger) == list(range(3, 3 + 23))
     by_url = {doc["url"]: doc for doc in ledger}
     reasons = {
@@ -185,7 +185,7 @@ def test_mongodb_down_for_a_while_delays_outcomes_but_loses_none(make_pipeline, 
     real_store, real_record, real_finished = (
         storage.store_new_images,
         outcomes.record_outcomes,
-        outcomes.finished,
+        outcomes.ended_jobs,
     )
 
     def unless_down(write):
@@ -205,13 +205,13 @@ def test_mongodb_down_for_a_while_delays_outcomes_but_loses_none(make_pipeline, 
     report = pipeline.enqueue_text("\n".join(server.url(f"/{n}.png") for n in range(12)))
 
     time.sleep(4)  # collectors fail and back off meanwhile
-    assert storage.outcomes(pipeline.db).count_documents({}) == 0
+    assert storage.ledger(pipeline.db).count_documents({}) == 0
     assert storage.images(pipeline.db).count_documents({}) == 0
     down = False
     pipeline.wait_for(report.run, 12, timeout=90)
 
     assert outcomes.count_outcomes(pipeline.db, report.run) == {"success": 12, "duplicate": 0, "error": 0}
-    ledger = storage.outcomes(pipeline.db).find({"run": report.run})
+    ledger = storage.ledger(pipeline.db).find({"run": report.run})
     assert {doc["md5"] for doc in ledger} == set(storage.images(pipeline.db).distinct("_id"))
 
 
@@ -341,7 +341,7 @@ def test_a_batch_that_fails_for_good_ends_every_line_in_one_error(make_pipeline,
     pipeline.broker.join("process", timeout=20_000)
     pipeline.worker.join()
 
-    ledger = sorted(storage.outcomes(pipeline.db).find({"run": "r4"}), key=lambda doc: doc["line"])
+    ledger = sorted(storage.ledger(pipeline.db).find({"run": "r4"}), key=lambda doc: doc["line"])
     assert [(doc["line"], doc["outcome"], doc["reason"]) for doc in ledger] == [
         (line, "error", "not admitted: internal error: RuntimeError") for line in (1, 2, 4)
     ]
@@ -472,7 +472,7 @@ def test_md5_and_collect_of_a_parcel_run_alone_after_a_death_rather_than_fetch_a
     assert actors.after_worker_death(actors.collect.message(parcel, [], {}), 2) is Verdict.RUN_ALONE
     assert _queued_fetches(idle_broker) == []
     assert actors.after_worker_death(actors.collect.message(parcel, [], {}), 3) is Verdict.HANDLED
-    reasons = {doc["line"]: doc["reason"] for doc in storage.outcomes(idle_context.db).find({"run": "d4"})}
+    reasons = {doc["line"]: doc["reason"] for doc in storage.ledger(idle_context.db).find({"run": "d4"})}
     assert reasons == dict.fromkeys((1, 2), "worker crashed while processing it (3 times)")
 
 
@@ -533,12 +533,12 @@ def test_credentials_in_a_url_are_sent_but_never_stored_or_logged(make_pipeline,
 
     sent = base64.b64encode(b"alice:s3cr@t").decode()
     assert server.authorizations("/private/cat.png") == [f"Basic {sent}"]  # used for the request
-    ledger = {doc["line"]: doc for doc in storage.outcomes(pipeline.db).find({"run": report.run})}
+    ledger = {doc["line"]: doc for doc in storage.ledger(pipeline.db).find({"run": report.run})}
     shown = f"http://***@127.0.0.1:{server.port}"
     assert ledger[1]["url"] == f"{shown}/private/cat.png"
     assert ledger[2]["url"] == f"{shown}/private/missing.png"
     assert storage.images(pipeline.db).find_one({})["source_url"] == f"{shown}/private/cat.png"
-    everything = repr([*storage.outcomes(pipeline.db).find(), *storage.images(pipeline.db).find()])
+    everything = repr([*storage.ledger(pipeline.db).find(), *storage.images(pipeline.db).find()])
     assert "s3cr" not in everything and "alice" not in everything
     assert "s3cr" not in caplog.text and "alice" not in caplog.text
 
@@ -554,4 +554,4 @@ def test_a_fetch_in_a_process_shutting_down_goes_again_rather_than_failing_its_l
         actors.fetch.fn(batch)
 
     assert is_transient(raised.value)
-    assert storage.outcomes(idle_context.db).count_documents({"run": "s1"}) == 0
+    assert storage.ledger(idle_context.db).count_documents({"run": "s1"}) == 0

@@ -212,7 +212,7 @@ def test_a_retry_after_longer_than_the_maximum_ends_the_url_naming_it(make_pipel
     report = pipeline.enqueue_text(server.url("/later.png"))
     pipeline.wait_for(report.run, 1)
 
-    entry = storage.outcomes(pipeline.db).find_one({"run": report.run})
+    entry = storage.ledger(pipeline.db).find_one({"run": report.run})
     assert (entry["outcome"], entry["reason"]) == (
         "error",
         "http 429: retry-after 3600 s is over RETRY_AFTER_MAX",
@@ -255,7 +255,7 @@ def test_with_obey_robots_disallowed_urls_are_never_requested(make_pipeline, ser
     report = pipeline.enqueue_text("\n".join(urls))
     pipeline.wait_for(report.run, 3)
 
-    ledger = {doc["line"]: doc for doc in storage.outcomes(pipeline.db).find({"run": report.run})}
+    ledger = {doc["line"]: doc for doc in storage.ledger(pipeline.db).find({"run": report.run})}
     assert (ledger[1]["outcome"], ledger[1]["reason"]) == ("error", "disallowed by robots.txt")
     assert ledger[2]["outcome"] == "success"
     assert (ledger[3]["outcome"], ledger[3]["reason"]) == ("error", "disallowed by x-robots-tag")

@@ -112,7 +112,7 @@ def test_a_fetch_redelivered_after_its_group_was_sent_never_mixes_bodies(choreog
     report = _crawl_to_the_end(pipeline, [server.url("/random.png")])
 
     assert middleware.finished["fetch"] == 2
-    outcome = storage.outcomes(pipeline.db).find_one({"run": report.run})
+    outcome = storage.ledger(pipeline.db).find_one({"run": report.run})
     assert outcome["outcome"] == "success", outcome
     _stored_images_match_their_md5(pipeline.db, {hashlib.md5(body).hexdigest(): body for body in variants})
     assert outcome["md5"] in set(storage.images(pipeline.db).distinct("_id"))
@@ -140,7 +140,7 @@ def test_a_member_that_completes_twice_does_not_fire_the_collector_early(choreog
     report = _crawl_to_the_end(pipeline, [server.url("/one.png")])
 
     assert middleware.finished["md5"] == 2
-    outcome = storage.outcomes(pipeline.db).find_one({"run": report.run})
+    outcome = storage.ledger(pipeline.db).find_one({"run": report.run})
     assert (outcome["outcome"], outcome["reason"]) == ("success", None)
     assert middleware.failures == []  # no collector ran without both results
     assert middleware.started["collect"] == 1

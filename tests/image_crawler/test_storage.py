@@ -34,7 +34,13 @@ def _orphan_chunk(db, md5: str, age: dt.timedelta, n: int = 0) -> None:
 
 def test_ensure_indexes_can_run_any_number_of_times(db):
     def all_indexes():
-        names = [storage.IMAGES, storage.OUTCOMES, storage.MINUTE_COUNTS, storage.RUNS, "gray.files"]
+        names = [
+            storage.IMAGES_COLLECTION,
+            storage.OUTCOMES_COLLECTION,
+            storage.MINUTE_COUNTS_COLLECTION,
+            storage.RUNS_COLLECTION,
+            "gray.files",
+        ]
         names.append("gray.chunks")
         return {name: db[name].index_information() for name in names}
 
@@ -47,10 +53,12 @@ def test_ensure_indexes_can_run_any_number_of_times(db):
     def leading_fields(collection):
         return {index["key"][0][0] for index in before[collection].values()}
 
-    assert "inserted_at" in leading_fields(storage.IMAGES)  # the gallery: newest images first
-    assert {"run", "minute"} <= leading_fields(storage.OUTCOMES)  # enqueue --wait, recounting minutes
-    assert {"run", "minute"} <= leading_fields(storage.MINUTE_COUNTS)  # runs, the histogram
-    assert "started_at" in leading_fields(storage.RUNS)  # image-crawler runs: newest first
+    assert "inserted_at" in leading_fields(storage.IMAGES_COLLECTION)  # the gallery: newest images first
+    assert {"run", "minute"} <= leading_fields(
+        storage.OUTCOMES_COLLECTION
+    )  # enqueue --wait, recounting minutes
+    assert {"run", "minute"} <= leading_fields(storage.MINUTE_COUNTS_COLLECTION)  # runs, the histogram
+    assert "started_at" in leading_fields(storage.RUNS_COLLECTION)  # image-crawler runs: newest first
     chunks = [index for index in before["gray.chunks"].values() if index.get("unique")]
     assert [[field for field, _ in index["key"]] for index in chunks] == [["files_id", "n"]]
 
@@ -58,7 +66,7 @@ def test_ensure_indexes_can_run_any_number_of_times(db):
 def test_indexes_an_earlier_version_made_are_replaced_by_the_ones_that_cover_them(mongo_db):
     import pymongo
 
-    ledger = storage.outcomes(mongo_db)
+    ledger = storage.ledger(mongo_db)
     ledger.create_index([("run", pymongo.ASCENDING), ("outcome", pymongo.ASCENDING)], name="run_outcome")
     ledger.create_index(
         [("minute", pymongo.ASCENDING), ("outcome", pymongo.ASCENDING)], name="minute_outcome"

@@ -52,7 +52,7 @@ class Pipeline:
         from image_crawler import storage
 
         deadline = time.monotonic() + timeout
-        while (done := storage.outcomes(self.db).count_documents({"run": run})) < jobs:
+        while (done := storage.ledger(self.db).count_documents({"run": run})) < jobs:
             if time.monotonic() > deadline:
                 pytest.fail(f"only {done} of {jobs} jobs of run {run} ended within {timeout} s")
             time.sleep(0.05)

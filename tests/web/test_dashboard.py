@@ -151,7 +151,7 @@ def test_credentials_stored_by_an_earlier_version_are_never_shown(client, seed, 
     storage.images(mongo_db).update_one(
         {"_id": md5}, {"$set": {"source_url": "http://bob:hunter2@old.test/a.png"}}
     )
-    storage.outcomes(mongo_db).update_many({}, {"$set": {"url": "http://bob:hunter2@old.test/b.png"}})
+    storage.ledger(mongo_db).update_many({}, {"$set": {"url": "http://bob:hunter2@old.test/b.png"}})
 
     page = client.get("/").text
     details = client.get(f"/image/{md5}.json").get_json()
@@ -168,7 +168,7 @@ def test_totals_include_outcomes_a_crash_left_uncounted_once_their_minute_has_se
     seed.outcome("success", minutes_ago=45, count=3)
     at = seed.now - dt.timedelta(minutes=45)
     lost = [outcomes.outcome_document(Job.new("lost", n, "http://x.test/"), "error", at=at) for n in (1, 2)]
-    storage.outcomes(mongo_db).insert_many(lost)  # its worker died before counting them
+    storage.ledger(mongo_db).insert_many(lost)  # its worker died before counting them
 
     page = client.get("/").text
 

@@ -173,7 +173,7 @@ def test_only_the_most_frequent_reasons_are_named_and_the_rest_are_other(client,
 def test_recent_errors_are_read_from_the_reason_counters_not_the_ledger(client, seed, mongo_db):
     # Exact however many there are, at the cost of the window's counters: the ledger is not read.
     seed.outcome("error", reason="timeout", count=25)
-    storage.outcomes(mongo_db).delete_many({})
+    storage.ledger(mongo_db).delete_many({})
 
     reasons = by(scrape(client), "image_crawler_recent_errors", "reason")
 

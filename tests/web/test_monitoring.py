@@ -240,7 +240,7 @@ def _uncounted(mongo_db, outcome: str, *, at: dt.datetime, count: int, run: str 
         outcomes.outcome_document(Job.new(run, n, f"http://images.test/{n}.png"), outcome, at=at)
         for n in range(1, count + 1)
     ]
-    storage.outcomes(mongo_db).insert_many(documents)
+    storage.ledger(mongo_db).insert_many(documents)
 
 
 def test_outcomes_a_crash_left_uncounted_are_charted_once_their_minute_has_settled(client, mongo_db, seed):

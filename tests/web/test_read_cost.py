@@ -102,10 +102,12 @@ def test_the_chart_and_the_totals_read_counters_only_and_as_many_as_before(count
     _crawl(seed, per_minute=200)  # eleven times the ledger, over the same minutes
     large = counting.reads(chart_and_totals)
 
-    assert storage.outcomes(mongo_db).count_documents({}) == 30 * 220
-    assert small[storage.OUTCOMES] == 0 and large[storage.OUTCOMES] == 0
+    assert storage.ledger(mongo_db).count_documents({}) == 30 * 220
+    assert small[storage.OUTCOMES_COLLECTION] == 0 and large[storage.OUTCOMES_COLLECTION] == 0
     assert large == small
-    assert 0 < small[storage.MINUTE_COUNTS] <= 3 * 30  # a counter per minute (one run here), per read
+    assert (
+        0 < small[storage.MINUTE_COUNTS_COLLECTION] <= 3 * 30
+    )  # a counter per minute (one run here), per read
 
 
 def test_a_dashboard_request_costs_the_same_with_ten_times_the_ledger(counting, mongo_db, redis_url, seed):
@@ -125,8 +127,8 @@ def test_a_dashboard_request_costs_the_same_with_ten_times_the_ledger(counting, 
     assert large == small
     # The ledger is read only for the latest errors (RECENT_ERRORS of them) and the latest minute,
     # and on the run's page for its first errors (one more, to tell whether there are more).
-    assert small[storage.OUTCOMES] <= 2 * (app.config["RECENT_ERRORS"] + 1) + 1
-    assert 0 < small[storage.REASON_COUNTS] <= 2 * 30  # a reason counter per minute, per read
+    assert small[storage.OUTCOMES_COLLECTION] <= 2 * (app.config["RECENT_ERRORS"] + 1) + 1
+    assert 0 < small[storage.REASON_COUNTS_COLLECTION] <= 2 * 30  # a reason counter per minute, per read
 
 
 def test_a_recount_with_nothing_settled_to_recount_reads_almost_nothing(counting, mongo_db, seed):
