@@ -408,6 +408,16 @@ def reconcile_if_due(db: Database, schedule: Schedule) -> bool:
     return True
 
 
+def _counters_of(since: dt.datetime | None, run: str | None) -> list[dict[str, Any]]:
+    """The start of a pipeline over counters: those from ``since`` on (all: None), of ``run`` (all: None)."""
+    match: dict[str, Any] = {}
+    if since is not None:
+        match["minute"] = {"$gte": since}
+    if run is not None:
+        match["run"] = run
+    return [{"$match": match}] if match else []
+
+
 def counts_per_minute(
     db: Database, since: dt.datetime | None = None, *, run: str | None = None
 ) -> dict[dt.datetime, dict[str, int]]:
@@ -416,12 +426,7 @@ def counts_per_minute(
     The grouping runs in MongoDB over the counters of the window alone (index ``minute``, or
     ``run_minute``): one document per run and minute, however many outcomes there are.
     """
-    match: dict[str, Any] = {}
-    if since is not None:
-        match["minute"] = {"$gte": since}
-    if run is not None:
-        match["run"] = run
-    pipeline: list[dict[str, Any]] = [{"$match": match}] if match else []
+    pipeline = _counters_of(since, run)
     pipeline.append({"$group": {"_id": "$minute", **{name: {"$sum": f"${name}"} for name in OUTCOMES}}})
     counts: dict[dt.datetime, dict[str, int]] = {}
     for row in storage.minute_counts(db).aggregate(pipeline):
@@ -741,12 +746,7 @@ def top_error_reasons(
     from the reason counters of the window (index ``minute`` or ``run_minute``): the cost
     follows the minutes, runs and reasons, never the number of errors.
     """
-    match: dict[str, Any] = {}
-    if since is not None:
-        match["minute"] = {"$gte": since}
-    if run is not None:
-        match["run"] = run
-    pipeline: list[dict[str, Any]] = [{"$match": match}] if match else []
+    pipeline = _counters_of(since, run)
     pipeline.append({"$group": {"_id": "$reason", "n": {"$sum": "$n"}}})
     pipeline.append({"$match": {"n": {"$gt": 0}}})
     pipeline.append({"$sort": {"n": DESCENDING, "_id": ASCENDING}})
