@@ -21,11 +21,12 @@ import uuid
 from pathlib import Path
 
 import redis
-from tests.support.services import REPO, database_uri, mongo_endpoint, start_redis
+from tests.support.services import database_uri, mongo_endpoint, start_redis
 
 from benchmarks.images import tiny_set
-from benchmarks.services import crawl_env, start_image_server, stop_group
+from benchmarks.services import crawl_env, start_image_server, start_workers, stop_group
 from image_crawler.broker import ADMIT_QUEUE, FETCH_QUEUE
+from image_crawler.dramatiq_internals import queue_keys
 
 
 def main() -> None:
@@ -56,15 +57,8 @@ def main() -> None:
             urls = work / "urls.txt"
             urls.write_text("".join(f"http://127.0.0.1:{port}/{image.path.name}\n" for image in images))
             env = crawl_env(redis_url, mongo_uri)
-            command = [sys.executable, "-m", "dramatiq", "image_crawler.actors", "--path", str(REPO)]
-            command += ["--processes", str(args.processes), "--threads", str(args.threads)]
-            workers = subprocess.Popen(
-                command,
-                cwd=REPO,
-                env=env,
-                start_new_session=True,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
+            workers = start_workers(
+                "image_crawler.actors", env, processes=args.processes, threads=args.threads
             )
             started.append(workers)
             time.sleep(5)  # workers boot
@@ -90,8 +84,8 @@ def main() -> None:
                 samples.append(
                     (
                         time.monotonic() - began,
-                        client.hlen(f"dramatiq:{FETCH_QUEUE}.msgs"),
-                        client.llen(f"dramatiq:{ADMIT_QUEUE}"),
+                        client.hlen(queue_keys(FETCH_QUEUE).messages),
+                        client.llen(queue_keys(ADMIT_QUEUE).waiting),
                         client.info("memory")["used_memory"] / 2**20,
                     )
                 )

@@ -100,7 +100,7 @@ imaging.to_grayscale = _timed("to_grayscale", imaging.to_grayscale)
 storage.image_jobs = _timed("mongo image_jobs", storage.image_jobs)
 storage.store_new_images = _timed("mongo store_new_images", storage.store_new_images)
 outcomes.record_outcomes = _timed("mongo record_outcomes", outcomes.record_outcomes)
-outcomes.finished = _timed("mongo finished (redelivery check)", outcomes.finished)
+outcomes.ended_jobs = _timed("mongo ended_jobs (redelivery check)", outcomes.ended_jobs)
 actors._member_result = _timed("redis result get", actors._member_result)
 dramatiq.group.run = _timed("enqueue group (+ barrier SET)", dramatiq.group.run)  # type: ignore[method-assign]
 

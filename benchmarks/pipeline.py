@@ -55,11 +55,14 @@ from benchmarks.services import (
     is_mongo_shim,
     just,
     listening_pid,
+    start_group,
     start_image_server,
+    start_workers,
     stop_group,
 )
 from image_crawler import outcomes, storage
 from image_crawler.config import Settings, load_settings
+from image_crawler.dramatiq_internals import NAMESPACE
 
 #: The ceiling writes as many images at a time as a fetch message carries by default, whatever
 #: BATCH_SIZE the pipeline runs at: a sweep of BATCH_SIZE compares the pipeline to one ceiling.
@@ -110,11 +113,9 @@ def run_pipeline(
     stage_dir = work / "stages"
     env = dict(env, MONGO_URI=database_uri(env["MONGO_URI"], database), BENCH_STAGE_DIR=str(stage_dir))
     module = "image_crawler.actors" if args.plain else "benchmarks.instrumented_actors"
-    command = [sys.executable, "-m", "dramatiq", module, "--path", str(REPO)]
-    command += ["--processes", str(args.processes), "--threads", str(args.threads)]
     log_path = work / "workers.log"
     log = open(log_path, "wb")  # noqa: SIM115 - closed below
-    workers = subprocess.Popen(command, cwd=REPO, env=env, start_new_session=True, stdout=log, stderr=log)
+    workers = start_workers(module, env, processes=args.processes, threads=args.threads, output=log)
     enqueue_pid: list[int] = []
     watch = {
         "workers": children_of(workers.pid),
@@ -284,7 +285,7 @@ def _used_memory(client: redis.Redis) -> int:
 
 def _in_flight(client: redis.Redis) -> int:
     """Messages stored in Redis and not acknowledged yet: queued, delayed, or running."""
-    keys = list(client.scan_iter(match="dramatiq:*.msgs", count=1000))
+    keys = list(client.scan_iter(match=f"{NAMESPACE}:*.msgs", count=1000))
     return sum(int(client.hlen(key)) for key in keys if not key.endswith(b".XQ.msgs"))
 
 
@@ -303,7 +304,7 @@ _KEY_KINDS: tuple[tuple[str, str], ...] = (
     ("image-crawler:claim:", "claim checks (bodies, PNGs)"),
     ("image-crawler:running:", "CrashGuard marks"),
     ("image-crawler:admitted:", "admitted marks (kept 7 days by design)"),
-    ("dramatiq:", "Dramatiq broker (queues, acks, heartbeats)"),
+    (f"{NAMESPACE}:", "Dramatiq broker (queues, acks, heartbeats)"),
 )
 
 
@@ -363,15 +364,7 @@ def run_ceiling(
                 "--batch",
                 str(args.ceiling_batch),
             ]
-            child = subprocess.Popen(
-                command,
-                cwd=REPO,
-                env=env,
-                start_new_session=True,
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                text=True,
-            )
+            child = start_group(command, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
             stack.callback(stop_group, child)
             children.append(child)
         for child in children:

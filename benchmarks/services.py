@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO, Any
 
 import psutil
 from tests.support.services import REPO
@@ -42,6 +43,25 @@ def stop_group(process: subprocess.Popen, timeout: float = 30.0) -> None:
         os.killpg(process.pid, signal.SIGKILL)
 
 
+def start_group(command: list[str], *, env: dict[str, str] | None = None, **popen: Any) -> subprocess.Popen:
+    """``command`` run from the repository root in a process group of its own (for :func:`stop_group`)."""
+    return subprocess.Popen(command, cwd=REPO, env=env, start_new_session=True, **popen)
+
+
+def start_workers(
+    module: str,
+    env: dict[str, str],
+    *,
+    processes: int,
+    threads: int,
+    output: int | IO[bytes] = subprocess.DEVNULL,
+) -> subprocess.Popen:
+    """``dramatiq MODULE`` workers with this checkout on their path, both their streams to ``output``."""
+    command = [sys.executable, "-m", "dramatiq", module, "--path", str(REPO)]
+    command += ["--processes", str(processes), "--threads", str(threads)]
+    return start_group(command, env=env, stdout=output, stderr=output)
+
+
 def crawl_env(redis_url: str, mongo_uri: str) -> dict[str, str]:
     """The environment of a benchmark's workers and ``image-crawler``: this one, on its own stores."""
     env = dict(os.environ, REDIS_URL=redis_url, MONGO_URI=mongo_uri, FETCH_ALLOW_PRIVATE="1")
@@ -52,12 +72,8 @@ def crawl_env(redis_url: str, mongo_uri: str) -> dict[str, str]:
 
 def start_image_server(directory: Path) -> tuple[subprocess.Popen, int]:
     """benchmarks/server.py serving ``directory``; returns it and its port."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", "benchmarks.server", str(directory)],
-        cwd=REPO,
-        start_new_session=True,
-        stdout=subprocess.PIPE,
-        text=True,
+    process = start_group(
+        [sys.executable, "-m", "benchmarks.server", str(directory)], stdout=subprocess.PIPE, text=True
     )
     assert process.stdout is not None
     line = process.stdout.readline()

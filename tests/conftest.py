@@ -16,9 +16,10 @@ from pathlib import Path
 
 import pymongo
 import pytest
+import redis
 
 from support.pipeline import Pipeline
-from support.services import database_uri, start_redis
+from support.services import database_uri, free_port, silent_listener, start_redis
 
 _redis: dict[str, object] = {}
 
@@ -51,6 +52,37 @@ def redis_url() -> str:
     if "url" not in _redis:
         pytest.skip(str(_redis.get("missing", "no redis-server")))
     return str(_redis["url"])
+
+
+@pytest.fixture
+def redis_client(redis_url):
+    """A connection to the suite's Redis, closed after the test."""
+    connection = redis.Redis.from_url(redis_url)
+    yield connection
+    connection.close()
+
+
+@pytest.fixture
+def download_counters(redis_client):
+    """The suite's Redis, without the workers' download counters before and after (tests share it)."""
+    from image_crawler.context import DOWNLOADED_BODIES_KEY, DOWNLOADED_BYTES_KEY
+
+    redis_client.delete(DOWNLOADED_BYTES_KEY, DOWNLOADED_BODIES_KEY)
+    yield redis_client
+    redis_client.delete(DOWNLOADED_BYTES_KEY, DOWNLOADED_BODIES_KEY)
+
+
+@pytest.fixture
+def dead_port() -> int:
+    """A TCP port on 127.0.0.1 where nothing listens."""
+    return free_port()
+
+
+@pytest.fixture
+def silent_port():
+    """A port on 127.0.0.1 that accepts connections and never answers (a hung server)."""
+    with silent_listener() as port:
+        yield port
 
 
 @pytest.fixture
@@ -96,8 +128,6 @@ def make_pipeline(redis_url, mongo_db):
 
 def _forget_hosts(redis_url: str) -> None:
     """Drop what the suite's Redis knows of hosts (turns, pauses after a 429): tests share it."""
-    import redis
-
     client = redis.Redis.from_url(redis_url)
     try:
         keys = list(client.scan_iter("image-crawler:host:*"))

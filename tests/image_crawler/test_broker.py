@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -353,18 +352,15 @@ _BOUND_S = 30
 
 
 @pytest.fixture
-def dead_redis_url() -> str:
+def dead_redis_url(dead_port) -> str:
     """A Redis URL on which nothing listens."""
-    return f"redis://127.0.0.1:{free_port()}/0"
+    return f"redis://127.0.0.1:{dead_port}/0"
 
 
 @pytest.fixture
-def silent_redis_url():
+def silent_redis_url(silent_port) -> str:
     """A Redis URL whose server accepts connections and never answers (a hung Redis)."""
-    with socket.socket() as listener:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(16)
-        yield f"redis://127.0.0.1:{listener.getsockname()[1]}/0"
+    return f"redis://127.0.0.1:{silent_port}/0"
 
 
 def _outage_budget_of(client: redis.Redis) -> float:

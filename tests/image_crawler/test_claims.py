@@ -3,22 +3,14 @@
 from __future__ import annotations
 
 import pytest
-import redis
 
 from image_crawler.claims import BODIES, PNGS, ClaimCheck, chunks, claim_key, new_claim
 from image_crawler.errors import ClaimExpired
 
 
 @pytest.fixture
-def client(redis_url):
-    connection = redis.Redis.from_url(redis_url)
-    yield connection
-    connection.close()
-
-
-@pytest.fixture
-def claims(client):
-    return ClaimCheck(client, ttl=600)
+def claims(redis_client):
+    return ClaimCheck(redis_client, ttl=600)
 
 
 def test_parked_bytes_come_back_unchanged(claims):
@@ -32,11 +24,11 @@ def test_parked_bytes_come_back_unchanged(claims):
     claims.drop(claim)
 
 
-def test_parked_bytes_expire_with_the_ttl(claims, client):
+def test_parked_bytes_expire_with_the_ttl(claims, redis_client):
     claim = new_claim()
     claims.put(claim, PNGS, {0: b"png"})
 
-    assert 590 <= client.ttl(claim_key(claim, PNGS)) <= 600
+    assert 590 <= redis_client.ttl(claim_key(claim, PNGS)) <= 600
     claims.drop(claim)
 
 
@@ -52,7 +44,7 @@ def test_a_missing_item_raises_claim_expired_with_the_reason(claims):
     claims.drop(claim)
 
 
-def test_drop_forgets_bodies_and_pngs_of_one_claim_only(claims, client):
+def test_drop_forgets_bodies_and_pngs_of_one_claim_only(claims, redis_client):
     claim, other = new_claim(), new_claim()
     claims.put(claim, BODIES, {0: b"body"})
     claims.put(claim, PNGS, {0: b"png"})
@@ -60,7 +52,7 @@ def test_drop_forgets_bodies_and_pngs_of_one_claim_only(claims, client):
 
     claims.drop(claim)
 
-    assert client.exists(claim_key(claim, BODIES), claim_key(claim, PNGS)) == 0
+    assert redis_client.exists(claim_key(claim, BODIES), claim_key(claim, PNGS)) == 0
     assert claims.get(other, BODIES, [0], "body") == {0: b"other body"}
     claims.drop(other)
 

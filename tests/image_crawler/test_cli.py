@@ -31,10 +31,10 @@ from image_crawler import actors, cli, outcomes, storage
 from image_crawler.broker import ADMIT_QUEUE, REDIS_OUTAGE_BUDGET_S, connect_redis
 from image_crawler.cli import enqueue_lines, main, summary_line
 from image_crawler.config import get_settings
+from image_crawler.dramatiq_internals import queue_keys
 from image_crawler.outcomes import Job
 from support.http_server import LocalHttpServer
 from support.images import png_bytes
-from support.services import free_port
 
 # ``actors`` is imported above, at collection, as a worker imports it: its broker is set up outside
 # any command's Redis outage budget, whichever test runs the command first.
@@ -85,12 +85,19 @@ def _enqueued(output: str) -> tuple[str, int, int, int]:
 
 def _queued_urls(broker) -> int:
     """URL lines waiting in Redis, in the admit messages ``enqueue`` sent."""
-    messages = broker.client.hvals(f"{broker.namespace}:{ADMIT_QUEUE}.msgs")
+    messages = broker.client.hvals(queue_keys(ADMIT_QUEUE, broker.namespace).messages)
     return sum(len(dramatiq.Message.decode(data).args[0]["lines"]) for data in messages)
 
 
 def _last_line(output: str) -> str:
     return output.rstrip("\n").splitlines()[-1]
+
+
+def _stdout(run_cli, *args: str, input: bytes | None = None) -> str:
+    """What ``image-crawler ARGS`` printed on stdout; it must have succeeded."""
+    result = run_cli(*args, input=input)
+    assert result.exit_code == 0, result.output
+    return result.stdout
 
 
 # --- enqueue ----------------------------------------------------------------------------
@@ -158,14 +165,18 @@ def test_blank_and_comment_lines_are_not_jobs(db, no_workers, run_cli):
     assert _queued_urls(no_workers) == 0
 
 
-def test_a_line_that_is_not_utf8_ends_in_an_error_outcome(db, no_workers, run_cli):
-    result = run_cli("enqueue", "-", "--wait", input=b"http://example.com/caf\xe9.png\n")
-
-    assert result.exit_code == 0, result.output
-    run, enqueued, rejected, _ = _enqueued(result.stdout)
+def _the_one_rejected_line(db, run_cli, text: bytes, line: int) -> dict:
+    """The outcome of line ``line`` of ``text``, its one line to enqueue, which ``enqueue --wait`` rejects."""
+    stdout = _stdout(run_cli, "enqueue", "-", "--wait", input=text)
+    run, enqueued, rejected, _ = _enqueued(stdout)
     assert (enqueued, rejected) == (0, 1)
-    assert _last_line(result.stdout) == "done: 1 urls — 0 success, 0 duplicate, 1 error"
-    entry = outcomes.get_outcome(db, f"{run}:1")
+    assert _last_line(stdout) == "done: 1 urls — 0 success, 0 duplicate, 1 error"
+    return outcomes.get_outcome(db, f"{run}:{line}")
+
+
+def test_a_line_that_is_not_utf8_ends_in_an_error_outcome(db, no_workers, run_cli):
+    entry = _the_one_rejected_line(db, run_cli, b"http://example.com/caf\xe9.png\n", line=1)
+
     assert (entry["outcome"], entry["reason"]) == ("error", "invalid utf-8")
     assert entry["url"] == "http://example.com/caf\ufffd.png"
 
@@ -185,13 +196,8 @@ def test_a_rejected_line_keeps_no_credentials_however_badly_written(db, no_worke
 def test_a_100_kb_line_ends_in_error_with_its_url_truncated(db, no_workers, run_cli):
     line = "http://example.com/" + "a" * 100_000
 
-    result = run_cli("enqueue", "-", "--wait", input=f"# a very long line\n{line}\n".encode())
+    entry = _the_one_rejected_line(db, run_cli, f"# a very long line\n{line}\n".encode(), line=2)
 
-    assert result.exit_code == 0, result.output
-    run, enqueued, rejected, _ = _enqueued(result.stdout)
-    assert (enqueued, rejected) == (0, 1)
-    assert _last_line(result.stdout) == "done: 1 urls — 0 success, 0 duplicate, 1 error"
-    entry = outcomes.get_outcome(db, f"{run}:2")
     assert (entry["outcome"], entry["reason"]) == ("error", "url too long")
     assert entry["url"].startswith(line[: outcomes.MAX_STORED_URL])
     assert entry["url"].endswith(f"({len(line)} characters)")
@@ -300,41 +306,31 @@ def ledger(db):
     return db
 
 
-def test_status_shows_totals_and_the_most_frequent_error_reasons(ledger, run_cli):
-    result = run_cli("status")
+#: What ``status`` shows of the run "second" of ``ledger``.
+_SECOND_RUN_STATUS = [
+    "done: 2 urls — 1 success, 0 duplicate, 1 error",
+    "         1  not an image",
+]
 
-    assert result.exit_code == 0, result.output
-    lines = result.stdout.splitlines()
+
+def test_status_shows_totals_and_the_most_frequent_error_reasons(ledger, run_cli):
+    lines = _stdout(run_cli, "status").splitlines()
+
     assert lines[0] == "done: 7 urls — 2 success, 1 duplicate, 4 error"
     assert lines[1] == "         2  http 404"
     assert sorted(lines[2:]) == ["         1  not an image", "         1  timeout"]
 
 
 def test_status_of_one_run(ledger, run_cli):
-    result = run_cli("status", "--run", "second")
-
-    assert result.exit_code == 0, result.output
-    assert result.stdout.splitlines() == [
-        "done: 2 urls — 1 success, 0 duplicate, 1 error",
-        "         1  not an image",
-    ]
+    assert _stdout(run_cli, "status", "--run", "second").splitlines() == _SECOND_RUN_STATUS
 
 
 def test_status_of_an_empty_database(db, run_cli):
-    result = run_cli("status")
-
-    assert result.exit_code == 0, result.output
-    assert result.stdout == "done: 0 urls — 0 success, 0 duplicate, 0 error\n"
+    assert _stdout(run_cli, "status") == "done: 0 urls — 0 success, 0 duplicate, 0 error\n"
 
 
 def test_status_takes_the_run_as_an_argument(ledger, run_cli):
-    result = run_cli("status", "second")
-
-    assert result.exit_code == 0, result.output
-    assert result.stdout.splitlines() == [
-        "done: 2 urls — 1 success, 0 duplicate, 1 error",
-        "         1  not an image",
-    ]
+    assert _stdout(run_cli, "status", "second").splitlines() == _SECOND_RUN_STATUS
 
 
 def test_status_of_a_run_enqueue_recorded_shows_its_lines_and_whether_it_is_finished(db, no_workers, run_cli):
@@ -391,9 +387,8 @@ def test_summary_line_names_every_outcome():
 
 def _enqueue(run_cli, *lines: str) -> str:
     """Enqueue ``lines`` (no worker takes them) and return the run."""
-    result = run_cli("enqueue", "-", input="".join(f"{line}\n" for line in lines).encode())
-    assert result.exit_code == 0, result.output
-    return _enqueued(result.stdout)[0]
+    text = "".join(f"{line}\n" for line in lines)
+    return _enqueued(_stdout(run_cli, "enqueue", "-", input=text.encode()))[0]
 
 
 def _record(db, run: str, line: int, url: str, outcome: str, reason: str | None = None, at=None) -> None:
@@ -444,10 +439,9 @@ def test_runs_lists_every_run_newest_first_with_its_outcomes_and_what_is_in_flig
     _record(db, second, 1, "http://example.com/a.png", outcomes.DUPLICATE)
     _record(db, second, 2, "http://example.com/c.png", outcomes.ERROR, "http 404")
 
-    result = run_cli("runs")
+    stdout = _stdout(run_cli, "runs")
 
-    assert result.exit_code == 0, result.output
-    rows = _table(result.stdout)
+    rows = _table(stdout)
     assert [row["run"] for row in rows] == [second, first]
     picked = ["lines", "success", "duplicate", "error", "in_flight", "state"]
     assert [[row[key] for key in picked] for row in rows] == [
@@ -457,31 +451,16 @@ def test_runs_lists_every_run_newest_first_with_its_outcomes_and_what_is_in_flig
     assert rows[0]["rate"] == "-" and float(rows[1]["rate"]) > 0  # a done run has no pace any more
     started = dt.datetime.fromisoformat(f"{rows[0]['date']} {rows[0]['time']}").replace(tzinfo=dt.UTC)
     assert abs(started - storage.utcnow()) < dt.timedelta(minutes=1)
-    assert run_cli("runs", "--limit", "1").stdout.splitlines()[1:] == result.stdout.splitlines()[1:2]
+    assert run_cli("runs", "--limit", "1").stdout.splitlines()[1:] == stdout.splitlines()[1:2]
 
 
 def test_runs_shows_how_many_urls_a_run_ends_per_minute_lately(db, no_workers, run_cli):
     run = _enqueue(run_cli, *(f"http://example.com/{n}.png" for n in range(20)))
     now = storage.utcnow()
     storage.runs(db).update_one({"_id": run}, {"$set": {"started_at": now - dt.timedelta(hours=1)}})
-    for line in range(1, 11):  # ten in the last minutes, five long before
-        _record(
-            db,
-            run,
-            line,
-            f"http://example.com/{line}.png",
-            outcomes.SUCCESS,
-            at=now - dt.timedelta(minutes=2),
-        )
-    for line in range(11, 16):
-        _record(
-            db,
-            run,
-            line,
-            f"http://example.com/{line}.png",
-            outcomes.SUCCESS,
-            at=now - dt.timedelta(minutes=20),
-        )
+    for line in range(1, 16):  # ten in the last minutes, five long before
+        ended = now - dt.timedelta(minutes=2 if line <= 10 else 20)
+        _record(db, run, line, f"http://example.com/{line}.png", outcomes.SUCCESS, at=ended)
 
     row = _table(run_cli("runs").stdout)[0]
 
@@ -523,10 +502,7 @@ def test_a_run_still_being_sent_shows_the_lines_sent_so_far(db, no_workers, run_
 
 
 def test_runs_of_an_empty_database(db, run_cli):
-    result = run_cli("runs")
-
-    assert result.exit_code == 0, result.output
-    assert result.stdout == "no runs yet\n"
+    assert _stdout(run_cli, "runs") == "no runs yet\n"
 
 
 def test_failed_lists_the_urls_of_a_runs_errors_in_line_order(db, no_workers, run_cli):
@@ -859,21 +835,6 @@ _SECRET = "hunter2-secret"
 
 
 @pytest.fixture
-def closed_port() -> int:
-    """A port on 127.0.0.1 nothing listens on."""
-    return free_port()
-
-
-@pytest.fixture
-def silent_port():
-    """A port on 127.0.0.1 that accepts connections and never answers (a hung server)."""
-    with socket.socket() as listener:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(16)
-        yield listener.getsockname()[1]
-
-
-@pytest.fixture
 def url_file(tmp_path) -> Path:
     path = tmp_path / "urls.txt"
     path.write_text("http://example.com/a.png\n")
@@ -905,13 +866,13 @@ def _the_one_error_line(finished: subprocess.CompletedProcess) -> str:
     return finished.stderr.rstrip("\n")
 
 
-def test_enqueue_with_redis_down_says_so_in_one_line_after_a_few_seconds(closed_port, url_file):
-    redis_url = f"redis://:{_SECRET}@127.0.0.1:{closed_port}/0"
+def test_enqueue_with_redis_down_says_so_in_one_line_after_a_few_seconds(dead_port, url_file):
+    redis_url = f"redis://:{_SECRET}@127.0.0.1:{dead_port}/0"
 
     finished, took = _command({"REDIS_URL": redis_url}, "enqueue", url_file)
 
     line = _the_one_error_line(finished)
-    where = rf"redis://\*\*\*@127\.0\.0\.1:{closed_port}/0"
+    where = rf"redis://\*\*\*@127\.0\.0\.1:{dead_port}/0"
     assert re.fullmatch(rf"Error: cannot reach Redis at {where}: .*Connection refused\.?", line), line
     assert finished.stdout == ""
     assert took >= cli.OUTAGE_BUDGET_S  # it rode out a blip of the command's budget, no more
@@ -931,16 +892,16 @@ def test_enqueue_with_a_redis_that_never_answers_says_so_in_one_line(silent_port
 
 @pytest.mark.parametrize("args", [("enqueue", "URLS"), ("enqueue", "URLS", "--wait"), ("status",)])
 def test_mongodb_down_is_one_line_naming_it_without_its_password(
-    redis_url, no_workers, closed_port, url_file, args
+    redis_url, no_workers, dead_port, url_file, args
 ):
-    mongo_uri = f"mongodb://crawler:{_SECRET}@127.0.0.1:{closed_port}/image_crawler"
+    mongo_uri = f"mongodb://crawler:{_SECRET}@127.0.0.1:{dead_port}/image_crawler"
     args = tuple(url_file if arg == "URLS" else arg for arg in args)
 
     finished, _ = _command({"REDIS_URL": redis_url, "MONGO_URI": mongo_uri}, *args)
 
     assert _the_one_error_line(finished) == (
-        f"Error: cannot reach MongoDB at mongodb://***@127.0.0.1:{closed_port}/image_crawler:"
-        f" 127.0.0.1:{closed_port}: [Errno 111] Connection refused"
+        f"Error: cannot reach MongoDB at mongodb://***@127.0.0.1:{dead_port}/image_crawler:"
+        f" 127.0.0.1:{dead_port}: [Errno 111] Connection refused"
     )
     assert finished.stdout == ""
     assert _queued_urls(no_workers) == 0  # nothing was sent that could never be recorded
@@ -956,10 +917,8 @@ def test_status_with_a_mongodb_that_never_answers_says_so_in_one_line(silent_por
     assert "timed out" in line
 
 
-def test_the_commands_mongodb_client_gives_up_within_its_budget(closed_port):
-    settings = dataclasses.replace(
-        get_settings(), mongo_uri=f"mongodb://127.0.0.1:{closed_port}/image_crawler"
-    )
+def test_the_commands_mongodb_client_gives_up_within_its_budget(dead_port):
+    settings = dataclasses.replace(get_settings(), mongo_uri=f"mongodb://127.0.0.1:{dead_port}/image_crawler")
 
     database = cli._connect_database(settings)
     try:

@@ -17,23 +17,13 @@ def server():
         yield running
 
 
-@pytest.fixture
-def counters(redis_url):
-    """The suite's Redis, without the download counters before and after (tests share it)."""
-    client = redis.Redis.from_url(redis_url)
-    client.delete(DOWNLOADED_BYTES_KEY, DOWNLOADED_BODIES_KEY)
-    yield client
-    client.delete(DOWNLOADED_BYTES_KEY, DOWNLOADED_BODIES_KEY)
-    client.close()
-
-
 def _counted(client: redis.Redis) -> tuple[int, int]:
     size, bodies = client.mget(DOWNLOADED_BYTES_KEY, DOWNLOADED_BODIES_KEY)
     return int(size or 0), int(bodies or 0)
 
 
 @pytest.mark.parametrize("batch_size", [1, 8], ids=["one url per message", "batches"])
-def test_the_counters_add_up_the_bodies_served_in_full(make_pipeline, server, counters, batch_size):
+def test_the_counters_add_up_the_bodies_served_in_full(make_pipeline, server, download_counters, batch_size):
     images = {f"/img/{n}.png": png_bytes(40 + 7 * n, 30 + n, seed=n) for n in range(4)}
     for path, body in images.items():
         server.add(path, body=body, content_type="image/png")
@@ -52,27 +42,27 @@ def test_the_counters_add_up_the_bodies_served_in_full(make_pipeline, server, co
     # counted) again, a body that is no image was still downloaded; a 503, a 404 and a body over
     # FETCH_MAX_BYTES were not downloaded in full.
     full = [*images.values(), images["/img/1.png"], not_an_image, images["/img/0.png"]]
-    assert _counted(counters) == (sum(len(body) for body in full), len(full))
+    assert _counted(download_counters) == (sum(len(body) for body in full), len(full))
     assert storage.ledger(pipeline.db).count_documents({"run": report.run}) == len(paths)
 
 
-def test_a_crawl_that_downloads_nothing_leaves_the_counters_alone(make_pipeline, server, counters):
+def test_a_crawl_that_downloads_nothing_leaves_the_counters_alone(make_pipeline, server, download_counters):
     server.add("/missing.png", status=404)
     pipeline = make_pipeline()
 
     report = pipeline.enqueue_text(f"{server.url('/missing.png')}\n")
     pipeline.wait_for(report.run, report.jobs)
 
-    assert counters.exists(DOWNLOADED_BYTES_KEY, DOWNLOADED_BODIES_KEY) == 0
+    assert download_counters.exists(DOWNLOADED_BYTES_KEY, DOWNLOADED_BODIES_KEY) == 0
 
 
-def test_count_downloads_rides_the_pipeline_it_is_given_and_skips_nothing_to_count(counters):
-    with counters.pipeline(transaction=False) as pipe:
+def test_count_downloads_rides_the_pipeline_it_is_given_and_skips_nothing_to_count(download_counters):
+    with download_counters.pipeline(transaction=False) as pipe:
         count_downloads(pipe, 0, 0)
         assert len(pipe) == 0, "nothing to count: no command"
         count_downloads(pipe, 2, 1_500)
         count_downloads(pipe, 1, 0)  # an empty body is a body downloaded in full
-        assert _counted(counters) == (0, 0), "sent only with the pipeline"
+        assert _counted(download_counters) == (0, 0), "sent only with the pipeline"
         pipe.execute()
 
-    assert _counted(counters) == (1_500, 3)
+    assert _counted(download_counters) == (1_500, 3)

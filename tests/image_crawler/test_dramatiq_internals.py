@@ -55,16 +55,9 @@ def _changed(what: str) -> str:
 
 
 @pytest.fixture
-def client(redis_url):
-    created = redis.Redis.from_url(redis_url)
-    yield created
-    created.close()
-
-
-@pytest.fixture
-def plain_broker(client):
+def plain_broker(redis_client):
     """Dramatiq's own RedisBroker, none of ours: what the details are details of."""
-    created = RedisBroker(client=client, middleware=[])
+    created = RedisBroker(client=redis_client, middleware=[])
     yield created
     created.close()
 
@@ -108,7 +101,7 @@ def test_every_detail_the_module_lists_names_a_test_here_and_every_test_here_is_
     )
 
 
-def test_the_redis_consumer_we_extend_has_the_parts_we_use(plain_broker, queue, client):
+def test_the_redis_consumer_we_extend_has_the_parts_we_use(plain_broker, queue, redis_client):
     what = "dramatiq.brokers.redis._RedisConsumer"
     assert issubclass(OrphanRequeueingConsumer, _RedisConsumer)
     assert list(inspect.signature(_RedisConsumer.__init__).parameters) == [
@@ -132,13 +125,13 @@ def test_the_redis_consumer_we_extend_has_the_parts_we_use(plain_broker, queue, 
         _changed(f"the attributes of {what} (broker, queue_name, message_cache)")
     )
     assert next(consumer) is None, _changed(f"what {what}.__next__ gives on an empty queue")
-    ours = PipelinedRedisBroker(client=client, middleware=[])
+    ours = PipelinedRedisBroker(client=redis_client, middleware=[])
     assert type(ours.consume(queue)) is OrphanRequeueingConsumer, _changed(
         "how RedisBroker.consume picks its class"
     )
 
 
-def test_a_consumers_ack_set_is_what_it_handed_out_and_what_it_prefetched(plain_broker, queue, client):
+def test_a_consumers_ack_set_is_what_it_handed_out_and_what_it_prefetched(plain_broker, queue, redis_client):
     sent = {redis_message_id(plain_broker.enqueue(_message(queue, n))) for n in range(3)}
     consumer = plain_broker.consume(queue, prefetch=10, timeout=100)
 
@@ -147,11 +140,11 @@ def test_a_consumers_ack_set_is_what_it_handed_out_and_what_it_prefetched(plain_
     assert isinstance(handed, MessageProxy), _changed("what _RedisConsumer.__next__ hands out")
     cached = {redis_message_id(Message.decode(data)) for data in consumer.message_cache if data}
     acks = ack_set_key(plain_broker.broker_id, queue, plain_broker.namespace)
-    assert _ids(client.smembers(acks)) == sent == cached | {redis_message_id(handed)}, _changed(
+    assert _ids(redis_client.smembers(acks)) == sent == cached | {redis_message_id(handed)}, _changed(
         "_RedisConsumer.message_cache (the fetched messages not yet handed out)"
     )
     consumer.ack(handed)
-    assert _ids(client.smembers(acks)) == cached, _changed("_RedisConsumer.ack")
+    assert _ids(redis_client.smembers(acks)) == cached, _changed("_RedisConsumer.ack")
 
 
 def test_a_consumer_whose_ack_or_nack_fails_raises(queue):
@@ -191,7 +184,7 @@ def test_every_broker_command_goes_through_the_dispatch_script_it_looks_up_at_ea
     )
 
 
-def test_the_ack_set_holds_what_a_fetch_took_until_it_is_requeued_or_acked(plain_broker, queue, client):
+def test_the_ack_set_holds_what_a_fetch_took_until_it_is_requeued_or_acked(plain_broker, queue, redis_client):
     first, second = (redis_message_id(plain_broker.enqueue(_message(queue, n))) for n in range(2))
 
     fetched = plain_broker.do_fetch(queue, 2)
@@ -200,47 +193,51 @@ def test_the_ack_set_holds_what_a_fetch_took_until_it_is_requeued_or_acked(plain
         "RedisBroker.do_fetch"
     )
     acks = ack_set_key(plain_broker.broker_id, queue, plain_broker.namespace)
-    assert _ids(client.smembers(acks)) == {first, second}, _changed(
+    assert _ids(redis_client.smembers(acks)) == {first, second}, _changed(
         "where the dispatch script's fetch puts message ids (the ack set key)"
     )
     pattern = ack_set_key(plain_broker.broker_id, "*", plain_broker.namespace)
-    assert client.keys(pattern) == [acks.encode()], _changed("the ack set key")
+    assert redis_client.keys(pattern) == [acks.encode()], _changed("the ack set key")
     plain_broker.do_requeue(queue, first)
-    assert _ids(client.smembers(acks)) == {second}, _changed("RedisBroker.do_requeue")
-    assert _ids(client.lrange(queue_keys(queue, plain_broker.namespace).waiting, 0, -1)) == {first}, _changed(
-        "RedisBroker.do_requeue"
+    assert _ids(redis_client.smembers(acks)) == {second}, _changed("RedisBroker.do_requeue")
+    assert _ids(redis_client.lrange(queue_keys(queue, plain_broker.namespace).waiting, 0, -1)) == {first}, (
+        _changed("RedisBroker.do_requeue")
     )
     plain_broker.do_ack(queue, second)
-    assert client.exists(acks) == 0, _changed("RedisBroker.do_ack")
+    assert redis_client.exists(acks) == 0, _changed("RedisBroker.do_ack")
 
 
-def test_every_command_beats_the_brokers_heart(plain_broker, queue, client):
+def test_every_command_beats_the_brokers_heart(plain_broker, queue, redis_client):
     before_ms = time.time() * 1000
 
     plain_broker.do_qsize(queue)
 
-    score = client.zscore(heartbeats_key(plain_broker.namespace), plain_broker.broker_id)
+    score = redis_client.zscore(heartbeats_key(plain_broker.namespace), plain_broker.broker_id)
     assert score is not None, _changed("the heartbeats key (a sorted set of broker ids)")
     assert before_ms - 1_000 <= score <= time.time() * 1000 + 1_000, _changed("the heartbeats' scores (ms)")
 
 
-def test_a_queues_keys_are_where_dramatiq_keeps_its_messages(plain_broker, queue, client):
+def test_a_queues_keys_are_where_dramatiq_keeps_its_messages(plain_broker, queue, redis_client):
     keys = queue_keys(queue, plain_broker.namespace)
     waiting = redis_message_id(plain_broker.enqueue(_message(queue, 1)))
     delayed = redis_message_id(plain_broker.enqueue(_message(queue, 2), delay=60_000))
     doomed = redis_message_id(plain_broker.enqueue(_message(queue, 3)))
 
-    assert _ids(client.lrange(keys.waiting, 0, -1)) == {waiting, doomed}, _changed("a queue's list")
-    assert _ids(client.hkeys(keys.messages)) == {waiting, doomed}, _changed("a queue's .msgs hash")
-    assert _ids(client.lrange(keys.delayed, 0, -1)) == {delayed}, _changed("a delayed queue's list")
-    assert _ids(client.hkeys(keys.delayed_messages)) == {delayed}, _changed("a delayed queue's .msgs hash")
+    assert _ids(redis_client.lrange(keys.waiting, 0, -1)) == {waiting, doomed}, _changed("a queue's list")
+    assert _ids(redis_client.hkeys(keys.messages)) == {waiting, doomed}, _changed("a queue's .msgs hash")
+    assert _ids(redis_client.lrange(keys.delayed, 0, -1)) == {delayed}, _changed("a delayed queue's list")
+    assert _ids(redis_client.hkeys(keys.delayed_messages)) == {delayed}, _changed(
+        "a delayed queue's .msgs hash"
+    )
 
     plain_broker.do_fetch(queue, 2)
     plain_broker.do_nack(queue, doomed)
 
-    assert _ids(client.zrange(keys.dead, 0, -1)) == {doomed}, _changed("a queue's dead letters (.XQ)")
-    assert _ids(client.hkeys(keys.dead_messages)) == {doomed}, _changed("a queue's dead letters (.XQ.msgs)")
-    assert _ids(client.hkeys(keys.messages)) == {waiting}, _changed(
+    assert _ids(redis_client.zrange(keys.dead, 0, -1)) == {doomed}, _changed("a queue's dead letters (.XQ)")
+    assert _ids(redis_client.hkeys(keys.dead_messages)) == {doomed}, _changed(
+        "a queue's dead letters (.XQ.msgs)"
+    )
+    assert _ids(redis_client.hkeys(keys.messages)) == {waiting}, _changed(
         "what nack leaves in a queue's .msgs hash"
     )
 
@@ -257,7 +254,7 @@ def test_dramatiqs_default_namespace_is_ours(redis_url):
         broker.close()
 
 
-def test_a_redis_message_id_names_a_message_in_redis(plain_broker, queue, client):
+def test_a_redis_message_id_names_a_message_in_redis(plain_broker, queue, redis_client):
     message = _message(queue, 1)
 
     sent, again = plain_broker.enqueue(message), plain_broker.enqueue(message)
@@ -267,15 +264,15 @@ def test_a_redis_message_id_names_a_message_in_redis(plain_broker, queue, client
     assert redis_message_id(sent) != redis_message_id(again), _changed("redis_message_id (new at each send)")
     ids = [redis_message_id(sent), redis_message_id(again)]
     keys = queue_keys(queue, plain_broker.namespace)
-    assert [member.decode() for member in client.lrange(keys.waiting, 0, -1)] == ids, _changed(
+    assert [member.decode() for member in redis_client.lrange(keys.waiting, 0, -1)] == ids, _changed(
         "redis_message_id"
     )
-    assert _ids(client.hkeys(keys.messages)) == set(ids), _changed("redis_message_id")
+    assert _ids(redis_client.hkeys(keys.messages)) == set(ids), _changed("redis_message_id")
     received = next(plain_broker.consume(queue, prefetch=1, timeout=100))
     assert redis_message_id(received) == ids[0], _changed("the redis_message_id of a consumed message")
 
 
-def test_group_callbacks_keep_what_group_run_reads(client):
+def test_group_callbacks_keep_what_group_run_reads(redis_client):
     parameters = inspect.signature(GroupCallbacks.__init__).parameters
     assert list(parameters) == ["self", "rate_limiter_backend", "barrier_ttl"], _changed(
         "GroupCallbacks.__init__"
@@ -283,7 +280,7 @@ def test_group_callbacks_keep_what_group_run_reads(client):
     assert parameters["barrier_ttl"].kind is inspect.Parameter.KEYWORD_ONLY, _changed(
         "GroupCallbacks.__init__"
     )
-    backend = RateLimiterBackend(client=client)
+    backend = RateLimiterBackend(client=redis_client)
 
     middleware = DistinctGroupCallbacks(backend, barrier_ttl=12_345)
 
@@ -292,9 +289,9 @@ def test_group_callbacks_keep_what_group_run_reads(client):
     assert middleware.barrier_ttl == 12_345, _changed("GroupCallbacks.barrier_ttl")
 
 
-def test_group_run_makes_the_barrier_our_script_reads(client):
+def test_group_run_makes_the_barrier_our_script_reads(redis_client):
     queue = f"internals-test-{uuid.uuid4().hex[:8]}"
-    middleware = DistinctGroupCallbacks(RateLimiterBackend(client=client), barrier_ttl=60_000)
+    middleware = DistinctGroupCallbacks(RateLimiterBackend(client=redis_client), barrier_ttl=60_000)
     stub = StubBroker(middleware=[middleware])
     member = dramatiq.actor(lambda n: None, broker=stub, queue_name=queue, actor_name="member")
     callback = dramatiq.actor(lambda: None, broker=stub, queue_name=queue, actor_name="callback").message()
@@ -312,8 +309,12 @@ def test_group_run_makes_the_barrier_our_script_reads(client):
     )
     (group_id,) = group_ids
     try:
-        assert client.get(group_id) == b"2", _changed("the barrier group.run() creates (its key, its count)")
-        assert 0 < client.pttl(group_id) <= 60_000, _changed("the barrier's TTL (GroupCallbacks.barrier_ttl)")
+        assert redis_client.get(group_id) == b"2", _changed(
+            "the barrier group.run() creates (its key, its count)"
+        )
+        assert 0 < redis_client.pttl(group_id) <= 60_000, _changed(
+            "the barrier's TTL (GroupCallbacks.barrier_ttl)"
+        )
         callbacks = [message.options.get(GROUP_CALLBACKS_OPTION) for message in sent]
         assert all(
             [Message(**each).message_id for each in one or []] == [callback.message_id] for one in callbacks
@@ -323,21 +324,21 @@ def test_group_run_makes_the_barrier_our_script_reads(client):
         fired = [Message.decode(data) for data in stub.queues[queue].queue]
         assert [message.message_id for message in fired] == [callback.message_id]
     finally:
-        client.delete(group_id, f"{group_id}@members")
+        redis_client.delete(group_id, f"{group_id}@members")
 
 
-def test_the_rate_limiter_backend_keeps_its_client(client):
-    backend = RateLimiterBackend(client=client)
+def test_the_rate_limiter_backend_keeps_its_client(redis_client):
+    backend = RateLimiterBackend(client=redis_client)
     key = f"internals-test:{uuid.uuid4().hex}"
 
-    assert backend.client is client, _changed("the rate limiter RedisBackend's client attribute")
+    assert backend.client is redis_client, _changed("the rate limiter RedisBackend's client attribute")
     try:
         assert backend.add(key, 3, 60_000) is True
         assert backend.add(key, 5, 60_000) is False, _changed("RedisBackend.add (a SET NX)")
-        assert client.get(key) == b"3", _changed("RedisBackend.add (the value under the key)")
-        assert 0 < client.pttl(key) <= 60_000, _changed("RedisBackend.add (a TTL in ms)")
+        assert redis_client.get(key) == b"3", _changed("RedisBackend.add (the value under the key)")
+        assert 0 < redis_client.pttl(key) <= 60_000, _changed("RedisBackend.add (a TTL in ms)")
     finally:
-        client.delete(key)
+        redis_client.delete(key)
 
 
 class _Boom(Exception):

@@ -9,7 +9,7 @@ import numpy as np
 
 from support.http_server import LocalHttpServer
 from support.images import decode_png, expected_gray, png_bytes
-from support.processes import image_crawler, start_workers, stop_workers
+from support.processes import crawl, image_crawler
 
 
 def test_workers_and_enqueue_wait_give_exact_counts(crawl_env, tmp_path):
@@ -31,14 +31,7 @@ def test_workers_and_enqueue_wait_give_exact_counts(crawl_env, tmp_path):
             server.add(f"/page/{n}", b"<html>no</html>", content_type="text/html")
             lines += [server.url(f"/gone/{n}"), server.url(f"/page/{n}")]
         lines += ["# comment", "", "mailto:someone@example.com"]
-        urls = tmp_path / "urls.txt"
-        urls.write_text("\n".join(lines) + "\n")
-
-        workers = start_workers(env)
-        try:
-            result = image_crawler(env, "enqueue", str(urls), "--wait", "--timeout", "300")
-        finally:
-            stop_workers(workers)
+        result = crawl(env, tmp_path / "urls.txt", lines)
 
     assert result.returncode == 0, result.stderr
     assert "enqueued 300 urls (1 rejected lines, 2 blank or comment lines skipped)" in result.stdout

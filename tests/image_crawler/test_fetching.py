@@ -293,12 +293,8 @@ def test_encoding_we_did_not_ask_for_is_a_final_error(server: LocalHttpServer, m
 # --- connections ------------------------------------------------------------------------
 
 
-def test_connection_refused_is_transient(make_fetcher: MakeFetcher):
-    with socket.socket() as probe:  # a port nothing listens on once the probe is closed
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-
-    error = raises_from(make_fetcher(), f"http://127.0.0.1:{port}/image.png")
+def test_connection_refused_is_transient(make_fetcher: MakeFetcher, dead_port: int):
+    error = raises_from(make_fetcher(), f"http://127.0.0.1:{dead_port}/image.png")
 
     assert isinstance(error, ConnectionFailed)
     assert (error.reason, error.transient) == ("connection refused", True)

@@ -17,6 +17,8 @@ import dramatiq
 import pytest
 import redis
 
+from image_crawler.broker import ADMIT_QUEUE, FETCH_QUEUE
+from image_crawler.dramatiq_internals import queue_keys
 from support.hostile import ProcessTreeMemory
 from support.processes import image_crawler_command, start_workers, stop_workers
 from support.services import free_port
@@ -63,9 +65,10 @@ def _enqueue(env: dict[str, str], urls: Path, output: Path, timeout: float) -> t
 def _queued(client: redis.Redis) -> tuple[int, int, int]:
     """Admit messages stored, admit message ids queued, and distinct URL lines they carry."""
     lines: set[int] = set()
-    for _, data in client.hscan_iter("dramatiq:admit.msgs", count=100):
+    admit = queue_keys(ADMIT_QUEUE)
+    for _, data in client.hscan_iter(admit.messages, count=100):
         lines.update(line for line, _ in dramatiq.Message.decode(data).args[0]["lines"])
-    return client.hlen("dramatiq:admit.msgs"), client.llen("dramatiq:admit"), len(lines)
+    return client.hlen(admit.messages), client.llen(admit.waiting), len(lines)
 
 
 @pytest.mark.timeout(2400)
@@ -118,7 +121,8 @@ def test_workers_admit_every_line_exactly_once_in_fetch_batches(crawl_env, tmp_p
         deadline = started + 600
         # Admitted once every admit message is acknowledged: a worker acks one only after its
         # transaction queued the fetch messages.
-        while client.hlen("dramatiq:admit.msgs") or client.llen("dramatiq:admit"):
+        admit = queue_keys(ADMIT_QUEUE)
+        while client.hlen(admit.messages) or client.llen(admit.waiting):
             assert time.perf_counter() < deadline, "lines were not admitted within 600 s"
             time.sleep(0.1)
         seconds = time.perf_counter() - started
@@ -127,7 +131,7 @@ def test_workers_admit_every_line_exactly_once_in_fetch_batches(crawl_env, tmp_p
 
     batches = [
         dramatiq.Message.decode(data).args[0]
-        for _, data in client.hscan_iter("dramatiq:fetch.msgs", count=1000)
+        for _, data in client.hscan_iter(queue_keys(FETCH_QUEUE).messages, count=1000)
     ]
     lines = [line for batch in batches for line in batch["lines"]]
     print(
@@ -137,4 +141,4 @@ def test_workers_admit_every_line_exactly_once_in_fetch_batches(crawl_env, tmp_p
     assert sorted(line[0] for line in lines) == list(range(1, 100_001))  # each line once
     assert {batch["run"] for batch in batches} == {run}
     assert max(len(batch["lines"]) for batch in batches) <= get_settings().batch_size
-    assert client.llen("dramatiq:fetch") == len(batches)
+    assert client.llen(queue_keys(FETCH_QUEUE).waiting) == len(batches)

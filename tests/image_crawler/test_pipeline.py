@@ -12,6 +12,8 @@ import pytest
 from PIL import Image
 
 from image_crawler import outcomes, storage
+from image_crawler.broker import ADMIT_QUEUE, FETCH_QUEUE
+from image_crawler.dramatiq_internals import queue_keys
 from support.http_server import LocalHttpServer, Response
 from support.images import decode_png, encode, expected_gray, photo, png_bytes
 
@@ -198,7 +200,7 @@ def test_mongodb_down_for_a_while_delays_outcomes_but_loses_none(make_pipeline, 
 
     monkeypatch.setattr(actors.storage, "store_new_images", unless_down(real_store))
     monkeypatch.setattr(actors.outcomes, "record_outcomes", unless_down(real_record))
-    monkeypatch.setattr(actors.outcomes, "finished", unless_down(real_finished))
+    monkeypatch.setattr(actors.outcomes, "ended_jobs", unless_down(real_finished))
     pipeline = make_pipeline()
     for n in range(12):
         server.add(f"/{n}.png", body=png_bytes(30, 30, seed=300 + n))
@@ -219,7 +221,7 @@ def test_mongodb_down_for_a_while_delays_outcomes_but_loses_none(make_pipeline, 
 
 
 def _queued(broker, queue: str) -> int:
-    return broker.client.hlen(f"{broker.namespace}:{queue}.msgs")
+    return broker.client.hlen(queue_keys(queue, broker.namespace).messages)
 
 
 @pytest.fixture
@@ -235,7 +237,10 @@ def idle_broker(redis_url):
 def _queued_fetches(broker) -> list[dict]:
     import dramatiq
 
-    return [dramatiq.Message.decode(data).args[0] for data in broker.client.hvals("dramatiq:fetch.msgs")]
+    return [
+        dramatiq.Message.decode(data).args[0]
+        for data in broker.client.hvals(queue_keys(FETCH_QUEUE).messages)
+    ]
 
 
 def test_a_batch_becomes_fetch_messages_of_batch_size_lines(idle_broker, idle_context):
@@ -358,7 +363,7 @@ def test_enqueue_sends_one_admit_message_per_thousand_lines(idle_broker, mongo_d
 
     report = enqueue_lines(io.BytesIO(text.encode()), mongo_db)
 
-    queued = idle_broker.client.hvals("dramatiq:admit.msgs")
+    queued = idle_broker.client.hvals(queue_keys(ADMIT_QUEUE).messages)
     batches = [dramatiq.Message.decode(data).args[0] for data in queued]
     lines = sorted(line for batch in batches for line, _ in batch["lines"])
     assert sorted(len(batch["lines"]) for batch in batches) == [514, 857, 858]  # 1,000 less comments
@@ -488,7 +493,8 @@ def test_a_short_run_says_its_length_even_when_comments_follow_its_last_urls(idl
     enqueue_lines(io.BytesIO(text.encode()), mongo_db)
 
     batches = [
-        dramatiq.Message.decode(data).args[0] for data in idle_broker.client.hvals("dramatiq:admit.msgs")
+        dramatiq.Message.decode(data).args[0]
+        for data in idle_broker.client.hvals(queue_keys(ADMIT_QUEUE).messages)
     ]
     assert [(len(batch["lines"]), batch.get("run_lines")) for batch in batches] == [(5, 5)]
 

@@ -9,20 +9,12 @@ import time
 import uuid
 
 import pytest
-import redis
 
 from image_crawler import outcomes, storage
 from image_crawler.fetching import parse_retry_after
 from image_crawler.politeness import HostBusy, HostGate, host_of
 from support.http_server import LocalHttpServer, Response
 from support.images import png_bytes
-
-
-@pytest.fixture
-def client(redis_url):
-    connection = redis.Redis.from_url(redis_url)
-    yield connection
-    connection.close()
 
 
 @pytest.fixture
@@ -38,8 +30,8 @@ def gate(client, **options) -> HostGate:
 # --- HostGate -----------------------------------------------------------------------------
 
 
-def test_no_more_turns_than_the_host_concurrency_are_held_at_once(client, host):
-    first, second = gate(client), gate(client)  # two workers
+def test_no_more_turns_than_the_host_concurrency_are_held_at_once(redis_client, host):
+    first, second = gate(redis_client), gate(redis_client)  # two workers
 
     with first.turn(host), second.turn(host):
         with pytest.raises(HostBusy) as busy, first.turn(host):
@@ -49,22 +41,22 @@ def test_no_more_turns_than_the_host_concurrency_are_held_at_once(client, host):
         pass
 
 
-def test_a_host_concurrency_of_zero_is_no_limit(client, host):
-    unlimited = gate(client, concurrency=0)
+def test_a_host_concurrency_of_zero_is_no_limit(redis_client, host):
+    unlimited = gate(redis_client, concurrency=0)
 
     with unlimited.turn(host), unlimited.turn(host), unlimited.turn(host):
         pass
 
 
-def test_another_host_has_turns_of_its_own(client, host):
-    limited = gate(client, concurrency=1)
+def test_another_host_has_turns_of_its_own(redis_client, host):
+    limited = gate(redis_client, concurrency=1)
 
     with limited.turn(host), limited.turn("other-" + host):
         pass
 
 
-def test_the_turn_of_a_worker_that_died_comes_back(client, host):
-    dying = gate(client, concurrency=1, turn_ms=300)
+def test_the_turn_of_a_worker_that_died_comes_back(redis_client, host):
+    dying = gate(redis_client, concurrency=1, turn_ms=300)
     held = dying.turn(host)
     held.__enter__()  # and never left: the worker died
 
@@ -75,8 +67,8 @@ def test_the_turn_of_a_worker_that_died_comes_back(client, host):
         pass
 
 
-def test_requests_to_a_host_start_at_least_the_host_delay_apart(client, host):
-    spaced = gate(client, concurrency=0, delay_ms=300, patience_s=2.0)
+def test_requests_to_a_host_start_at_least_the_host_delay_apart(redis_client, host):
+    spaced = gate(redis_client, concurrency=0, delay_ms=300, patience_s=2.0)
     starts = []
 
     for _ in range(3):
@@ -86,8 +78,8 @@ def test_requests_to_a_host_start_at_least_the_host_delay_apart(client, host):
     assert all(later - earlier >= 0.28 for earlier, later in itertools.pairwise(starts))
 
 
-def test_a_host_that_waits_longer_than_the_patience_is_busy_for_that_long(client, host):
-    spaced = gate(client, concurrency=0, delay_ms=5_000, patience_s=0.1)
+def test_a_host_that_waits_longer_than_the_patience_is_busy_for_that_long(redis_client, host):
+    spaced = gate(redis_client, concurrency=0, delay_ms=5_000, patience_s=0.1)
     with spaced.turn(host):
         pass
 
@@ -97,8 +89,8 @@ def test_a_host_that_waits_longer_than_the_patience_is_busy_for_that_long(client
     assert 4_000 <= busy.value.wait_ms <= 5_000
 
 
-def test_an_overloaded_host_is_paused_then_served_at_half_its_concurrency(client, host):
-    polite = gate(client, concurrency=8, patience_s=0.1)
+def test_an_overloaded_host_is_paused_then_served_at_half_its_concurrency(redis_client, host):
+    polite = gate(redis_client, concurrency=8, patience_s=0.1)
 
     assert polite.slow_down(host, retry_after_s=1) == 4
     with pytest.raises(HostBusy) as busy, polite.turn(host):
@@ -140,15 +132,15 @@ def test_retry_after_is_read_as_seconds_or_as_an_http_date():
     assert parse_retry_after("9" * 400) is None  # not a delay anyone means
 
 
-def test_a_host_asking_for_centuries_is_paused_no_longer_than_the_longest_pause(client, host):
-    polite = gate(client, concurrency=8, patience_s=0.1, longest_pause_s=600)
+def test_a_host_asking_for_centuries_is_paused_no_longer_than_the_longest_pause(redis_client, host):
+    polite = gate(redis_client, concurrency=8, patience_s=0.1, longest_pause_s=600)
 
     polite.slow_down(host, retry_after_s=1e15)
 
     with pytest.raises(HostBusy) as busy, polite.turn(host):
         pass
     assert 590_000 <= busy.value.wait_ms <= 600_000
-    assert 0 < client.pttl(f"image-crawler:host:{host}") <= 600_000 + 60_000
+    assert 0 < redis_client.pttl(f"image-crawler:host:{host}") <= 600_000 + 60_000
 
 
 # --- through the pipeline -------------------------------------------------------------------

@@ -37,19 +37,12 @@ MakeRobots = Callable[..., Robots]
 
 
 @pytest.fixture
-def client(redis_url: str) -> Iterator[redis.Redis]:
-    connection = redis.Redis.from_url(redis_url)
-    yield connection
-    connection.close()
-
-
-@pytest.fixture
-def server(client: redis.Redis) -> Iterator[LocalHttpServer]:
+def server(redis_client: redis.Redis) -> Iterator[LocalHttpServer]:
     """A fresh host; what Redis remembers of its origin is forgotten (its port may come again)."""
     with LocalHttpServer() as server:
-        _forget(client, origin(server.url()))
+        _forget(redis_client, origin(server.url()))
         yield server
-        _forget(client, origin(server.url()))
+        _forget(redis_client, origin(server.url()))
 
 
 @pytest.fixture
@@ -61,11 +54,11 @@ def fetcher() -> Iterator[Fetcher]:
 
 
 @pytest.fixture
-def make_robots(client: redis.Redis, fetcher: Fetcher) -> MakeRobots:
+def make_robots(redis_client: redis.Redis, fetcher: Fetcher) -> MakeRobots:
     """Robots (one per worker, say) on the shared Redis, fetching through the project's Fetcher."""
 
     def make(**options: object) -> Robots:
-        return Robots(client, fetch_with(fetcher), **options)  # type: ignore[arg-type]
+        return Robots(redis_client, fetch_with(fetcher), **options)  # type: ignore[arg-type]
 
     return make
 
@@ -154,7 +147,7 @@ def test_each_origin_has_its_own_robots_txt():
     assert origin("http://Bücher.example/cat.png") == "http://xn--bcher-kva.example"
 
 
-def test_urls_of_one_origin_written_differently_share_one_fetch(client):
+def test_urls_of_one_origin_written_differently_share_one_fetch(redis_client):
     site = _fake_site()
     fetched: list[str] = []
 
@@ -162,17 +155,17 @@ def test_urls_of_one_origin_written_differently_share_one_fetch(client):
         fetched.append(url)
         return ROBOTS_TXT
 
-    robots = Robots(client, fetch)
+    robots = Robots(redis_client, fetch)
     assert robots.allowed(f"{site}/private/a.png") is False
     assert robots.allowed(f"{site.upper().replace('HTTP://', 'http://')}:80/private/b.png") is False
     assert robots.allowed(f"http://user:secret@{site.removeprefix('http://')}/c.png") is True
 
     assert fetched == [f"{site}/robots.txt"]
-    _forget(client, site)
+    _forget(redis_client, site)
 
 
-def test_a_url_that_is_no_http_url_is_refused(client):
-    robots = Robots(client, lambda url: pytest.fail("nothing may be fetched"))
+def test_a_url_that_is_no_http_url_is_refused(redis_client):
+    robots = Robots(redis_client, lambda url: pytest.fail("nothing may be fetched"))
 
     with pytest.raises(InvalidUrl):
         robots.allowed("ftp://example.com/cat.png")
@@ -223,14 +216,16 @@ def test_a_redirected_robots_txt_is_followed(server, make_robots):
 
 
 @pytest.mark.parametrize("status", [404, 410, 401, 403])
-def test_a_missing_or_refused_robots_txt_allows_everything_for_the_ttl(server, make_robots, client, status):
+def test_a_missing_or_refused_robots_txt_allows_everything_for_the_ttl(
+    server, make_robots, redis_client, status
+):
     server.add("/robots.txt", b"Disallow: /", status=status, content_type="text/plain")
     robots = make_robots()
 
     assert robots.allowed(server.url("/private/cat.png")) is True
     assert make_robots().allowed(server.url("/cat.png")) is True
     assert server.hits("/robots.txt") == 1
-    assert client.pttl(f"image-crawler:robots:{origin(server.url())}") > 86_000_000
+    assert redis_client.pttl(f"image-crawler:robots:{origin(server.url())}") > 86_000_000
 
 
 @pytest.mark.parametrize(
@@ -248,12 +243,14 @@ def test_a_robots_txt_that_is_no_robots_txt_allows_everything(server, make_robot
     assert make_robots().allowed(server.url("/private/cat.png")) is True
 
 
-def test_a_failing_robots_txt_allows_everything_and_is_asked_for_again_soon(server, make_robots, client):
+def test_a_failing_robots_txt_allows_everything_and_is_asked_for_again_soon(
+    server, make_robots, redis_client
+):
     server.add("/robots.txt", b"oops", status=500, content_type="text/plain")
     robots = make_robots(error_ttl=0.3)
 
     assert robots.allowed(server.url("/private/cat.png")) is True
-    assert 0 < client.pttl(f"image-crawler:robots:{origin(server.url())}") <= 300
+    assert 0 < redis_client.pttl(f"image-crawler:robots:{origin(server.url())}") <= 300
     assert robots.allowed(server.url("/private/dog.png")) is True
     assert server.hits("/robots.txt") == 1
 
@@ -274,17 +271,17 @@ def test_a_robots_txt_that_times_out_allows_everything(server, make_robots):
     assert server.hits("/robots.txt") == 1
 
 
-def test_an_unreachable_host_allows_everything(client, fetcher):
+def test_an_unreachable_host_allows_everything(redis_client, fetcher):
     with LocalHttpServer() as gone:
         url = gone.url("/private/cat.png")
-    _forget(client, origin(url))
-    robots = Robots(client, fetch_with(fetcher))
+    _forget(redis_client, origin(url))
+    robots = Robots(redis_client, fetch_with(fetcher))
 
     assert robots.allowed(url) is True
-    _forget(client, origin(url))
+    _forget(redis_client, origin(url))
 
 
-def test_an_exception_that_is_no_verdict_reaches_the_caller_and_nothing_is_remembered(client):
+def test_an_exception_that_is_no_verdict_reaches_the_caller_and_nothing_is_remembered(redis_client):
     site = _fake_site()
     calls: list[str] = []
 
@@ -294,14 +291,14 @@ def test_an_exception_that_is_no_verdict_reaches_the_caller_and_nothing_is_remem
             raise RuntimeError("the host's turns are taken")
         return ROBOTS_TXT
 
-    robots = Robots(client, fetch)
+    robots = Robots(redis_client, fetch)
     with pytest.raises(RuntimeError):
         robots.allowed(f"{site}/private/cat.png")
-    assert not client.exists(f"image-crawler:robots-lock:{site}")
+    assert not redis_client.exists(f"image-crawler:robots-lock:{site}")
 
     assert robots.allowed(f"{site}/private/cat.png") is False
     assert len(calls) == 2
-    _forget(client, site)
+    _forget(redis_client, site)
 
 
 # --- what is remembered, and for how long ------------------------------------------------
@@ -321,17 +318,17 @@ def test_robots_txt_is_read_again_after_its_ttl(server, make_robots):
     assert server.hits("/robots.txt") == 2
 
 
-def test_redis_keeps_the_raw_body_for_a_day(server, make_robots, client):
+def test_redis_keeps_the_raw_body_for_a_day(server, make_robots, redis_client):
     server.add("/robots.txt", ROBOTS_TXT, content_type="text/plain")
 
     make_robots().allowed(server.url("/cat.png"))
 
     key = f"image-crawler:robots:{origin(server.url())}"
-    assert client.get(key) == ROBOTS_TXT
-    assert 86_000_000 < client.pttl(key) <= 86_400_000
+    assert redis_client.get(key) == ROBOTS_TXT
+    assert 86_000_000 < redis_client.pttl(key) <= 86_400_000
 
 
-def test_the_in_process_cache_is_bounded_and_falls_back_to_redis(client, monkeypatch):
+def test_the_in_process_cache_is_bounded_and_falls_back_to_redis(redis_client, monkeypatch):
     sites = [_fake_site() for _ in range(3)]
     fetched: list[str] = []
     parses: list[str] = []
@@ -346,17 +343,17 @@ def test_the_in_process_cache_is_bounded_and_falls_back_to_redis(client, monkeyp
         return ROBOTS_TXT
 
     monkeypatch.setattr(robots_module.Protego, "parse", counting_parse)
-    robots = Robots(client, fetch, cache_size=2)
+    robots = Robots(redis_client, fetch, cache_size=2)
     for site in [*sites, sites[0]]:
         assert robots.allowed(f"{site}/private/cat.png") is False
 
     assert len(fetched) == 3  # the first site came back from Redis…
     assert len(parses) == 4  # …but had to be parsed again: only two fit in the process
     for site in sites:
-        _forget(client, site)
+        _forget(redis_client, site)
 
 
-def test_only_the_first_500_kib_of_a_robots_txt_count(client):
+def test_only_the_first_500_kib_of_a_robots_txt_count(redis_client):
     site = _fake_site()
     early = b"User-agent: *\nDisallow: /early/\n"
     padding = b"# " + b"x" * 1000 + b"\n"
@@ -368,13 +365,13 @@ def test_only_the_first_500_kib_of_a_robots_txt_count(client):
     body += b"Disallow: /late/\n" * 100
     assert body.index(cut) == start_of_cut
 
-    robots = Robots(client, lambda url: body)
+    robots = Robots(redis_client, lambda url: body)
 
     assert robots.allowed(f"{site}/early/cat.png") is False
     assert robots.allowed(f"{site}/cut-h/cat.png") is True
     assert robots.allowed(f"{site}/late/cat.png") is True
-    assert client.strlen(f"image-crawler:robots:{site}") <= MAX_ROBOTS_BYTES
-    _forget(client, site)
+    assert redis_client.strlen(f"image-crawler:robots:{site}") <= MAX_ROBOTS_BYTES
+    _forget(redis_client, site)
 
 
 def _huge_robots_txt(size: int = 2 * 1024 * 1024) -> bytes:
@@ -388,7 +385,7 @@ def _huge_robots_txt(size: int = 2 * 1024 * 1024) -> bytes:
 
 
 @pytest.mark.parametrize("gzip", [False, True], ids=["plain", "gzip"])
-def test_a_robots_txt_far_over_500_kib_is_cut_there_and_still_obeyed(server, make_robots, client, gzip):
+def test_a_robots_txt_far_over_500_kib_is_cut_there_and_still_obeyed(server, make_robots, redis_client, gzip):
     # RFC 9309 §2.5, Google: the first 500 KiB are parsed and the rest is ignored; a huge file
     # is no broken file that allows everything.
     server.add("/robots.txt", _huge_robots_txt(), content_type="text/plain", gzip=gzip)
@@ -398,7 +395,7 @@ def test_a_robots_txt_far_over_500_kib_is_cut_there_and_still_obeyed(server, mak
     assert robots.allowed(server.url("/late/cat.png")) is True  # only after the cut
     assert robots.allowed(server.url("/cat.png")) is True
     assert server.hits("/robots.txt") == 1
-    stored = client.get(f"image-crawler:robots:{origin(server.url())}")
+    stored = redis_client.get(f"image-crawler:robots:{origin(server.url())}")
     assert stored.startswith(ROBOTS_TXT)
     assert len(stored) <= MAX_ROBOTS_BYTES
     assert stored.endswith(b"\n")
@@ -411,7 +408,7 @@ def test_a_robots_txt_over_500_kib_without_content_length_is_cut_too(server, mak
     assert make_robots().allowed(server.url("/late/cat.png")) is True
 
 
-def test_an_endless_robots_txt_is_read_no_further_than_the_cut(client):
+def test_an_endless_robots_txt_is_read_no_further_than_the_cut(redis_client):
     site = _fake_site()
     sent: list[int] = []
 
@@ -427,13 +424,13 @@ def test_an_endless_robots_txt_is_read_no_further_than_the_cut(client):
 
     settings = replace(Settings(), fetch_timeout=5.0, fetch_allow_private=True)
     with Fetcher(settings, transport=httpx.MockTransport(answer)) as fetcher:
-        robots = Robots(client, fetch_with(fetcher))
+        robots = Robots(redis_client, fetch_with(fetcher))
 
         assert robots.allowed(f"{site}/private/cat.png") is False
         assert robots.allowed(f"{site}/late/cat.png") is False  # inside the first 500 KiB
     assert sum(sent) < 2 * MAX_ROBOTS_BYTES  # stopped at the cut, not at a limit or the timeout
-    assert client.strlen(f"image-crawler:robots:{site}") <= MAX_ROBOTS_BYTES
-    _forget(client, site)
+    assert redis_client.strlen(f"image-crawler:robots:{site}") <= MAX_ROBOTS_BYTES
+    _forget(redis_client, site)
 
 
 def test_the_robots_txt_limit_is_rfc_9309s_500_kib():
@@ -470,9 +467,9 @@ def test_a_thread_waiting_longer_than_wait_is_told_to_come_back_later(server, ma
     assert server.hits("/robots.txt") == 1
 
 
-def test_the_lock_of_a_worker_that_died_fetching_runs_out(server, make_robots, client):
+def test_the_lock_of_a_worker_that_died_fetching_runs_out(server, make_robots, redis_client):
     server.add("/robots.txt", ROBOTS_TXT, content_type="text/plain")
-    client.set(f"image-crawler:robots-lock:{origin(server.url())}", b"dead worker", px=300)
+    redis_client.set(f"image-crawler:robots-lock:{origin(server.url())}", b"dead worker", px=300)
 
     started = time.monotonic()
     assert make_robots(wait=2).allowed(server.url("/private/cat.png")) is False
@@ -480,24 +477,24 @@ def test_the_lock_of_a_worker_that_died_fetching_runs_out(server, make_robots, c
     assert server.hits("/robots.txt") == 1
 
 
-def test_the_fetch_lock_is_released_when_the_fetch_ends(server, make_robots, client):
+def test_the_fetch_lock_is_released_when_the_fetch_ends(server, make_robots, redis_client):
     server.add("/robots.txt", ROBOTS_TXT, content_type="text/plain")
 
     make_robots().allowed(server.url("/cat.png"))
 
-    assert not client.exists(f"image-crawler:robots-lock:{origin(server.url())}")
+    assert not redis_client.exists(f"image-crawler:robots-lock:{origin(server.url())}")
 
 
-def test_a_transient_fetch_error_is_remembered_for_error_ttl_only(client):
+def test_a_transient_fetch_error_is_remembered_for_error_ttl_only(redis_client):
     site = _fake_site()
 
     def fetch(url: str) -> bytes:
         raise FetchTimeout()
 
-    Robots(client, fetch, error_ttl=5).allowed(f"{site}/cat.png")
+    Robots(redis_client, fetch, error_ttl=5).allowed(f"{site}/cat.png")
 
-    assert 0 < client.pttl(f"image-crawler:robots:{site}") <= 5_000
-    _forget(client, site)
+    assert 0 < redis_client.pttl(f"image-crawler:robots:{site}") <= 5_000
+    _forget(redis_client, site)
 
 
 # --- X-Robots-Tag decides what is kept ---------------------------------------------------

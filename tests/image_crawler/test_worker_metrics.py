@@ -26,6 +26,7 @@ from image_crawler.broker import (
     worker_metrics_address,
 )
 from image_crawler.config import get_settings
+from image_crawler.dramatiq_internals import queue_keys
 from support.processes import start_workers, stop_workers
 from support.services import free_port, start_redis
 
@@ -119,7 +120,8 @@ def _send_admitted_batch(redis_url: str) -> RedisBroker:
 def _wait_until_processed(redis_url: str, timeout: float = 60) -> None:
     client = redis.Redis.from_url(redis_url)
     deadline = time.monotonic() + timeout
-    while client.hlen(f"dramatiq:{ADMIT_QUEUE}.msgs") or client.llen(f"dramatiq:{ADMIT_QUEUE}"):
+    admit = queue_keys(ADMIT_QUEUE)
+    while client.hlen(admit.messages) or client.llen(admit.waiting):
         if time.monotonic() > deadline:
             pytest.fail("the workers did not process the admit message")
         time.sleep(0.1)

@@ -60,3 +60,18 @@ def image_crawler(env: dict[str, str], *args: str, timeout: float = 600) -> subp
     return subprocess.run(
         image_crawler_command(*args), env=env, capture_output=True, text=True, timeout=timeout
     )
+
+
+def crawl(
+    env: dict[str, str], urls: Path, lines: list[str], *, timeout: int = 300
+) -> subprocess.CompletedProcess:
+    """`image-crawler enqueue URLS --wait` of ``lines``, written to the file ``urls``, while workers run.
+
+    The workers (:func:`start_workers`' defaults) are stopped after; ``timeout`` is enqueue's ``--timeout``.
+    """
+    urls.write_text("\n".join(lines) + "\n")
+    workers = start_workers(env)
+    try:
+        return image_crawler(env, "enqueue", str(urls), "--wait", "--timeout", str(timeout))
+    finally:
+        stop_workers(workers)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import itertools
-import socket
 from dataclasses import dataclass, field
 
 import pytest
@@ -80,14 +79,6 @@ def client(app):
 def seed(mongo_db) -> Seeder:
     """Adds images and outcomes to the app's database."""
     return Seeder(mongo_db)
-
-
-@pytest.fixture
-def dead_port() -> int:
-    """A TCP port on 127.0.0.1 where nothing listens."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture

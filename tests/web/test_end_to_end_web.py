@@ -10,7 +10,7 @@ from pymongo.database import Database
 from image_crawler import storage
 from support.http_server import LocalHttpServer
 from support.images import png_bytes
-from support.processes import image_crawler, start_workers, stop_workers
+from support.processes import crawl
 from web import create_app
 
 
@@ -53,13 +53,7 @@ def test_web_app_serves_what_the_crawl_stored(crawl_env, tmp_path):
         for n in range(5):
             server.add(f"/gone/{n}", status=404)
             lines.append(server.url(f"/gone/{n}"))
-        urls = tmp_path / "urls.txt"
-        urls.write_text("\n".join(lines) + "\n")
-        workers = start_workers(env)
-        try:
-            result = image_crawler(env, "enqueue", str(urls), "--wait", "--timeout", "300")
-        finally:
-            stop_workers(workers)
+        result = crawl(env, tmp_path / "urls.txt", lines)
     assert result.returncode == 0, result.stderr
     done = re.search(r"(\d+) success, (\d+) duplicate, (\d+) error", result.stdout.strip().splitlines()[-1])
     assert done is not None, result.stdout

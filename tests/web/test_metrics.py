@@ -10,7 +10,6 @@ import logging
 import dramatiq
 import prometheus_client
 import pytest
-import redis
 from prometheus_client.parser import text_string_to_metric_families
 
 from image_crawler import outcomes, storage
@@ -62,16 +61,6 @@ def broker(redis_url):
     for queue in QUEUES:
         created.flush(queue)
     created.close()
-
-
-@pytest.fixture
-def download_counters(redis_url):
-    """The suite's Redis, without the workers' download counters before and after (tests share it)."""
-    client = redis.Redis.from_url(redis_url)
-    client.delete(DOWNLOADED_BYTES_KEY, DOWNLOADED_BODIES_KEY)
-    yield client
-    client.delete(DOWNLOADED_BYTES_KEY, DOWNLOADED_BODIES_KEY)
-    client.close()
 
 
 def message(queue: str, actor: str) -> dramatiq.Message:
