@@ -1,7 +1,9 @@
-"""Dramatiq setup: the Redis broker, its middleware and their order. Nothing else.
+"""Dramatiq setup: the broker's Redis client and its outage budget, the queues and their
+priorities, the worker metrics exporter, and the middleware and their order.
 
 What relies on Dramatiq's private details (the broker class, its consumer, the group barrier,
-Redis key formats) is in :mod:`image_crawler.dramatiq_internals`.
+Redis key formats) is in :mod:`image_crawler.dramatiq_internals`; what is here uses Dramatiq's
+public API only.
 """
 
 from __future__ import annotations

@@ -237,7 +237,7 @@ class Settings:
 
 def database_name(uri: str) -> str:
     """The database a MongoDB URI names by its path (``image_crawler`` when it names none)."""
-    return urlsplit(uri).path.lstrip("/").split("?")[0] or "image_crawler"
+    return urlsplit(uri).path.lstrip("/") or "image_crawler"
 
 
 def describe(setting: str) -> str:

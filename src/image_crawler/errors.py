@@ -1,11 +1,13 @@
 """Typed errors of the pipeline.
 
-Every error a job can end with is a :class:`CrawlError`; its ``reason`` is the short text
-stored in the job's outcome (``http 404``, ``timeout``, ``not an image``), and its
-``transient`` flag says whether trying again later may help: the retry policy reads the flag,
-never the message. The flag is one way to ask, for every error: a class sets it for all its
-errors (``FetchTimeout``), :class:`HttpStatusError` per status. ``retry_limit`` caps the
-retries of a kind of error whatever the actor allows.
+Every error of a URL's own is a :class:`CrawlError`; its ``reason`` is the short text stored
+in the job's outcome (``http 404``, ``timeout``, ``not an image``), and its ``transient`` flag
+says whether trying again later may help: the retry policy reads the flag, never the message.
+A message that fails as a whole (a store down, a time limit) ends its lines with
+``middleware.reason_for``, and ``middleware.is_transient`` answers for both kinds. The flag
+is the one way to ask: a class sets it for all its errors (``FetchTimeout``),
+:class:`HttpStatusError` per status. ``retry_limit`` caps the retries of a kind of error
+whatever the actor allows.
 
     CrawlError                      reason, transient (False), retry_limit (None)
     ├── FetchError                  the URL could not be downloaded

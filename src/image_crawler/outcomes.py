@@ -254,13 +254,11 @@ def _count(db: Database, documents: Iterable[dict[str, Any]]) -> None:
         )
 
 
-def _this_minute(now: dt.datetime | None = None) -> dt.datetime:
-    return storage.minute_of(now or storage.utcnow())
 
 
 def _mark_late(db: Database, documents: Iterable[dict[str, Any]]) -> None:
     """Move the reconciliation mark back to the earliest late outcome of ``documents``, if any."""
-    threshold = _this_minute() - LATE_AFTER
+    threshold = storage.this_minute() - LATE_AFTER
     late = [minute for minute in map(_minute_of, documents) if minute < threshold]
     if late:
         # No upsert: without a mark the first pass starts from the ledger's first minute anyway.
@@ -275,7 +273,7 @@ def reconcile(db: Database, *, now: dt.datetime | None = None, max_minutes: int 
     minutes that have not settled. The mark moves on only if nobody moved it meanwhile (a late
     outcome moved it back: the next pass starts there).
     """
-    until = _this_minute(now) - SETTLE_AFTER
+    until = storage.minute_of(now or storage.utcnow()) - SETTLE_AFTER
     marks = storage.reconciled(db)
     mark = marks.find_one({"_id": _COUNTERS_MARK})
     if mark is None:
@@ -408,7 +406,7 @@ def reconcile_if_due(db: Database, schedule: Schedule) -> bool:
     return True
 
 
-def _counters_of(since: dt.datetime | None, run: str | None) -> list[dict[str, Any]]:
+def _match_window(since: dt.datetime | None, run: str | None) -> list[dict[str, Any]]:
     """The start of a pipeline over counters: those from ``since`` on (all: None), of ``run`` (all: None)."""
     match: dict[str, Any] = {}
     if since is not None:
@@ -426,7 +424,7 @@ def counts_per_minute(
     The grouping runs in MongoDB over the counters of the window alone (index ``minute``, or
     ``run_minute``): one document per run and minute, however many outcomes there are.
     """
-    pipeline = _counters_of(since, run)
+    pipeline = _match_window(since, run)
     pipeline.append({"$group": {"_id": "$minute", **{name: {"$sum": f"${name}"} for name in OUTCOMES}}})
     counts: dict[dt.datetime, dict[str, int]] = {}
     for row in storage.minute_counts(db).aggregate(pipeline):
@@ -582,15 +580,15 @@ class RunSummary:
 
 
 #: What a run id may be (``enqueue`` makes 12 hex digits): safe in keys, paths and file names.
-RUN_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
 def start_run(db: Database, run: str, *, retry_of: str | None = None) -> None:
     """Record that ``enqueue`` starts ``run`` (which retries ``retry_of``, if given).
 
-    Raises ValueError for a run id that is not :data:`RUN_ID`.
+    Raises ValueError for a run id that is not :data:`RUN_ID_PATTERN`.
     """
-    if not RUN_ID.fullmatch(run):
+    if not RUN_ID_PATTERN.fullmatch(run):
         raise ValueError(f"a run id is 1 to 64 letters, digits, '_', '.' or '-', not {run!r}")
     fields = {"jobs": 0, "enqueued": 0, "rejected": 0, "skipped": 0, "sent_at": None, "finished_at": None}
     storage.runs(db).update_one(
@@ -708,7 +706,7 @@ def has_outcomes(db: Database, run: str) -> bool:
 
 def _summaries(db: Database, documents: list[dict[str, Any]], now: dt.datetime | None) -> list[RunSummary]:
     now = storage.as_utc(now or storage.utcnow())
-    window = _this_minute(now) - (RATE_MINUTES - 1) * _MINUTE
+    window = storage.minute_of(now or storage.utcnow()) - (RATE_MINUTES - 1) * _MINUTE
     ids = [document["_id"] for document in documents]
     totals = run_totals(db, ids)
     recent = run_totals(db, ids, since=window)
@@ -746,7 +744,7 @@ def top_error_reasons(
     from the reason counters of the window (index ``minute`` or ``run_minute``): the cost
     follows the minutes, runs and reasons, never the number of errors.
     """
-    pipeline = _counters_of(since, run)
+    pipeline = _match_window(since, run)
     pipeline.append({"$group": {"_id": "$reason", "n": {"$sum": "$n"}}})
     pipeline.append({"$match": {"n": {"$gt": 0}}})
     pipeline.append({"$sort": {"n": DESCENDING, "_id": ASCENDING}})

@@ -170,11 +170,8 @@ def _reason_class(reason: object) -> str:
 
 
 def _from_redis() -> Iterator[Metric]:
-    # Dramatiq's RedisBroker (its dispatch.lua) keeps per queue: the ids waiting for a worker in
-    # a list, every message not yet acked in a hash `<queue>.msgs` (so fetched = hash - list),
-    # delayed messages (retries waiting for their backoff) in `<queue>.DQ` likewise, and
-    # dead-lettered ones in a sorted set `<queue>.XQ`. One transaction reads them all at once,
-    # with the workers' download counters (absent until a first body is counted).
+    # Per queue, the keys of dramatiq_internals.queue_keys (fetched = messages not acked - waiting);
+    # one transaction reads them all, with the workers' download counters (absent until counted).
     with get_redis().pipeline(transaction=True) as pipe:
         for queue in QUEUES:
             keys = queue_keys(queue)

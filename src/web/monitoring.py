@@ -113,17 +113,13 @@ def _fold_later_minutes(
     return counts
 
 
-#: The longest run id ``?run=`` takes (``enqueue`` makes 12 hex digits).
-LONGEST_RUN_ID = 100
-
-
 def requested_run() -> str | None:
-    """The run in ``?run=`` (None: every run); a 400 if it cannot be one."""
+    """The run in ``?run=`` (None: every run); a 400 if it cannot be a run id."""
     run = request.args.get("run")
     if run is None or run == "":
         return None
-    if len(run) > LONGEST_RUN_ID or not run.isprintable():
-        raise BadRequest(f"run must be a run id of at most {LONGEST_RUN_ID} printable characters.")
+    if not outcomes.RUN_ID_PATTERN.fullmatch(run):
+        raise BadRequest("run must be a run id: 1 to 64 letters, digits, '_', '.' or '-'.")
     return run
 
 

@@ -23,7 +23,6 @@ from image_crawler import outcomes
 from image_crawler.redaction import redact_url
 
 from .db import get_db, settle_counters
-from .monitoring import LONGEST_RUN_ID
 from .params import whole_number
 
 bp = Blueprint("runs", __name__)
@@ -69,8 +68,8 @@ def index() -> str:
 
 def _known(run: str) -> outcomes.RunSummary | None:
     """The run's summary; None for a run enqueued before runs were recorded; a 404 if there is no such run."""
-    if len(run) > LONGEST_RUN_ID:
-        abort(404)
+    if not outcomes.RUN_ID_PATTERN.fullmatch(run):
+        abort(404, description="A run id is 1 to 64 letters, digits, '_', '.' or '-'.")
     db = get_db()
     summary = outcomes.get_run(db, run)
     if summary is None and not outcomes.has_outcomes(db, run):
@@ -136,7 +135,7 @@ def failed(run: str) -> Response:
         yield f"# end: {failures.listed} failed lines\n"
 
     response = Response(stream_with_context(body()), mimetype="text/plain")
-    name = f"failed-{run}.txt" if outcomes.RUN_ID.fullmatch(run) else "failed.txt"
+    name = f"failed-{run}.txt"  # a run id is safe in a file name (outcomes.RUN_ID_PATTERN)
     response.headers["Content-Disposition"] = f'attachment; filename="{name}"'
     response.cache_control.no_cache = True
     return response

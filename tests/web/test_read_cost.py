@@ -89,14 +89,14 @@ def counting(mongo_db) -> CountingDatabase:
 
 
 def test_the_chart_and_the_totals_read_counters_only_and_as_many_as_before(counting, mongo_db, seed):
-    from image_crawler.outcomes import counted_totals as outcome_totals
+    from image_crawler.outcomes import counted_totals
 
     _crawl(seed, per_minute=20)
 
     def chart_and_totals() -> None:
         minute_buckets(counting, 60, now=seed.now)
         minute_buckets(counting, None, now=seed.now)
-        outcome_totals(counting)
+        counted_totals(counting)
 
     small = counting.reads(chart_and_totals)
     _crawl(seed, per_minute=200)  # eleven times the ledger, over the same minutes
