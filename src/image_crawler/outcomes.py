@@ -254,8 +254,6 @@ def _count(db: Database, documents: Iterable[dict[str, Any]]) -> None:
         )
 
 
-
-
 def _mark_late(db: Database, documents: Iterable[dict[str, Any]]) -> None:
     """Move the reconciliation mark back to the earliest late outcome of ``documents``, if any."""
     threshold = storage.this_minute() - LATE_AFTER
