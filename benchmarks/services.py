@@ -7,9 +7,7 @@ mongo shim are started by ``tests.support.services``, which the test suite uses 
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -20,27 +18,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import psutil
-from tests.support.services import REPO
-
-
-def stop_group(process: subprocess.Popen, timeout: float = 30.0) -> None:
-    """Stop ``process`` (started with ``start_new_session``) with SIGTERM, then SIGKILL its whole group.
-
-    Only the leader gets SIGTERM: the dramatiq CLI forwards it to its workers itself, and a worker
-    that receives a second one exits at once, skipping its shutdown hooks.
-    """
-    if process.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-    # Children that outlived their leader (none expected) go with the group.
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGKILL)
+from tests.support.services import REPO, stop_group
 
 
 def start_group(command: list[str], *, env: dict[str, str] | None = None, **popen: Any) -> subprocess.Popen:

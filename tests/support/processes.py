@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
+
+from support.services import stop_group
 
 
 def start_workers(
@@ -41,13 +42,10 @@ def signal_workers(workers: subprocess.Popen, signum: int) -> None:
 
 
 def stop_workers(workers: subprocess.Popen, timeout: float = 60) -> None:
-    """SIGTERM the worker group, and SIGKILL it if it has not stopped within ``timeout``."""
-    signal_workers(workers, signal.SIGTERM)
-    try:
-        workers.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        signal_workers(workers, signal.SIGKILL)
-        workers.wait()
+    """Stop the workers as ``docker compose stop`` does: SIGTERM to the dramatiq CLI only (it
+    forwards it: a worker process given a second one exits at once, without its shutdown), and
+    SIGKILL to the whole group if it has not stopped within ``timeout``."""
+    stop_group(workers, timeout=timeout)
 
 
 def image_crawler_command(*args: str) -> list[str]:

@@ -8,8 +8,10 @@ root on ``sys.path``, and ``tests/`` is a namespace package).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -180,3 +182,23 @@ def mongo_endpoint(directory: Path) -> tuple[subprocess.Popen | None, str]:
 def database_uri(uri: str, database: str) -> str:
     """``uri`` (``mongodb://…``) naming ``database`` instead of the database it names, if any."""
     return urlunsplit(urlsplit(uri)._replace(path=f"/{database}"))
+
+
+def stop_group(process: subprocess.Popen, timeout: float = 30.0) -> None:
+    """Stop ``process`` (started with ``start_new_session``) with SIGTERM, then SIGKILL its whole group.
+
+    Only the leader gets SIGTERM: the dramatiq CLI forwards it to its workers itself, and a worker
+    that receives a second one exits at once, skipping its shutdown hooks.
+    """
+    if process.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    # Children that outlived their leader (none expected) go with the group.
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
