@@ -392,10 +392,8 @@ def status(run: str | None, run_option: str | None) -> None:
             counts = outcomes.counted_totals(db)
         else:
             summary = _known_run(db, run)
-            if summary is None:
-                counts = outcomes.run_totals(db, [run])[run]
-            else:
-                counts = summary.counts
+            counts = outcomes.run_counts(db, run, summary)
+            if summary is not None:
                 retry = "" if summary.retry_of is None else f", retry of {summary.retry_of}"
                 click.echo(
                     f"run {run}: started {_started(summary)} UTC, {_lines_shown(summary)} lines,"

@@ -211,6 +211,13 @@ def _reason_counter_id(run: str, minute: dt.datetime, reason: str | None) -> dic
 _DETAIL_NUMBER = re.compile(r"[0-9]+")
 
 
+def reason_kind(reason: object) -> str:
+    """The kind of an error reason: its text before any colon (``too many pixels: 3000x3000`` →
+    ``too many pixels``), ``unknown`` for none. Fewer than :func:`counted_reason`: for labels."""
+    text = reason.split(":", 1)[0].strip() if isinstance(reason, str) else ""
+    return text or "unknown"
+
+
 def counted_reason(reason: str | None) -> str | None:
     """The reason errors are counted under: its numbers after the first colon read ``N``.
 
@@ -404,6 +411,10 @@ def reconcile_if_due(db: Database, schedule: Schedule) -> bool:
     return True
 
 
+#: A $group stage's sums of the counters' outcome fields.
+_SUMS = {name: {"$sum": f"${name}"} for name in OUTCOMES}
+
+
 def _match_window(since: dt.datetime | None, run: str | None) -> list[dict[str, Any]]:
     """The start of a pipeline over counters: those from ``since`` on (all: None), of ``run`` (all: None)."""
     match: dict[str, Any] = {}
@@ -423,7 +434,7 @@ def counts_per_minute(
     ``run_minute``): one document per run and minute, however many outcomes there are.
     """
     pipeline = _match_window(since, run)
-    pipeline.append({"$group": {"_id": "$minute", **{name: {"$sum": f"${name}"} for name in OUTCOMES}}})
+    pipeline.append({"$group": {"_id": "$minute", **_SUMS}})
     counts: dict[dt.datetime, dict[str, int]] = {}
     for row in storage.minute_counts(db).aggregate(pipeline):
         if isinstance(row["_id"], dt.datetime):
@@ -458,7 +469,7 @@ def latest_errors(db: Database, limit: int) -> list[dict[str, Any]]:
 def counted_totals(db: Database) -> dict[str, int]:
     """How many jobs ended in each outcome so far, from the counters (one document per run and minute)."""
     totals = _zero()
-    group = {"_id": None, **{name: {"$sum": f"${name}"} for name in OUTCOMES}}
+    group = {"_id": None, **_SUMS}
     for row in storage.minute_counts(db).aggregate([{"$group": group}]):
         for name in OUTCOMES:
             totals[name] += int(row.get(name) or 0)
@@ -475,7 +486,7 @@ def run_totals(
     match: dict[str, Any] = {"run": {"$in": list(totals)}}
     if since is not None:
         match["minute"] = {"$gte": since}
-    group = {"_id": "$run", **{name: {"$sum": f"${name}"} for name in OUTCOMES}}
+    group = {"_id": "$run", **_SUMS}
     for row in storage.minute_counts(db).aggregate([{"$match": match}, {"$group": group}]):
         if row["_id"] in totals:
             for name in OUTCOMES:
@@ -695,6 +706,11 @@ def last_counted_minute(db: Database, run: str, *, first: bool = False) -> dt.da
         sort=[("minute", ASCENDING if first else DESCENDING)],
     )
     return None if row is None else storage.as_utc(row["minute"])
+
+
+def run_counts(db: Database, run: str, summary: RunSummary | None) -> dict[str, int]:
+    """``run``'s jobs per outcome: its summary's, or (a run from before runs were recorded) its counters'."""
+    return summary.counts if summary is not None else run_totals(db, [run])[run]
 
 
 def has_outcomes(db: Database, run: str) -> bool:

@@ -156,17 +156,10 @@ def _recent_reasons() -> list[tuple[str, int]]:
     since = storage.this_minute() - dt.timedelta(minutes=RECENT_ERROR_MINUTES - 1)
     counts: Counter[str] = Counter()
     for reason, count in top_error_reasons(get_db(), since=since, limit=0):
-        counts[_reason_class(reason)] += count
+        counts[outcomes.reason_kind(reason)] += count
     named = counts.most_common(METRIC_REASONS)
     rest = sum(counts.values()) - sum(count for _, count in named)
     return named + ([("other", rest)] if rest else [])
-
-
-def _reason_class(reason: object) -> str:
-    # "too many pixels: 3000x3000" and "http 429: retry-after 900 s is over…" carry details that
-    # would make a label value per image; the text before the colon names the kind of error.
-    text = reason.split(":", 1)[0].strip() if isinstance(reason, str) else ""
-    return text or "unknown"
 
 
 def _from_redis() -> Iterator[Metric]:

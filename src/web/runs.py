@@ -83,7 +83,7 @@ def show(run: str) -> str:
     db = get_db()
     settle_counters(db)
     summary = _known(run)
-    counts = summary.counts if summary is not None else outcomes.run_totals(db, [run])[run]
+    counts = outcomes.run_counts(db, run, summary)
     shown = int(current_app.config["RECENT_ERRORS"])
     errors = list(itertools.islice(outcomes.failed_outcomes(db, run, page=shown + 1), shown + 1))
     for error in errors:  # stored without credentials; this also covers what an earlier version kept
