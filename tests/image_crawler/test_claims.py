@@ -60,7 +60,16 @@ def test_drop_forgets_bodies_and_pngs_of_one_claim_only(claims, redis_client):
 def test_every_execution_gets_its_own_claim():
     made = {new_claim() for _ in range(1000)}
     assert len(made) == 1000
-    assert claim_key("c", BODIES) != claim_key("c", PNGS)
+
+
+def test_the_bodies_and_pngs_of_one_claim_are_kept_apart(claims):
+    claim = new_claim()
+    claims.put(claim, BODIES, {0: b"body"})
+    claims.put(claim, PNGS, {0: b"png"})  # the same index, in the other kind
+
+    assert claims.get(claim, BODIES, [0], "body") == {0: b"body"}
+    assert claims.get(claim, PNGS, [0], "grayscale image") == {0: b"png"}
+    claims.drop(claim)
 
 
 def test_parcels_move_in_runs_of_bounded_size():

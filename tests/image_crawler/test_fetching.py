@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import gzip
 import socket
-import time
 import tracemalloc
 import zlib
 from collections.abc import Callable, Iterator
@@ -17,6 +16,7 @@ from dataclasses import replace
 import httpx
 import pytest
 
+from image_crawler import fetching
 from image_crawler.config import Settings
 from image_crawler.errors import (
     ConnectionFailed,
@@ -129,26 +129,73 @@ def test_fetcher_does_not_retry_by_itself(server: LocalHttpServer, make_fetcher:
 # --- time -------------------------------------------------------------------------------
 
 
-def test_hanging_server_times_out(server: LocalHttpServer, make_fetcher: MakeFetcher):
-    server.add("/hang", body=b"late", delay=10)
+class _Clock:
+    """A monotonic clock that moves only when the test moves it."""
 
-    started = time.monotonic()
+    def __init__(self, now: float = 1_000.0) -> None:
+        self.now = now
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> _Clock:
+    """The fetcher's clock (its deadline, the time left for each request)."""
+    fake = _Clock()
+    monkeypatch.setattr(fetching, "time", fake)
+    return fake
+
+
+def test_hanging_server_times_out_after_the_fetch_timeout(
+    server: LocalHttpServer, make_fetcher: MakeFetcher, clock: _Clock, monkeypatch: pytest.MonkeyPatch
+):
+    server.add("/hang", body=b"late", delay=10)
+    timeouts: list[dict[str, float | None]] = []
+    send = httpx.Client.send
+
+    def sending(client: httpx.Client, request: httpx.Request, **options: object) -> httpx.Response:
+        timeouts.append(request.extensions["timeout"])
+        return send(client, request, **options)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(httpx.Client, "send", sending)
+
     error = raises_from(make_fetcher(fetch_timeout=0.5), server.url("/hang"))
 
     assert isinstance(error, FetchTimeout)
     assert (error.reason, error.transient) == ("timeout", True)
-    assert time.monotonic() - started < 2
+    assert isinstance(error.__cause__, httpx.ReadTimeout)  # the wait for the answer was cut…
+    assert timeouts == [httpx.Timeout(0.5).as_dict()]  # …at the fetch's budget, not the server's 10 s
+    assert server.hits("/hang") == 1
 
 
-def test_slow_drip_is_cut_off_at_the_total_budget(server: LocalHttpServer, make_fetcher: MakeFetcher):
-    server.add("/drip", body=b"x" * 100, drip=0.5)
+def test_slow_drip_is_cut_off_at_the_total_budget(
+    server: LocalHttpServer, make_fetcher: MakeFetcher, clock: _Clock, monkeypatch: pytest.MonkeyPatch
+):
+    body = b"x" * 100
+    server.add("/drip", body=body, drip=0.5)  # each byte well within any read timeout
+    pause = server._wait
 
-    started = time.monotonic()
+    def drip(seconds: float) -> bool:  # the server's pause between bytes, on the fetcher's clock
+        clock.now += seconds
+        return pause(0.01)  # (and a moment of real time, for the fetcher to read each byte)
+
+    monkeypatch.setattr(server, "_wait", drip)
+    received: list[int] = []
+    iter_raw = httpx.Response.iter_raw
+
+    def counting(response: httpx.Response, chunk_size: int | None = None) -> Iterator[bytes]:
+        for chunk in iter_raw(response, chunk_size):
+            received.append(len(chunk))
+            yield chunk
+
+    monkeypatch.setattr(httpx.Response, "iter_raw", counting)
+
     error = raises_from(make_fetcher(fetch_timeout=2), server.url("/drip"))
-    elapsed = time.monotonic() - started
 
     assert isinstance(error, FetchTimeout)
-    assert 1.9 <= elapsed < 3.0
+    assert error.__cause__ is None  # no read timed out: the budget ran out between reads
+    assert 2 / 0.5 <= sum(received) < len(body)  # what came within the 2 s budget, far from all of it
 
 
 # --- redirects --------------------------------------------------------------------------

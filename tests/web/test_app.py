@@ -56,26 +56,27 @@ def test_wrong_method_is_405_and_says_which_are_allowed(client, path):
 
 
 @pytest.mark.parametrize(
-    "path",
+    ("path", "status", "mimetype"),
     [
-        "/?minutes=%00&page=%FF",
-        "/?page=1e9",
-        "/?page=99999999999999999999999999",
-        "/monitoring?minutes=",
-        "/monitoring?minutes=60&minutes=x",
-        "/monitoring.json?minutes=ALL",
-        "/image/%00",
-        "/image/" + "a" * 5000,
-        "/image/" + "a" * 32 + ".json.json",
-        "/image/" + "%F0%9F%98%80" * 8,
-        "/static/../../etc/passwd",
-        "/static/%2e%2e/setup.cfg",
+        ("/?minutes=%00&page=%FF", 400, "text/html"),
+        ("/?page=1e9", 400, "text/html"),
+        ("/?page=99999999999999999999999999", 400, "text/html"),
+        ("/monitoring?minutes=", 200, "image/svg+xml"),  # empty: the default window
+        ("/monitoring?minutes=60&minutes=x", 200, "image/svg+xml"),  # the first value counts
+        ("/monitoring.json?minutes=ALL", 400, "application/json"),
+        ("/image/%00", 400, "text/html"),
+        ("/image/" + "a" * 5000, 400, "text/html"),
+        ("/image/" + "a" * 32 + ".json.json", 400, "application/json"),
+        ("/image/" + "%F0%9F%98%80" * 8, 400, "text/html"),
+        ("/static/../../etc/passwd", 404, "text/html"),
+        ("/static/%2e%2e/setup.cfg", 404, "text/html"),
+        ("/static/..%2fsetup.cfg", 404, "text/html"),
     ],
 )
-def test_odd_input_is_never_a_500(client, path):
+def test_odd_input_is_a_client_error_or_a_default_never_a_500(client, path, status, mimetype):
     response = client.get(path)
 
-    assert response.status_code < 500, response.text
+    assert (response.status_code, response.mimetype) == (status, mimetype), response.text
 
 
 def test_pages_say_503_while_mongo_is_down(mongo_down_client):
