@@ -43,16 +43,27 @@ def test_no_more_turns_than_the_host_concurrency_are_held_at_once(redis_client, 
 
 def test_a_host_concurrency_of_zero_is_no_limit(redis_client, host):
     unlimited = gate(redis_client, concurrency=0)
+    entered = False
 
     with unlimited.turn(host), unlimited.turn(host), unlimited.turn(host):
+        entered = True  # three at once, where a limit of 1 (below) refuses the second
+
+    limited = gate(redis_client, concurrency=1)
+    with limited.turn(host), pytest.raises(HostBusy), limited.turn(host):
         pass
+    assert entered
 
 
 def test_another_host_has_turns_of_its_own(redis_client, host):
     limited = gate(redis_client, concurrency=1)
+    other = "other-" + host
 
-    with limited.turn(host), limited.turn("other-" + host):
-        pass
+    with limited.turn(host):
+        with pytest.raises(HostBusy), limited.turn(host):  # this host's only turn is taken…
+            pass
+        with limited.turn(other):  # …and the other host's is not
+            entered_other = True
+    assert entered_other
 
 
 def test_the_turn_of_a_worker_that_died_comes_back(redis_client, host):
