@@ -30,6 +30,7 @@ from image_crawler.broker import REDIS_OUTAGE_BUDGET_S, connect_redis, create_br
 from image_crawler.config import get_settings
 from image_crawler.dramatiq_internals import DistinctGroupCallbacks, ack_set_key, queue_keys
 from image_crawler.middleware import CrashGuard, Verdict
+from support.clock import FakeClock
 from support.services import free_port, start_redis
 
 
@@ -60,19 +61,7 @@ def _address(client) -> tuple:
     return kwargs.get("host"), kwargs.get("port"), kwargs.get("db", 0)
 
 
-class _Clock:
-    """A monotonic clock that moves only when something sleeps on it (and the sleep takes no time)."""
-
-    def __init__(self, now: float = 1_000.0) -> None:
-        self.now = now
-        self.slept: list[float] = []
-
-    def monotonic(self) -> float:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        self.slept.append(seconds)
-        self.now += seconds
+_Clock = FakeClock
 
 
 def test_the_broker_is_a_redis_broker_on_redis_url(broker, redis_url):

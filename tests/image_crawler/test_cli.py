@@ -36,6 +36,7 @@ from image_crawler.cli import enqueue_lines, main, summary_line
 from image_crawler.config import get_settings
 from image_crawler.dramatiq_internals import queue_keys
 from image_crawler.outcomes import Job
+from support.clock import FakeClock
 from support.http_server import LocalHttpServer
 from support.images import png_bytes
 
@@ -78,19 +79,7 @@ def run_cli():
     return invoke
 
 
-class _Clock:
-    """A monotonic clock that moves only when something sleeps on it (and the sleep takes no time)."""
-
-    def __init__(self, now: float = 1_000.0) -> None:
-        self.now = now
-        self.slept: list[float] = []
-
-    def monotonic(self) -> float:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        self.slept.append(seconds)
-        self.now += seconds
+_Clock = FakeClock
 
 
 @pytest.fixture

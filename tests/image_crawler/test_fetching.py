@@ -37,6 +37,7 @@ from image_crawler.fetching import (
     check_url,
     is_public_address,
 )
+from support.clock import FakeClock
 from support.http_server import LocalHttpServer, Response
 
 MB = 1024 * 1024
@@ -129,14 +130,7 @@ def test_fetcher_does_not_retry_by_itself(server: LocalHttpServer, make_fetcher:
 # --- time -------------------------------------------------------------------------------
 
 
-class _Clock:
-    """A monotonic clock that moves only when the test moves it."""
-
-    def __init__(self, now: float = 1_000.0) -> None:
-        self.now = now
-
-    def monotonic(self) -> float:
-        return self.now
+_Clock = FakeClock
 
 
 @pytest.fixture

@@ -30,6 +30,7 @@ from image_crawler.robots import (
     origin,
     product_token,
 )
+from support.clock import FakeClock
 from support.http_server import LocalHttpServer
 
 ROBOTS_TXT = b"User-agent: *\nDisallow: /private/\n"
@@ -64,19 +65,7 @@ def make_robots(redis_client: redis.Redis, fetcher: Fetcher) -> MakeRobots:
     return make
 
 
-class _Clock:
-    """A monotonic clock that moves only when something sleeps on it (and the sleep takes no time)."""
-
-    def __init__(self, now: float = 1_000.0) -> None:
-        self.now = now
-        self.slept: list[float] = []
-
-    def monotonic(self) -> float:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        self.slept.append(seconds)
-        self.now += seconds
+_Clock = FakeClock
 
 
 @pytest.fixture
