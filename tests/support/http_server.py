@@ -12,11 +12,16 @@ repeats), and counts its requests::
 
 Routes match the path only: ``/cat.png?1`` and ``/cat.png?2`` are the same route (two URLs,
 one image). Unknown paths answer 404.
+
+With ``ssl_context`` (a server-side :class:`ssl.SSLContext`, e.g. from ``support.tls``) it
+serves HTTPS: each connection's TLS handshake runs in its own handler thread, and one that
+fails (the client refused the certificate) is counted by :meth:`LocalHttpServer.tls_failures`.
 """
 
 from __future__ import annotations
 
 import gzip as gzip_module
+import ssl
 import sys
 import threading
 import time
@@ -72,17 +77,22 @@ class _Route:
 class LocalHttpServer:
     """Serves routes on ``127.0.0.1`` and a free port, from daemon threads; a context manager."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, ssl_context: ssl.SSLContext | None = None) -> None:
         self._lock = threading.Lock()
         self._routes: dict[str, _Route] = {}
         self._hits: Counter[str] = Counter()
         self._authorizations: dict[str, list[str | None]] = {}
+        self._headers: dict[str, list[list[tuple[str, str]]]] = {}
+        self._tls_failures = 0
+        self._connections = 0
+        self.scheme = "http" if ssl_context is None else "https"
         self._requests: list[tuple[float, str, str, str | None]] = []  # (time, Host, path, User-Agent)
         self._in_flight: Counter[str] = Counter()
         self._most_in_flight: Counter[str] = Counter()
         self._stopping = threading.Event()
         self._httpd = _Server(("127.0.0.1", 0), _Handler)
         self._httpd.owner = self
+        self._httpd.ssl_context = ssl_context
         self._thread = threading.Thread(
             target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
         )
@@ -94,7 +104,7 @@ class LocalHttpServer:
 
     def url(self, path: str = "/") -> str:
         """The absolute URL of ``path`` on this server."""
-        return f"http://127.0.0.1:{self.port}/{path.lstrip('/')}"
+        return f"{self.scheme}://127.0.0.1:{self.port}/{path.lstrip('/')}"
 
     def add(
         self,
@@ -130,6 +140,27 @@ class LocalHttpServer:
         """The ``Authorization`` header of each request ``path`` received (None: none sent)."""
         with self._lock:
             return list(self._authorizations.get(path, []))
+
+    def header_values(self, path: str, name: str) -> list[str | None]:
+        """The ``name`` header of each request ``path`` received (None: not sent; repeats joined by ", ")."""
+        with self._lock:
+            received = list(self._headers.get(path, []))
+        wanted = name.lower()
+        values = []
+        for headers in received:
+            found = [value for key, value in headers if key.lower() == wanted]
+            values.append(", ".join(found) if found else None)
+        return values
+
+    def connections(self) -> int:
+        """How many TCP connections the server accepted (a request needs one; keep-alive reuses it)."""
+        with self._lock:
+            return self._connections
+
+    def tls_failures(self) -> int:
+        """How many connections failed their TLS handshake (with ``ssl_context``)."""
+        with self._lock:
+            return self._tls_failures
 
     def requests(self) -> list[tuple[float, str, str, str | None]]:
         """Every request so far: ``(time.monotonic() it arrived, Host header, path, User-Agent)``."""
@@ -187,6 +218,29 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 128  # many workers connecting at once
     owner: LocalHttpServer
+    ssl_context: ssl.SSLContext | None = None
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self.owner._lock:
+            self.owner._connections += 1
+        super().process_request(request, client_address)
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        if self.ssl_context is None:
+            super().finish_request(request, client_address)
+            return
+        # In the handler's thread, not in accept(): a client that never finishes its handshake
+        # must not hold up the others.
+        try:
+            tls = self.ssl_context.wrap_socket(request, server_side=True)
+        except OSError:  # ssl.SSLError included: the client refused the certificate, or hung up
+            with self.owner._lock:
+                self.owner._tls_failures += 1
+            return
+        try:
+            super().finish_request(tls, client_address)
+        finally:
+            self.shutdown_request(tls)  # ``request`` is detached into ``tls``: close this one
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         # A client hanging up (timeouts, aborted downloads) is expected here, not worth a traceback.
@@ -225,6 +279,7 @@ class _Handler(BaseHTTPRequestHandler):
         path = urlsplit(self.path).path
         with owner._lock:
             owner._authorizations.setdefault(path, []).append(self.headers.get("Authorization"))
+            owner._headers.setdefault(path, []).append(list(self.headers.items()))
             owner._requests.append((time.monotonic(), host, path, self.headers.get("User-Agent")))
         response = owner._next_response(path)
         if (response.delay and owner._wait(response.delay)) or response.abort:
