@@ -118,7 +118,8 @@ def requested_run() -> str | None:
     run = request.args.get("run")
     if run is None or run == "":
         return None
-    if not outcomes.RUN_ID_PATTERN.fullmatch(run):
+    # As the run pages: an id enqueue makes, or a printable one an earlier version was given.
+    if not outcomes.RUN_ID_PATTERN.fullmatch(run) and (len(run) > 100 or not run.isprintable()):
         raise BadRequest("run must be a run id: 1 to 64 letters, digits, '_', '.' or '-'.")
     return run
 

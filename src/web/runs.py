@@ -27,6 +27,9 @@ from .params import whole_number
 
 bp = Blueprint("runs", __name__)
 
+#: Run ids ``enqueue`` makes match ``outcomes.RUN_ID_PATTERN``; the pages still serve the runs an
+#: earlier version was given other (printable) ids for, up to this long.
+_LONGEST_LEGACY_ID = 100
 #: The longest ``?reason=`` text a failed-URL list is filtered by.
 _LONGEST_REASON = 200
 
@@ -68,7 +71,7 @@ def index() -> str:
 
 def _known(run: str) -> outcomes.RunSummary | None:
     """The run's summary; None for a run enqueued before runs were recorded; a 404 if there is no such run."""
-    if not outcomes.RUN_ID_PATTERN.fullmatch(run):
+    if len(run) > _LONGEST_LEGACY_ID or not run.isprintable():
         abort(404, description="A run id is 1 to 64 letters, digits, '_', '.' or '-'.")
     db = get_db()
     summary = outcomes.get_run(db, run)
@@ -135,7 +138,8 @@ def failed(run: str) -> Response:
         yield f"# end: {failures.listed} failed lines\n"
 
     response = Response(stream_with_context(body()), mimetype="text/plain")
-    name = f"failed-{run}.txt"  # a run id is safe in a file name (outcomes.RUN_ID_PATTERN)
+    # A run id enqueue made is safe in a file name; one an earlier version was given may not be.
+    name = f"failed-{run}.txt" if outcomes.RUN_ID_PATTERN.fullmatch(run) else "failed.txt"
     response.headers["Content-Disposition"] = f'attachment; filename="{name}"'
     response.cache_control.no_cache = True
     return response

@@ -245,3 +245,19 @@ def test_the_chart_of_a_run_counts_its_outcomes_only_over_its_own_minutes(client
     assert len(window) == 60 and not any(b["success"] + b["error"] for b in window)
     assert client.get("/monitoring?run=abc123&minutes=all").mimetype == "image/svg+xml"
     assert client.get("/monitoring?minutes=all").status_code == 400  # every run: a window only
+
+
+def test_a_run_an_earlier_version_gave_another_id_still_has_its_pages(client, seed, mongo_db):
+    docs = [
+        outcomes.outcome_document(Job.new("legacy run", 1, "http://x.test/a.png"), "error", reason="http 404")
+    ]
+    outcomes.record_outcomes(mongo_db, docs)
+
+    assert client.get("/runs/legacy run").status_code == 200
+    listed = client.get("/runs/legacy run/failed.txt")
+    assert (
+        listed.status_code == 200
+        and listed.headers["Content-Disposition"] == 'attachment; filename="failed.txt"'
+    )
+    assert listed.text.splitlines()[0] == "http://x.test/a.png"
+    assert client.get("/monitoring.json?run=legacy run&minutes=all").json["buckets"][0]["error"] == 1
