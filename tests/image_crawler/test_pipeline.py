@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import threading
 import time
+import uuid
 from collections import Counter
 
 import numpy as np
@@ -159,62 +161,182 @@ def test_enqueuing_the_same_list_again_yields_only_duplicates(make_pipeline, ser
     assert storage.images(pipeline.db).count_documents({}) == 5
 
 
-def test_two_workers_racing_on_the_same_image_store_it_once(make_pipeline, server):
-    pipeline = make_pipeline(threads=8)
-    make_pipeline(threads=8)  # a second worker on the same broker and database
-    body = png_bytes(300, 200, seed=1234)
-    for n in range(40):
-        server.add(f"/same/{n}.png", body=body)
-    report = pipeline.enqueue_text("\n".join(server.url(f"/same/{n}.png") for n in range(40)))
-    pipeline.wait_for(report.run, 40)
+class MongoOutage:
+    """A MongoDB outage for the worker threads of an in-process pipeline, and a log of its writes.
 
-    assert outcomes.count_outcomes(pipeline.db, report.run) == {"success": 1, "duplicate": 39, "error": 0}
-    assert storage.images(pipeline.db).count_documents({}) == 1
-    assert pipeline.db["gray.files"].count_documents({}) == 1
-    digest = hashlib.md5(body).hexdigest()
-    assert np.array_equal(decode_png(_stored_png(pipeline.db, digest))[1], expected_gray(body))
+    Installed on mongomock's ``Collection``: while the outage lasts, every write of a thread other
+    than the test's own (which enqueues and counts) raises what a lost connection raises, and in
+    ``"down"`` mode every read too. ``"down"`` begins with the first write of a worker (the first
+    collect storing its first PNG: nothing is half written), ``"writes refused"`` at once, so that
+    every collect gets as far as storing its images and is refused there.
 
+    Every insert is logged on one clock: when an ``images`` or ``gray.files`` document was in
+    (``stored``), and when an outcome was first tried (``tried``, refused or not), so the order of
+    what collect wrote can be checked after the fact.
+    """
 
-def test_mongodb_down_for_a_while_delays_outcomes_but_loses_none(make_pipeline, server, monkeypatch):
-    import pymongo.errors
-
-    from image_crawler import actors
-
-    # MongoDB is the one part with no real server here, so its outage is injected where the
-    # actors meet it: while `down`, every read and write of a worker thread raises what a lost
-    # connection raises (the test's own thread, which enqueues and counts, still reaches it).
-    down = True
-    real_store, real_record, real_finished = (
-        storage.store_new_images,
-        outcomes.record_outcomes,
-        outcomes.ended_jobs,
+    WRITES = (
+        "insert_one",
+        "insert_many",
+        "update_one",
+        "update_many",
+        "replace_one",
+        "delete_one",
+        "delete_many",
+        "bulk_write",
+        "find_one_and_update",
+        "find_one_and_replace",
+        "find_one_and_delete",
     )
+    READS = ("find", "find_one", "count_documents", "distinct", "aggregate", "estimated_document_count")
 
-    def unless_down(write):
-        def call(*args, **kwargs):
-            if down and threading.current_thread() is not threading.main_thread():
-                raise pymongo.errors.AutoReconnect("connection refused (injected)")
-            return write(*args, **kwargs)
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+        self.lock = threading.Lock()
+        self.clock = 0
+        self.down = mode == "writes refused"
+        self.began = self.down
+        self.refused_reads: Counter[str] = Counter()
+        self.refused_writes: Counter[str] = Counter()
+        self.refused_md5s: set[str] = set()  # images whose PNG or document was refused
+        self.stored: dict[str, dict[str, int]] = {"images": {}, "gray.files": {}}  # _id -> when it was in
+        self.tried: dict[str, int] = {}  # outcome _id -> when it was first tried
 
-        return call
+    def install(self, monkeypatch) -> None:
+        import mongomock
 
-    monkeypatch.setattr(actors.storage, "store_new_images", unless_down(real_store))
-    monkeypatch.setattr(actors.outcomes, "record_outcomes", unless_down(real_record))
-    monkeypatch.setattr(actors.outcomes, "ended_jobs", unless_down(real_finished))
+        for name in self.WRITES:
+            monkeypatch.setattr(mongomock.Collection, name, self._write(getattr(mongomock.Collection, name)))
+        for name in self.READS:
+            monkeypatch.setattr(mongomock.Collection, name, self._read(getattr(mongomock.Collection, name)))
+
+    def end(self) -> None:
+        with self.lock:
+            self.down = False
+
+    def _tick(self) -> int:
+        self.clock += 1
+        return self.clock
+
+    @staticmethod
+    def _worker() -> bool:
+        return threading.current_thread() is not threading.main_thread()
+
+    def _refuse(self):
+        import pymongo.errors
+
+        return pymongo.errors.AutoReconnect("connection refused (injected outage)")
+
+    def _read(self, method):
+        def read(collection, *args, **kwargs):
+            with self.lock:
+                refused = self.down and self.mode == "down" and self._worker()
+                if refused:
+                    self.refused_reads[collection.name] += 1
+            if refused:
+                raise self._refuse()
+            return method(collection, *args, **kwargs)
+
+        return read
+
+    def _write(self, method):
+        from pymongo.errors import BulkWriteError
+
+        def write(collection, *args, **kwargs):
+            documents: list[dict] = []
+            if method.__name__ == "insert_one":
+                documents = [args[0] if args else kwargs["document"]]
+            elif method.__name__ == "insert_many":
+                documents = list(args[0] if args else kwargs.pop("documents"))
+                args = (documents, *args[1:])
+            with self.lock:
+                if self._worker() and not self.began:
+                    self.down = self.began = True  # MongoDB goes away just as this write arrives
+                refused = self.down and self._worker()
+                if refused:
+                    self.refused_writes[collection.name] += 1
+                    if collection.name in ("gray.chunks", "gray.files", "images"):
+                        key = "files_id" if collection.name == "gray.chunks" else "_id"
+                        self.refused_md5s.update(document[key] for document in documents)
+                if collection.name == storage.OUTCOMES_COLLECTION:
+                    now = self._tick()
+                    for document in documents:
+                        self.tried.setdefault(document["_id"], now)
+            if refused:
+                raise self._refuse()
+            failed: set[int] = set()  # indexes of the documents that did not go in
+            try:
+                return method(collection, *args, **kwargs)
+            except BulkWriteError as exc:
+                failed = {error["index"] for error in exc.details.get("writeErrors", [])}
+                raise
+            except Exception:
+                failed = set(range(len(documents)))
+                raise
+            finally:
+                if collection.name in self.stored:
+                    with self.lock:
+                        now = self._tick()
+                        for index, document in enumerate(documents):
+                            if index not in failed:
+                                self.stored[collection.name].setdefault(document["_id"], now)
+
+        return write
+
+
+def _wait(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("mode", ["down", "writes refused"])
+def test_a_mongodb_outage_delays_outcomes_but_loses_none_and_none_comes_before_its_image(
+    make_pipeline, server, monkeypatch, mode
+):
+    outage = MongoOutage(mode)
+    outage.install(monkeypatch)
     pipeline = make_pipeline()
-    for n in range(12):
-        server.add(f"/{n}.png", body=png_bytes(30, 30, seed=300 + n))
+    bodies = [png_bytes(30, 30, seed=300 + n) for n in range(12)]
+    md5s = {hashlib.md5(body).hexdigest() for body in bodies}
+    for n, body in enumerate(bodies):
+        server.add(f"/{n}.png", body=body)
     report = pipeline.enqueue_text("\n".join(server.url(f"/{n}.png") for n in range(12)))
 
-    time.sleep(4)  # collectors fail and back off meanwhile
-    assert storage.ledger(pipeline.db).count_documents({}) == 0
+    if mode == "down":  # from the first PNG write on, until collects were refused their reads too
+        _wait(lambda: outage.began and sum(outage.refused_reads.values()) >= 3, 30, "the outage to bite")
+    else:  # until every image's collect came to store it and was refused
+        _wait(lambda: outage.refused_md5s == md5s, 30, "every image to be refused once")
+    # Still down: nothing stored, nothing recorded.
+    assert storage.ledger(pipeline.db).count_documents({"run": report.run}) == 0
     assert storage.images(pipeline.db).count_documents({}) == 0
-    down = False
+    assert pipeline.db["gray.files"].count_documents({}) == 0
+    outage.end()
     pipeline.wait_for(report.run, 12, timeout=90)
+    print(
+        f"\nMongoDB {mode}: refused writes {dict(outage.refused_writes)}, reads {dict(outage.refused_reads)},"
+        f" {len(outage.refused_md5s)} of 12 images refused"
+    )
 
+    # The outage refused collects' writes of images (and in "down" mode their reads as well).
+    assert outage.refused_writes["gray.chunks"] > 0, outage.refused_writes
+    assert outage.refused_md5s <= md5s and outage.refused_md5s
+    if mode == "down":
+        assert sum(outage.refused_reads.values()) > 0
     assert outcomes.count_outcomes(pipeline.db, report.run) == {"success": 12, "duplicate": 0, "error": 0}
-    ledger = storage.ledger(pipeline.db).find({"run": report.run})
-    assert {doc["md5"] for doc in ledger} == set(storage.images(pipeline.db).distinct("_id"))
+    ledger = list(storage.ledger(pipeline.db).find({"run": report.run}))
+    assert {doc["md5"] for doc in ledger} == set(storage.images(pipeline.db).distinct("_id")) == md5s
+    # Invariant 2: each outcome was first tried after its image document was in, and each
+    # document went in after its PNG was complete in GridFS.
+    files, documents = outage.stored["gray.files"], outage.stored["images"]
+    for doc in ledger:
+        assert doc["md5"] in documents, (
+            f"{doc['_id']} recorded {doc['outcome']}, but its image was never stored"
+        )
+        assert documents[doc["md5"]] < outage.tried[doc["_id"]], f"{doc['_id']} recorded before its image"
+        assert files[doc["md5"]] < documents[doc["md5"]], f"image {doc['md5']} stored before its PNG"
 
 
 # --- admission: batches of lines become fetch messages, once ------------------------------
@@ -286,21 +408,70 @@ def test_a_redelivered_batch_is_admitted_only_once(idle_broker, idle_context):
     assert idle_broker.client.ttl(actors.admitted_key(batch)) > 24 * 3600
 
 
-def test_a_batch_admitted_meanwhile_by_another_worker_is_not_admitted_again(
-    idle_broker, idle_context, monkeypatch
-):
+@pytest.mark.parametrize("window", ["after its first look", "between WATCH and EXEC"])
+def test_a_batch_delivered_twice_at_once_is_admitted_once(idle_broker, idle_context, monkeypatch, window):
+    """Two deliveries of one batch, the second admitting it on a connection of its own while the
+    first is (a) past its look at the mark but not yet WATCHing it, or (b) WATCHing it, its fetch
+    messages queued in MULTI, not yet EXECuted."""
+    import redis
+
     from image_crawler import actors
 
-    batch = {"run": "r5", "lines": [[n, f"http://example.com/{n}.png"] for n in range(1, 11)]}
-    actors.admit.fn(batch)  # another worker's delivery of the same batch
-    # This delivery looked before that one set the mark; the check under WATCH sees it.
-    monkeypatch.setattr(idle_broker.client, "exists", lambda key: 0)
+    run = f"r5-{uuid.uuid4().hex[:8]}"  # admission marks outlive the broker's flush
+    batch = {"run": run, "lines": [[n, f"http://example.com/{n}.png"] for n in range(1, 101)]}
+    key = actors.admitted_key(batch)
+    seen: dict[str, object] = {}
 
-    actors.admit.fn(batch)
+    def second_delivery() -> None:
+        # Another worker thread: its own thread-local pipeline, its own connection from the pool.
+        worker = threading.Thread(target=actors.admit.fn, args=(batch,))
+        worker.start()
+        worker.join(30)
+        seen["mark after the second"] = bool(idle_broker.client.exists(key))
 
-    assert sorted(line[0] for fetch in _queued_fetches(idle_broker) for line in fetch["lines"]) == list(
-        range(1, 11)
+    if window == "after its first look":
+        real_exists = idle_broker.client.exists
+
+        def exists(*keys):
+            answer = real_exists(*keys)
+            if not seen:
+                seen["first looked"] = answer
+                second_delivery()
+            return answer
+
+        monkeypatch.setattr(idle_broker.client, "exists", exists)
+    else:
+        real_execute = redis.client.Pipeline.execute
+
+        def execute(pipe, *args, **kwargs):
+            if not seen and pipe.transaction and pipe.command_stack:  # the first's MULTI, before EXEC
+                seen["first was watching"] = pipe.watching
+                seen["first had queued"] = len(pipe.command_stack)
+                second_delivery()
+            return real_execute(pipe, *args, **kwargs)
+
+        monkeypatch.setattr(redis.client.Pipeline, "execute", execute)
+
+    try:
+        actors.admit.fn(batch)
+        raced = None
+    except redis.exceptions.WatchError as exc:  # retried as a message (a transient error) …
+        raced = exc
+        actors.admit.fn(batch)  # … which finds the mark
+
+    # The second delivery ran inside the window, and admitted the batch there.
+    assert seen.get("mark after the second") is True, seen
+    queued = sorted(line[0] for fetch in _queued_fetches(idle_broker) for line in fetch["lines"])
+    assert queued == list(range(1, 101)), (
+        "the batch's fetch messages were queued more than once, or not at all"
     )
+    assert len(_queued_fetches(idle_broker)) == math.ceil(100 / idle_context.settings.batch_size)
+    if window == "between WATCH and EXEC":
+        assert seen["first was watching"] and seen["first had queued"] > 1  # its messages and mark
+        assert isinstance(raced, redis.exceptions.WatchError)  # its EXEC was refused
+    else:
+        assert seen["first looked"] == 0 and raced is None  # the look under WATCH saw the mark
+    assert idle_broker.client.ttl(key) > 24 * 3600
 
 
 def test_a_batch_that_fails_midway_sends_no_fetch_at_all(idle_broker, idle_context, monkeypatch):

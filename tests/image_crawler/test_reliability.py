@@ -62,6 +62,16 @@ def _held_messages(client: redis.Redis, worker_ids: set[str]) -> int:
     return sum(client.scard(key) for key in keys)
 
 
+def _assert_mid_run(fault: str, before: int, after: int) -> None:
+    """The fault hit a run in progress: some lines had ended before it (``before``, counted when it
+    was injected) and some had not when it was over (``after``, counted when the run could go on)."""
+    total = DISTINCT + REPEATS
+    assert 0 < before <= after < total, (
+        f"{fault}: {before} outcomes when it was injected, {after} when it was over, of {total}: "
+        "it did not hit the run mid-way, so the test proved nothing about it"
+    )
+
+
 def _assert_exact(db, bodies, enqueue: subprocess.Popen, output: str) -> None:
     total = DISTINCT + REPEATS
     assert enqueue.returncode == 0, output
@@ -91,9 +101,11 @@ def test_a_killed_worker_loses_nothing_and_its_messages_come_back(crawl_env, tmp
         try:
             _wait_until(lambda: db.outcomes.count_documents({}) >= 250, 300, "a quarter of the outcomes")
             held = _held_messages(client, doomed_ids)
+            at_kill = db.outcomes.count_documents({})
             signal_workers(doomed, signal.SIGKILL)
             killed_at = time.monotonic()
             doomed.wait()
+            after_kill = db.outcomes.count_documents({})  # the survivor went on meanwhile
             replacement = start_workers(env, processes=1, threads=4, log=tmp_path / "replacement.log")
             _wait_until(lambda: _held_messages(client, doomed_ids) == 0, 300, "the dead worker's messages")
             redelivered_after = time.monotonic() - killed_at
@@ -103,7 +115,12 @@ def test_a_killed_worker_loses_nothing_and_its_messages_come_back(crawl_env, tmp
             for workers in (survivor, replacement):
                 if workers is not None:
                     stop_workers(workers)
-    print(f"\nSIGKILL: {held} messages held by the killed worker, requeued after {redelivered_after:.1f} s")
+    print(
+        f"\nSIGKILL at {at_kill} outcomes: {held} messages held by the killed worker,"
+        f" requeued after {redelivered_after:.1f} s"
+    )
+    _assert_mid_run("SIGKILL", at_kill, after_kill)
+    assert doomed.returncode == -signal.SIGKILL
     _assert_exact(db, bodies, enqueue, output)
     assert held > 0, "the killed worker held no messages: the test did not test redelivery"
 
@@ -117,6 +134,7 @@ def test_a_gracefully_stopped_worker_loses_nothing(crawl_env, tmp_path):
         restarted = None
         try:
             _wait_until(lambda: db.outcomes.count_documents({}) >= 250, 300, "a quarter of the outcomes")
+            at_sigterm = db.outcomes.count_documents({})
             stopping_at = time.monotonic()
             stop_workers(workers, timeout=120)
             stopped_after = time.monotonic() - stopping_at
@@ -127,7 +145,14 @@ def test_a_gracefully_stopped_worker_loses_nothing(crawl_env, tmp_path):
             enqueue.kill()
             if restarted is not None:
                 stop_workers(restarted)
-    print(f"\nSIGTERM: workers stopped in {stopped_after:.1f} s with {done_while_stopped} outcomes recorded")
+    print(
+        f"\nSIGTERM at {at_sigterm} outcomes: workers stopped in {stopped_after:.1f} s"
+        f" with {done_while_stopped} outcomes recorded"
+    )
+    # They stopped on the SIGTERM itself, not killed once stop_workers' timeout ran out.
+    assert workers.returncode == 0, f"workers exited with {workers.returncode} after SIGTERM"
+    # The restarted workers had lines left: the stop interrupted the run.
+    _assert_mid_run("SIGTERM", at_sigterm, done_while_stopped)
     _assert_exact(db, bodies, enqueue, output)
 
 
@@ -149,10 +174,12 @@ def test_a_redis_restart_mid_run_loses_nothing(mongo_uri, tmp_path):
             enqueue = _start_enqueue(env, urls)
             try:
                 _wait_until(lambda: db.outcomes.count_documents({}) >= 250, 300, "a quarter of the outcomes")
+                down_at = db.outcomes.count_documents({})
                 redis_process.terminate()  # SIGTERM: Redis writes its append-only file and exits
                 redis_process.wait(timeout=30)
-                down_at = db.outcomes.count_documents({})
                 time.sleep(3)
+                # What was still to do when Redis came back lived through the restart in Redis.
+                back_at = db.outcomes.count_documents({})
                 redis_process, _ = start_redis(redis_dir, appendonly=True, port=port)
                 restarted_at = time.monotonic()
                 output, _ = enqueue.communicate(timeout=600)
@@ -165,9 +192,11 @@ def test_a_redis_restart_mid_run_loses_nothing(mongo_uri, tmp_path):
         redis_process.terminate()
         redis_process.wait(timeout=30)
     print(
-        f"\nRedis restart: down at {down_at} outcomes, run finished {finished_after:.1f} s after the restart"
+        f"\nRedis restart: down at {down_at} outcomes, back at {back_at},"
+        f" run finished {finished_after:.1f} s after the restart"
     )
     try:
+        _assert_mid_run("Redis restart", down_at, back_at)
         _assert_exact(db, bodies, enqueue, output)
     finally:
         client.drop_database(database)
