@@ -501,12 +501,18 @@ class _BodyDecoder:
                 piece = self._decompressor.decompress(data, _DECODE_STEP)
                 if piece:
                     yield piece
-                data = self._decompressor.unconsumed_tail
-                if self._gzip and self._decompressor.eof and self._decompressor.unused_data.strip(b"\0"):
-                    # A gzip body may hold several members, one after the other (RFC 1952).
-                    data = self._decompressor.unused_data + data
+                if self._decompressor.eof:
+                    # The stream ended: what follows it is in unused_data, or (fed with a bounded
+                    # step) still in unconsumed_tail, where decompressing it again would never
+                    # consume it. A gzip body may hold several members (RFC 1952), or zero
+                    # padding; bytes after a deflate stream are not read.
+                    rest = self._decompressor.unused_data + self._decompressor.unconsumed_tail
+                    if not (self._gzip and rest.strip(b"\0")):
+                        return
+                    data = rest
                     self._decompressor = zlib.decompressobj(16 + zlib.MAX_WBITS)
                     continue
+                data = self._decompressor.unconsumed_tail
                 # A full step may leave output pending even when all input was consumed.
                 if not data and len(piece) < _DECODE_STEP:
                     return
