@@ -269,3 +269,147 @@ def test_the_database_is_the_uri_path():
     assert database_name("mongodb://mongo:27017/crawl?replicaSet=rs0") == "crawl"
     assert database_name("mongodb://mongo:27017") == "image_crawler"
     assert database_name("mongodb+srv://user:pw@cluster.example.net/other") == "other"
+
+
+# --- bounds and messages, parser by parser (what make mutate found untested) --------------
+#
+# Settings' parsers are made once, when the module is imported; these build them again, so
+# that the bounds a variable is held to are checked where they are decided.
+
+
+@pytest.mark.parametrize("raw", ["1", "0.5", "0.001"])
+def test_a_fetch_timeout_under_a_second_is_allowed(raw):
+    assert load_settings({"FETCH_TIMEOUT": raw}).fetch_timeout == float(raw)
+
+
+def test_a_refused_fetch_timeout_says_what_is_expected():
+    with pytest.raises(ConfigError) as caught:
+        load_settings({"FETCH_TIMEOUT": "0"})
+    assert str(caught.value) == "FETCH_TIMEOUT='0' is invalid: must be a number of seconds in (0, 3600]"
+
+
+def test_an_integer_setting_holds_its_bounds_and_says_them():
+    from image_crawler.config import _int_in
+
+    parse = _int_in(3, 10)
+    assert (parse("3"), parse("10"), parse(" 7 ")) == (3, 10, 7)
+    for refused in ("2", "11", "x", "4.0"):
+        with pytest.raises(ValueError) as caught:
+            parse(refused)
+        assert str(caught.value) == "must be an integer in [3, 10]"
+
+    unbounded = _int_in(16)
+    assert unbounded("16") == 16 and unbounded(str(10**12)) == 10**12
+    with pytest.raises(ValueError) as caught:
+        unbounded("15")
+    assert str(caught.value) == "must be an integer in [16, ∞]"
+
+
+def test_a_url_setting_takes_its_schemes_only_and_names_them():
+    from image_crawler.config import _url
+
+    parse = _url("redis", "rediss")
+    assert parse("rediss://cache:6380/0") == "rediss://cache:6380/0"
+    with pytest.raises(ValueError) as caught:
+        parse("http://cache:6380/0")
+    assert str(caught.value) == "must be a URL starting with redis:// or rediss://"
+
+
+@pytest.mark.parametrize(
+    ("raw", "value"),
+    [
+        ("1", True),
+        ("true", True),
+        ("YES", True),
+        ("On", True),
+        ("0", False),
+        ("False", False),
+        ("no", False),
+        ("OFF", False),
+        ("", False),
+    ],
+)
+def test_a_flag_reads_the_usual_spellings(raw, value):
+    import dataclasses
+
+    parse = {item.name: item for item in dataclasses.fields(Settings)}["obey_robots"].metadata["parse"]
+    assert parse(raw) is value
+
+
+def test_a_flag_that_is_neither_says_so():
+    with pytest.raises(ConfigError) as caught:
+        load_settings({"OBEY_ROBOTS": "maybe"})
+    assert str(caught.value) == "OBEY_ROBOTS='maybe' is invalid: must be 0 or 1"
+
+
+def test_a_setting_field_keeps_its_default_parser_and_meaning():
+    from image_crawler.config import _setting
+
+    made = _setting(5, int, "five of them", repr=False)
+    assert (made.default, dict(made.metadata), made.repr) == (5, {"parse": int, "doc": "five of them"}, False)
+
+
+def test_a_url_setting_is_stripped_of_surrounding_whitespace():
+    assert load_settings({"REDIS_URL": "  redis://cache:6379/1 \n"}).redis_url == "redis://cache:6379/1"
+
+
+def test_a_database_name_keeps_its_own_letters():
+    from image_crawler.config import database_name
+
+    assert database_name("mongodb://mongo:27017/XX_crawl") == "XX_crawl"
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ("all,SGI", "must be all, alone, or a comma list of Pillow format names"),
+        (",", "must be a comma list of Pillow format names, or all; it names none"),
+    ],
+)
+def test_a_refused_format_list_says_what_is_expected(raw, message):
+    with pytest.raises(ConfigError) as caught:
+        load_settings({"IMAGE_FORMATS": raw})
+    assert str(caught.value) == f"IMAGE_FORMATS={raw!r} is invalid: {message}"
+
+
+def test_the_known_formats_are_listed_in_order_comma_separated():
+    with pytest.raises(ConfigError) as caught:
+        load_settings({"IMAGE_FORMATS": "HEIC"})
+    listed = str(caught.value).split("is none of ", 1)[1].split(", ")
+    assert listed == sorted(listed)
+    assert {"JPEG", "PNG", "SGI"} <= set(listed)
+
+
+@pytest.mark.parametrize(
+    ("name", "decodable"),
+    [
+        ("PNG", True),
+        ("SGI", True),
+        ("JPEG", features.check("jpg")),
+        ("WEBP", features.check("webp")),
+        ("AVIF", features.check("avif")),
+        ("NOPE", False),
+    ],
+)
+def test_a_format_is_decodable_when_pillow_has_its_plugin_and_codec(name, decodable):
+    from image_crawler.config import _decodable
+
+    assert _decodable(name) is bool(decodable)
+
+
+def test_the_web_credentials_errors_name_both_variables():
+    with pytest.raises(ConfigError) as caught:
+        load_settings({"WEB_PASSWORD": "secret"})
+    assert str(caught.value) == "WEB_USER and WEB_PASSWORD must be set together (or neither)"
+    with pytest.raises(ConfigError) as caught:
+        load_settings({"WEB_USER": "a:b", "WEB_PASSWORD": "secret"})
+    assert str(caught.value) == "WEB_USER cannot hold a colon: basic auth ends the user name there"
+
+
+def test_a_format_whose_codec_this_pillow_lacks_is_not_decodable(monkeypatch):
+    from image_crawler import config
+
+    monkeypatch.setattr(config.features, "check", lambda feature: False)
+    assert config._decodable("WEBP") is False
+    assert config._decodable("JPEG") is False
+    assert config._decodable("PNG") is True  # no codec of its own to lack

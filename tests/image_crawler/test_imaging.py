@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import io
+import math
 import struct
 import threading
 import time
@@ -15,6 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageCms, ImageFile, features
 
+from image_crawler import imaging
 from image_crawler.config import load_settings
 from image_crawler.errors import ImageError, NotAnImage, TooManyPixels, TruncatedImage, UnsupportedFormat
 from image_crawler.imaging import DecodeBudget, GrayImage, estimated_decode_bytes, to_grayscale
@@ -341,13 +343,20 @@ def test_bilevel_png_builder_makes_real_images() -> None:
         assert (image.mode, image.size, image.getextrema()) == ("1", (3000, 2000), (0, 0))
 
 
-def test_decompression_bomb_is_refused_without_decoding() -> None:
+def test_decompression_bomb_is_refused_without_decoding(monkeypatch) -> None:
     bomb = black_bilevel_png(40_000, 40_000)  # 1.6 gigapixels in ~200 KB
     assert len(bomb) < 1_000_000
-    started = time.perf_counter()
+    decoded: list[tuple[int, int]] = []
+
+    def load(image: Image.Image):  # a decode of any frame would pass here first
+        decoded.append(image.size)
+        raise AssertionError(f"a {image.size} image was decoded")
+
+    monkeypatch.setattr(Image.Image, "load", load)
+    monkeypatch.setattr(ImageFile.ImageFile, "load", load)
     with pytest.raises(TooManyPixels, match="too many pixels"):
         to_grayscale(bomb, max_pixels=MAX_PIXELS)
-    assert time.perf_counter() - started < 0.5
+    assert decoded == []
 
 
 def test_more_pixels_than_max_pixels_is_refused_with_the_size() -> None:
@@ -918,3 +927,136 @@ def test_an_ico_frame_is_reserved_at_its_real_size_before_it_is_decoded(monkeypa
     assert [kind for kind, _ in events].count("reserve") == 1
     assert mode == "LA"
     assert pixels.shape[:2] == (400, 600)
+
+
+# --- what make mutate found untested --------------------------------------------------------
+
+
+def test_a_budget_makes_pillow_allocate_in_blocks_of_64_mb() -> None:
+    before = Image.core.get_block_size()
+    try:
+        Image.core.set_block_size(16 * 1024 * 1024)  # Pillow's own default
+        DecodeBudget(1)
+        assert Image.core.get_block_size() == 64 * 1024 * 1024
+    finally:
+        Image.core.set_block_size(before)
+
+
+def _formula(width: int, height: int, bands: int, itemsize: int, factor: float) -> int:
+    return math.ceil(width * height * bands * itemsize * factor) + imaging._CONVERSION_OVERHEAD
+
+
+def test_the_estimate_is_the_decoded_size_times_the_factor_measured_for_the_mode() -> None:
+    with Image.open(io.BytesIO(encode(photo(100, 50, seed=30), "PNG"))) as header:
+        assert estimated_decode_bytes(header) == _formula(
+            100, 50, 3, 1, imaging._PEAK_FACTORS[("RGB", False)]
+        )
+    sixteen = encode(from_array(SIXTEEN_BIT.astype("<u2"), "I;16"), "PNG")
+    with Image.open(io.BytesIO(sixteen)) as header:
+        height, width = SIXTEEN_BIT.shape
+        assert estimated_decode_bytes(header) == _formula(
+            width, height, 1, 2, imaging._PEAK_FACTORS[("I;16", False)]
+        )
+
+
+def test_a_mode_never_measured_is_estimated_as_the_costliest() -> None:
+    image = Image.new("RGBX", (30, 20))
+    assert ("RGBX", False) not in imaging._PEAK_FACTORS
+    assert estimated_decode_bytes(image) == _formula(30, 20, 4, 1, max(imaging._PEAK_FACTORS.values()))
+
+
+@pytest.mark.skipif(not features.check("webp"), reason="Pillow built without WebP")
+def test_webp_is_estimated_with_its_decoders_own_factor() -> None:
+    with Image.open(io.BytesIO(encode(photo(100, 50, seed=31), "WEBP"))) as header:
+        assert header.mode == "RGB"
+        expected = _formula(100, 50, 3, 1, imaging._FORMAT_PEAK_FACTORS[("WEBP", "RGB", False)])
+        assert estimated_decode_bytes(header) == expected
+
+
+def test_a_bomb_found_while_opening_is_too_many_pixels_by_that_name() -> None:
+    with pytest.raises(TooManyPixels) as refused:
+        to_grayscale(black_bilevel_png(40_000, 40_000), max_pixels=MAX_PIXELS)
+    assert refused.value.reason == "too many pixels"
+
+
+def test_a_bomb_found_while_loading_is_too_many_pixels_by_that_name(monkeypatch) -> None:
+    def bomb(image, *args, **kwargs):
+        raise Image.DecompressionBombError("a frame larger than the image said")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", bomb)
+    with pytest.raises(TooManyPixels) as refused:
+        to_grayscale(encode(photo(20, 10, seed=32), "PNG"), max_pixels=MAX_PIXELS)
+    assert refused.value.reason == "too many pixels"
+
+
+def test_a_recognised_image_that_its_decoder_cannot_open_is_a_corrupt_image() -> None:
+    with pytest.raises(TruncatedImage) as refused:
+        to_grayscale(b"\x89PNG\r\n\x1a\n" + b"garbage" * 5, max_pixels=MAX_PIXELS)
+    assert refused.value.reason == "corrupt image"
+
+
+def test_one_of_our_formats_with_a_broken_header_is_not_an_image_not_an_unsupported_one() -> None:
+    ihdr = struct.pack(">IIBBBBB", 10, 10, 8, 2, 0, 0, 0)
+    broken = b"\x89PNG\r\n\x1a\n" + struct.pack(">I", len(ihdr)) + b"IHDR" + ihdr + b"\0\0\0\0"  # bad CRC
+    with pytest.raises(NotAnImage) as refused:
+        to_grayscale(broken, max_pixels=MAX_PIXELS)
+    assert refused.value.reason == "not an image"
+
+
+def _ico_of(frames: list[bytes], listed: list[tuple[int, int]]) -> bytes:
+    """An ICO of ``frames``, each listed in the directory with the size given."""
+    offset = 6 + 16 * len(frames)
+    entries, data = b"", b""
+    for frame, (width, height) in zip(frames, listed, strict=True):
+        entries += struct.pack(
+            "<BBBBHHII", width % 256, height % 256, 0, 0, 1, 32, len(frame), offset + len(data)
+        )
+        data += frame
+    return struct.pack("<HHH", 0, 1, len(frames)) + entries + data
+
+
+def test_an_ico_is_reserved_for_its_frame_of_most_pixels() -> None:
+    # The widest (400×10), the tallest (50×100) and the largest (300×20) are three frames.
+    sizes = [(400, 10), (300, 20), (50, 100)]
+    data = _ico_of([encode(photo(w, h, seed=33, mode="RGBA"), "PNG") for w, h in sizes], sizes)
+    budget = RecordingBudget()
+
+    with contextlib.suppress(ImageError):
+        to_grayscale(data, max_pixels=MAX_PIXELS, budget=budget, formats={"ICO"})
+
+    factor = imaging._PEAK_FACTORS[("RGBA", True)]
+    assert budget.requests == [math.ceil(300 * 20 * 4 * factor) + imaging._CONVERSION_OVERHEAD]
+
+
+@pytest.mark.parametrize(
+    ("frame", "size"),
+    [
+        (_png_header_only(3000, 3000), "3000x3000"),
+        (struct.pack("<IiiHH", 40, 3000, -6000, 1, 32) + bytes(24), "3000x3000"),  # top-down BMP
+        (struct.pack("<IHHHH", 12, 40_000, 2000, 1, 32) + bytes(24), "40000x1000"),  # BITMAPCOREHEADER
+    ],
+    ids=["png frame", "top-down bmp frame", "os/2 bmp frame"],
+)
+def test_an_oversized_ico_frame_is_refused_by_its_size_before_any_decoder_runs(
+    frame: bytes, size: str, monkeypatch
+):
+    decoders: list[object] = []
+    real_getdecoder = Image._getdecoder
+    monkeypatch.setattr(Image, "_getdecoder", lambda *args: decoders.append(args) or real_getdecoder(*args))
+
+    with pytest.raises(TooManyPixels) as refused:
+        to_grayscale(_ico(frame), max_pixels=1_000_000, formats={"ICO"})
+
+    assert refused.value.reason == f"too many pixels: {size}"
+    assert decoders == []
+
+
+@pytest.mark.skipif(not features.check("webp"), reason="Pillow built without WebP")
+def test_a_format_this_pillow_has_no_codec_for_is_unsupported_by_its_name(monkeypatch) -> None:
+    from PIL import WebPImagePlugin
+
+    data = encode(photo(20, 10, seed=34), "WEBP")
+    monkeypatch.setattr(WebPImagePlugin, "SUPPORTED", False)  # as a Pillow built without libwebp
+    with pytest.raises(UnsupportedFormat) as refused:
+        to_grayscale(data, max_pixels=MAX_PIXELS)
+    assert refused.value.reason == UnsupportedFormat("WEBP").reason

@@ -20,6 +20,17 @@ def db(mongo_db):
     return mongo_db
 
 
+@pytest.fixture(autouse=True)
+def writers_pass_not_due(monkeypatch):
+    """``record_outcomes`` runs a pass now and then, by the real clock, on a schedule the process
+    shares: the first call in a process runs one. These tests date outcomes in the past and run
+    the passes they mean themselves, so whether that one lands in a test must not depend on
+    which test runs first (one run alone used to fail)."""
+    schedule = outcomes.Schedule()
+    schedule.due()  # the first call is due: spent, so the next is a minute away
+    monkeypatch.setattr(outcomes, "_writers_schedule", schedule)
+
+
 def _errors(run: str, lines: range, reason: str = "http 404") -> list[dict]:
     return [
         outcomes.outcome_document(Job.new(run, n, f"http://example.com/{n}"), outcomes.ERROR, reason=reason)
@@ -624,3 +635,455 @@ def test_errors_whose_reasons_differ_only_in_numbers_a_server_picks_are_counted_
 def test_a_run_id_that_could_be_misread_is_refused(db, run):
     with pytest.raises(ValueError, match="run id"):
         outcomes.start_run(db, run)
+
+
+# --- what make mutate found untested ------------------------------------------------------
+
+
+def test_records_outcomes_runs_a_pass_when_one_is_due(db, monkeypatch):
+    monkeypatch.setattr(outcomes, "_writers_schedule", outcomes.Schedule())  # due at once
+    storage.ledger(db).insert_many(_at("run", range(1, 3), outcomes.SUCCESS, MINUTE))  # uncounted
+
+    outcomes.record_outcomes(db, _at("run", range(3, 4), outcomes.SUCCESS, MINUTE))
+
+    assert outcomes.run_totals(db, ["run"])["run"]["success"] == 3  # MINUTE settled long ago
+
+
+def test_a_rejected_line_says_so_in_the_ledger_and_others_do_not():
+    job = Job.new("run", 1, "ftp://example.com/a")
+    assert outcomes.outcome_document(job, outcomes.ERROR, reason="x", rejected=True)["rejected"] is True
+    assert "rejected" not in outcomes.outcome_document(job, outcomes.ERROR, reason="x")
+
+
+def test_an_insert_refused_for_another_reason_than_a_duplicate_is_raised_once_the_rest_is_counted(
+    db, monkeypatch
+):
+    from pymongo.errors import BulkWriteError
+
+    documents = _at("run", range(1, 3), outcomes.SUCCESS, MINUTE)
+    real = storage.ledger
+
+    class RefusingSecond:
+        """The ledger, inserting the first document and refusing the second (not as a duplicate)."""
+
+        def __init__(self, collection):
+            self._collection = collection
+
+        def insert_many(self, batch, **options):
+            self._collection.insert_one(batch[0])
+            raise BulkWriteError({"writeErrors": [{"index": 1, "code": 121, "errmsg": "validation failed"}]})
+
+        def __getattr__(self, name):
+            return getattr(self._collection, name)
+
+    monkeypatch.setattr(storage, "ledger", lambda database: RefusingSecond(real(database)))
+    with pytest.raises(BulkWriteError):
+        outcomes.record_outcomes(db, documents)
+    monkeypatch.setattr(storage, "ledger", real)
+
+    assert outcomes.run_totals(db, ["run"])["run"]["success"] == 1
+
+
+def test_an_outcome_stored_without_its_minute_is_counted_in_the_minute_it_ended(db):
+    # An earlier version stored no "minute": the end says which minute it belongs to.
+    document = _at("run", range(1, 2), outcomes.SUCCESS, MINUTE)[0]
+    del document["minute"]
+    naive = _at("run", range(2, 3), outcomes.SUCCESS, MINUTE)[0]
+    naive["minute"] = MINUTE.replace(tzinfo=None)  # a client without tz_aware
+
+    outcomes.record_outcomes(db, [document, naive])
+
+    assert outcomes.counts_per_minute(db) == {MINUTE: {"success": 2, "duplicate": 0, "error": 0}}
+
+
+def test_a_reason_counter_is_keyed_by_its_minute_run_and_reason(db):
+    outcomes.record_outcomes(db, _at("run", range(1, 2), outcomes.ERROR, MINUTE, "http 404"))
+
+    counter = storage.reason_counts(db).find_one()
+
+    assert counter["_id"] == {"minute": MINUTE, "run": "run", "reason": "http 404"}
+    assert (counter["run"], counter["reason"], counter["n"]) == ("run", "http 404", 1)
+
+
+@pytest.mark.parametrize(
+    ("reason", "kind"),
+    [
+        ("http 404", "http 404"),
+        ("too many pixels: 3000x3000", "too many pixels"),
+        ("http 429: retry-after 900 s: over 600", "http 429"),
+        ("  timeout  ", "timeout"),
+        (": nothing before", "unknown"),
+        ("", "unknown"),
+        (None, "unknown"),
+        (404, "unknown"),
+    ],
+)
+def test_the_kind_of_a_reason_is_its_text_before_any_colon(reason, kind):
+    assert outcomes.reason_kind(reason) == kind
+
+
+@pytest.mark.parametrize(
+    ("reason", "counted"),
+    [
+        ("http 429: retry-after 900 s: over 600", "http 429: retry-after N s: over N"),
+        ("unsupported format: JPEG2000", "unsupported format: JPEGN"),
+        ("http 404", "http 404"),
+        (None, None),
+    ],
+)
+def test_numbers_after_the_first_colon_are_counted_as_n(reason, counted):
+    assert outcomes.counted_reason(reason) == counted
+
+
+def test_only_an_outcome_dated_more_than_late_after_before_now_moves_the_mark_back(db, monkeypatch):
+    now = MINUTE + dt.timedelta(hours=1)
+    monkeypatch.setattr(storage, "this_minute", lambda: now)
+    mark = now - dt.timedelta(minutes=1)
+    storage.reconciled(db).insert_one({"_id": "minute_counts", "through": mark})
+
+    def through():
+        return storage.as_utc(storage.reconciled(db).find_one()["through"])
+
+    outcomes.record_outcomes(db, _at("run", range(1, 2), outcomes.SUCCESS, now))
+    outcomes.record_outcomes(db, _at("run", range(2, 3), outcomes.SUCCESS, now - outcomes.LATE_AFTER))
+    assert through() == mark
+
+    late = now - outcomes.LATE_AFTER - dt.timedelta(minutes=1)
+    outcomes.record_outcomes(db, _at("run", range(3, 4), outcomes.SUCCESS, late))
+    assert through() == late
+
+
+def test_forgetting_the_reconciliation_recounts_every_minute_again(db):
+    outcomes.record_outcomes(db, _at("run", range(1, 3), outcomes.SUCCESS, MINUTE))
+    now = MINUTE + dt.timedelta(hours=1)
+    assert outcomes.reconcile(db, now=now) == 1
+    assert outcomes.reconcile(db, now=now) == 0
+
+    outcomes.forget_reconciliation(db)
+
+    assert outcomes.reconcile(db, now=now) == 1
+
+
+def test_the_counts_per_minute_start_at_since(db):
+    outcomes.record_outcomes(db, _at("run", range(1, 3), outcomes.SUCCESS, MINUTE))
+    later = MINUTE + dt.timedelta(minutes=3)
+    outcomes.record_outcomes(db, _at("run", range(3, 4), outcomes.ERROR, later, "timeout"))
+
+    assert outcomes.counts_per_minute(db, since=later) == {later: {"success": 0, "duplicate": 0, "error": 1}}
+    assert set(outcomes.counts_per_minute(db)) == {MINUTE, later}
+
+
+def test_the_latest_minute_is_that_of_the_newest_outcome_at_or_before_until(db):
+    assert outcomes.latest_minute(db) is None
+    later = MINUTE + dt.timedelta(minutes=3)
+    outcomes.record_outcomes(db, _at("run", range(1, 2), outcomes.SUCCESS, MINUTE))
+    outcomes.record_outcomes(db, _at("run", range(2, 3), outcomes.SUCCESS, later))
+
+    assert outcomes.latest_minute(db) == later
+    assert outcomes.latest_minute(db, until=later - dt.timedelta(minutes=1)) == MINUTE
+    assert outcomes.latest_minute(db, until=later) == later
+    assert outcomes.latest_minute(db, until=MINUTE - dt.timedelta(minutes=1)) is None
+
+
+def test_the_latest_errors_are_the_newest_errors_without_credentials(db):
+    for n in range(1, 5):
+        at = MINUTE + dt.timedelta(minutes=n)
+        job = Job.new("run", n, f"http://user:pw@example.com/{n}")
+        outcomes.record_outcomes(db, [outcomes.outcome_document(job, outcomes.ERROR, reason=f"r{n}", at=at)])
+    outcomes.record_outcomes(db, _at("run", range(9, 10), outcomes.SUCCESS, MINUTE + dt.timedelta(hours=1)))
+    storage.ledger(db).update_one({"_id": "run:4"}, {"$set": {"url": "http://user:pw@example.com/4"}})
+
+    latest = outcomes.latest_errors(db, 2)
+
+    assert latest == [
+        {
+            "url": "http://***@example.com/4",
+            "reason": "r4",
+            "ended_at": MINUTE + dt.timedelta(minutes=4, seconds=0),
+        },
+        {
+            "url": "http://***@example.com/3",
+            "reason": "r3",
+            "ended_at": MINUTE + dt.timedelta(minutes=3, seconds=0),
+        },
+    ]
+
+
+def test_ended_jobs_are_those_of_the_ids_asked_that_have_an_outcome(db):
+    outcomes.record_outcomes(db, _errors("run", range(1, 4)))
+
+    assert outcomes.ended_jobs(db, ["run:2", "run:3", "run:7", "other:1"]) == {"run:2", "run:3"}
+    assert outcomes.ended_jobs(db, []) == set()
+    assert outcomes.has_outcomes(db, "run") and not outcomes.has_outcomes(db, "other")
+
+
+def test_a_new_run_starts_with_nothing_sent_and_is_read_back_as_started(db):
+    outcomes.start_run(db, "new", retry_of="old")
+
+    document = storage.runs(db).find_one({"_id": "new"})
+    assert {
+        key: document[key] for key in ("jobs", "enqueued", "rejected", "skipped", "sent_at", "finished_at")
+    } == {
+        "jobs": 0,
+        "enqueued": 0,
+        "rejected": 0,
+        "skipped": 0,
+        "sent_at": None,
+        "finished_at": None,
+    }
+    summary = outcomes.get_run(db, "new")
+    assert (summary.retry_of, summary.jobs, summary.state, summary.updated_at) == ("old", 0, "sending", None)
+    assert summary.started_at == storage.as_utc(document["started_at"])
+    assert outcomes.get_run(db, "never") is None
+    assert outcomes.count_runs(db) == 1
+
+
+def test_progress_counts_the_lines_sent_and_says_when_sending_ended(db):
+    outcomes.start_run(db, "run")
+    outcomes.run_progress(db, "run", enqueued=7, rejected=2, skipped=3)
+
+    document = storage.runs(db).find_one({"_id": "run"})
+    assert (document["jobs"], document["enqueued"], document["rejected"], document["skipped"]) == (9, 7, 2, 3)
+    assert document["sent_at"] is None and "interrupted_at" not in document
+    assert isinstance(document["updated_at"], dt.datetime)
+
+    outcomes.run_progress(db, "run", enqueued=8, rejected=2, skipped=3, sent=True)
+    assert storage.runs(db).find_one({"_id": "run"})["sent_at"] is not None
+    outcomes.run_progress(db, "run", enqueued=8, rejected=2, skipped=3, interrupted=True)
+    assert outcomes.get_run(db, "run").state == "interrupted"
+
+
+def test_recent_runs_are_the_latest_started_first_a_page_at_a_time(db):
+    for n in range(4):
+        _run(db, f"r{n}", lines=1, started=MINUTE + dt.timedelta(minutes=n))
+
+    assert [summary.run for summary in outcomes.recent_runs(db)] == ["r3", "r2", "r1", "r0"]
+    assert [summary.run for summary in outcomes.recent_runs(db, 2, skip=1)] == ["r2", "r1"]
+    now = MINUTE + dt.timedelta(hours=1)
+    assert {summary.now for summary in outcomes.recent_runs(db, now=now)} == {now}
+
+
+def test_unfinished_runs_lists_the_runs_going_newest_first_and_not_those_seen_finished(db):
+    now = MINUTE + dt.timedelta(minutes=10)
+    _run(db, "older", lines=3, started=MINUTE)
+    _run(db, "newer", lines=3, started=MINUTE + dt.timedelta(minutes=1))
+    _run(db, "done", lines=1, started=MINUTE + dt.timedelta(minutes=2))
+    outcomes.record_outcomes(db, _at("done", range(1, 2), outcomes.SUCCESS, MINUTE))
+
+    assert [summary.run for summary in outcomes.unfinished_runs(db, now=now)] == ["newer", "older"]
+    # "done" is marked finished: counting it again would show it going, a day on.
+    storage.minute_counts(db).delete_many({"run": "done"})
+    assert [summary.run for summary in outcomes.unfinished_runs(db, now=now)] == ["newer", "older"]
+
+
+def test_a_runs_counts_come_from_its_summary_or_else_its_counters(db):
+    _run(db, "run", lines=3, started=MINUTE)
+    outcomes.record_outcomes(db, _at("old", range(1, 3), outcomes.DUPLICATE, MINUTE))
+    summary = outcomes.get_run(db, "run")
+
+    assert outcomes.run_counts(db, "run", summary) is summary.counts
+    assert outcomes.run_counts(db, "old", None) == {"success": 0, "duplicate": 2, "error": 0}
+
+
+def test_the_pace_counts_the_current_minute_and_the_four_before(db):
+    now = MINUTE + dt.timedelta(minutes=10, seconds=30)
+    _run(db, "run", lines=100, started=MINUTE)
+    window = storage.minute_of(now) - dt.timedelta(minutes=outcomes.RATE_MINUTES - 1)
+    outcomes.record_outcomes(db, _at("run", range(1, 9), outcomes.SUCCESS, window))  # counted
+    outcomes.record_outcomes(db, _at("run", range(9, 30), outcomes.SUCCESS, window - dt.timedelta(minutes=1)))
+
+    assert outcomes.get_run(db, "run", now=now).rate == 8 / 4.5
+
+
+def test_a_run_started_less_than_a_minute_ago_has_the_pace_of_a_whole_minute(db):
+    now = MINUTE + dt.timedelta(seconds=50)
+    _run(db, "run", lines=10, started=MINUTE + dt.timedelta(seconds=20))
+    outcomes.record_outcomes(db, _at("run", range(1, 4), outcomes.SUCCESS, MINUTE))
+
+    assert outcomes.get_run(db, "run", now=now).rate == 3.0
+
+
+def test_a_run_is_quiet_only_unfinished_without_pace_for_the_whole_span(db):
+    _run(db, "run", lines=5, started=MINUTE)
+    span = dt.timedelta(hours=1)
+
+    assert outcomes.get_run(db, "run", now=MINUTE + span).quiet_for(span)
+    assert not outcomes.get_run(db, "run", now=MINUTE + span - dt.timedelta(seconds=1)).quiet_for(span)
+    outcomes.record_outcomes(db, _at("run", range(1, 2), outcomes.SUCCESS, MINUTE + span))
+    assert not outcomes.get_run(db, "run", now=MINUTE + span).quiet_for(span)  # it has a pace
+    outcomes.record_outcomes(db, _at("run", range(2, 6), outcomes.SUCCESS, MINUTE))
+    much_later = MINUTE + 3 * span
+    assert outcomes.get_run(db, "run", now=much_later).finished
+    assert not outcomes.get_run(db, "run", now=much_later).quiet_for(span)  # it is over
+
+
+def test_failed_outcomes_filter_by_reason_ignoring_case_and_reading_text_as_text(db):
+    outcomes.record_outcomes(db, _errors("run", range(1, 3), reason="http 404"))
+    outcomes.record_outcomes(db, _errors("run", range(3, 5), reason="too many pixels: 9x9"))
+    outcomes.record_outcomes(db, _errors("run", range(5, 6), reason="http 4.4"))
+
+    def lines(*reasons):
+        return [entry["line"] for entry in outcomes.failed_outcomes(db, "run", reasons)]
+
+    assert lines("HTTP 404") == [1, 2]
+    assert lines("http 4.4") == [5]  # a dot is a dot, not any character
+    assert lines("pixels", "404") == [1, 2, 3, 4]
+    assert lines() == [1, 2, 3, 4, 5]
+    assert next(iter(outcomes.failed_outcomes(db, "run", ("pixels",)))) == {
+        "line": 3,
+        "url": "http://example.com/3",
+        "reason": "too many pixels: 9x9",
+    }
+
+
+def test_a_failed_line_the_ledger_cannot_give_back_is_tallied_by_why(db):
+    docs = [
+        outcomes.outcome_document(
+            Job.new("run", n, f"http://u:p@example.com/{n}"), outcomes.ERROR, reason="x"
+        )
+        for n in (1, 2)
+    ]
+    docs.append(
+        outcomes.outcome_document(Job.new("run", 3, "http://example.com/ok"), outcomes.ERROR, reason="x")
+    )
+    docs.append(
+        outcomes.outcome_document(
+            Job.new("run", 4, "http://example.com/4"), outcomes.ERROR, reason="a\nb", rejected=True
+        )
+    )
+    outcomes.record_outcomes(db, docs)
+    storage.ledger(db).update_one({"_id": "run:4"}, {"$set": {"reason": "two\nlines"}})
+    storage.ledger(db).insert_one(
+        {"_id": "run:5", "run": "run", "line": 5, "outcome": "error", "reason": "y"}
+    )
+    failures = outcomes.FailedLines(db, "run")
+
+    lines = list(failures.lines())
+
+    assert lines[3] == ("# line 4, two\\nlines: not a url enqueue takes: http://example.com/4", False)
+    assert lines[4] == ("# line 5, y: not a url enqueue takes: ", False)
+    assert failures.left_out == {"credentials redacted in the ledger": 2, "not a url enqueue takes": 2}
+    assert failures.left_out_note(retrying=True) == (
+        "left out 4 of 5 failed lines, not retried:"
+        " 2 credentials redacted in the ledger, 2 not a url enqueue takes"
+    )
+
+
+def test_a_url_at_the_ledgers_limit_is_retried_and_a_longer_one_is_not():
+    at_limit = "http://example.com/" + "a" * (outcomes.MAX_STORED_URL - len("http://example.com/"))
+    assert outcomes.left_out_because({"url": at_limit}) is None
+    assert outcomes.left_out_because({"url": at_limit + "a"}) == outcomes.TRUNCATED
+    assert outcomes.left_out_because({"url": "http://example.com/", "rejected": True}) == outcomes.NOT_A_URL
+
+
+def test_the_top_error_reasons_are_ten_by_default_ties_in_reason_order(db):
+    for n in reversed(range(12)):
+        outcomes.record_outcomes(
+            db, _at("run", range(10 * n, 10 * n + 1), outcomes.ERROR, MINUTE, f"r{n:02}")
+        )
+
+    top = outcomes.top_error_reasons(db)
+
+    assert top == [(f"r{n:02}", 1) for n in range(10)]
+
+
+# --- recounting a settled minute: what it sets, and what it leaves alone --------------------
+
+
+def test_a_recount_zeroes_what_was_counted_but_is_not_in_the_ledger_and_only_in_its_minute(db):
+    later = MINUTE + dt.timedelta(minutes=30)  # not settled when MINUTE is recounted
+    outcomes.record_outcomes(db, _at("real", range(1, 3), outcomes.SUCCESS, MINUTE))
+    outcomes.record_outcomes(db, _at("ghost", range(1, 4), outcomes.ERROR, MINUTE, "timeout"))
+    outcomes.record_outcomes(db, _at("elsewhere", range(1, 2), outcomes.ERROR, later, "http 404"))
+    storage.ledger(db).delete_many({"run": "ghost"})  # counted, then lost from the ledger
+
+    assert outcomes.reconcile(db, now=MINUTE + outcomes.SETTLE_AFTER + dt.timedelta(minutes=1)) == 1
+
+    assert outcomes.run_totals(db, ["real", "ghost", "elsewhere"]) == {
+        "real": {"success": 2, "duplicate": 0, "error": 0},
+        "ghost": {"success": 0, "duplicate": 0, "error": 0},
+        "elsewhere": {"success": 0, "duplicate": 0, "error": 1},
+    }
+    assert outcomes.top_error_reasons(db) == [("http 404", 1)]
+    # Nothing of the runs counted in other minutes is written into the minute recounted.
+    assert sorted(storage.minute_counts(db).distinct("run", {"minute": MINUTE})) == ["ghost", "real"]
+    assert storage.reason_counts(db).count_documents({"minute": MINUTE}) == 1
+    ghost = storage.reason_counts(db).find_one({"minute": MINUTE})
+    assert (ghost["run"], ghost["reason"], ghost["n"]) == ("ghost", "timeout", 0)
+
+
+def test_a_recount_writes_the_runs_only_the_ledger_knew_as_counters_of_their_minute(db):
+    storage.ledger(db).insert_many(_at("unseen", range(1, 3), outcomes.ERROR, MINUTE, "http 500: x 12"))
+
+    outcomes.reconcile(db, now=MINUTE + dt.timedelta(hours=1))
+
+    assert outcomes.counts_per_minute(db, run="unseen") == {
+        MINUTE: {"success": 0, "duplicate": 0, "error": 2}
+    }
+    assert outcomes.top_error_reasons(db, run="unseen", since=MINUTE) == [("http 500: x N", 2)]
+
+
+def test_a_ledger_entry_with_an_outcome_of_no_known_kind_is_not_counted(db):
+    outcomes.record_outcomes(db, _at("run", range(1, 2), outcomes.SUCCESS, MINUTE))
+    storage.ledger(db).insert_one(
+        {"_id": "run:2", "run": "run", "line": 2, "outcome": "odd", "minute": MINUTE}
+    )
+
+    outcomes.reconcile(db, now=MINUTE + dt.timedelta(hours=1))
+
+    assert outcomes.run_totals(db, ["run"])["run"] == {"success": 1, "duplicate": 0, "error": 0}
+
+
+def test_a_pass_recounts_the_earliest_busy_minutes_first(db):
+    later = MINUTE + dt.timedelta(hours=2)
+    storage.ledger(db).insert_many(_at("run", range(1, 2), outcomes.SUCCESS, later))  # written first
+    storage.ledger(db).insert_many(_at("run", range(2, 3), outcomes.SUCCESS, MINUTE))
+
+    assert outcomes.reconcile(db, now=later + dt.timedelta(hours=1), max_minutes=1) == 1
+
+    assert outcomes.counts_per_minute(db) == {MINUTE: {"success": 1, "duplicate": 0, "error": 0}}
+
+
+def test_a_pass_that_finds_the_first_mark_made_by_another_keeps_the_others(db, monkeypatch):
+    storage.ledger(db).insert_many(_at("run", range(1, 2), outcomes.SUCCESS, MINUTE))
+    theirs = MINUTE + dt.timedelta(minutes=1)
+    storage.reconciled(db).insert_one({"_id": "minute_counts", "through": theirs})
+    real = storage.reconciled
+
+    class NotYetThere:
+        """The marks as they were when this pass read them: none yet."""
+
+        def __init__(self, collection):
+            self._collection = collection
+
+        def find_one(self, *args, **kwargs):
+            return None
+
+        def __getattr__(self, name):
+            return getattr(self._collection, name)
+
+    monkeypatch.setattr(storage, "reconciled", lambda database: NotYetThere(real(database)))
+    assert outcomes.reconcile(db, now=MINUTE + dt.timedelta(hours=1)) == 1
+    monkeypatch.setattr(storage, "reconciled", real)
+
+    assert storage.as_utc(storage.reconciled(db).find_one()["through"]) == theirs
+
+
+def test_the_first_and_last_counted_minutes_of_a_run(db):
+    later = MINUTE + dt.timedelta(minutes=7)
+    outcomes.record_outcomes(db, _at("run", range(1, 2), outcomes.SUCCESS, later))
+    outcomes.record_outcomes(db, _at("run", range(2, 3), outcomes.SUCCESS, MINUTE))
+    outcomes.record_outcomes(db, _at("other", range(1, 2), outcomes.SUCCESS, later + dt.timedelta(hours=1)))
+
+    assert outcomes.last_counted_minute(db, "run") == later
+    assert outcomes.last_counted_minute(db, "run", first=True) == MINUTE
+    assert outcomes.last_counted_minute(db, "none") is None
+
+
+def test_a_printable_reason_in_any_script_is_listed_as_written(db):
+    outcomes.record_outcomes(db, _errors("run", range(1, 2), reason="café: zu groß"))
+    storage.ledger(db).update_one({"_id": "run:1"}, {"$set": {"rejected": True}})
+
+    (line,) = outcomes.FailedLines(db, "run").lines()
+
+    assert line == ("# line 1, café: zu groß: not a url enqueue takes: http://example.com/1", False)
