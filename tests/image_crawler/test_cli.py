@@ -39,6 +39,7 @@ from image_crawler.outcomes import Job
 from support.clock import FakeClock
 from support.http_server import LocalHttpServer
 from support.images import png_bytes
+from support.processes import image_crawler_command, run_bounded
 
 # ``actors`` is imported above, at collection, as a worker imports it: its broker is set up outside
 # any command's Redis outage budget, whichever test runs the command first.
@@ -861,17 +862,7 @@ def url_file(tmp_path) -> Path:
 
 def _command(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
     """Run the real ``image-crawler ARGS``; what it did."""
-    try:
-        finished = subprocess.run(
-            [sys.executable, "-m", "image_crawler", *map(str, args)],
-            env={**os.environ, "PYTHONUNBUFFERED": "1", **env},
-            capture_output=True,
-            text=True,
-            timeout=_BOUND_S,
-        )
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"image-crawler {' '.join(map(str, args))} was still waiting after {_BOUND_S} s")
-    return finished
+    return run_bounded(image_crawler_command(*map(str, args)), env, _BOUND_S)
 
 
 def _the_one_error_line(finished: subprocess.CompletedProcess) -> str:

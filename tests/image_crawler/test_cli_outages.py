@@ -14,12 +14,13 @@ the console script).
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sysconfig
 from pathlib import Path
 
 import pytest
+
+from support.processes import run_bounded
 
 #: Generous bound on how long the command may take to give up.
 _BOUND_S = 30
@@ -44,17 +45,7 @@ def url_file(tmp_path) -> Path:
 def _run(command: Path, env: dict[str, str], *args: object) -> subprocess.CompletedProcess:
     # The bound only tells a command that gives up from one that hangs: how long it waits is
     # the outage budget's (tests/image_crawler/test_cli.py proves it on a fake clock).
-    try:
-        finished = subprocess.run(
-            [str(command), *map(str, args)],
-            env={**os.environ, "PYTHONUNBUFFERED": "1", **env},
-            capture_output=True,
-            text=True,
-            timeout=_BOUND_S,
-        )
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"image-crawler {' '.join(map(str, args))} was still waiting after {_BOUND_S} s")
-    return finished
+    return run_bounded([str(command), *map(str, args)], env, _BOUND_S)
 
 
 def _args(args: tuple[str, ...], url_file: Path) -> tuple[str, ...]:

@@ -573,32 +573,13 @@ def test_tls_verifies_the_certificate_and_sends_sni_for_the_host_name(
     make_fetcher: MakeFetcher, network: FakeNetwork, tmp_path
 ):
     import ssl
-    import subprocess
     import threading
 
-    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=images.example",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-        ],
-        check=True,
-        capture_output=True,
-    )
+    from support.tls import self_signed
+
+    certificate = self_signed(tmp_path, ("images.example",))
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(cert, key)
+    context.load_cert_chain(certificate.cert, certificate.key)
     server_names: list[str | None] = []
     context.sni_callback = lambda _sock, name, _ctx: server_names.append(name)
     listener = socket.socket()

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from support.services import stop_group
 
 
@@ -73,3 +75,18 @@ def crawl(
         return image_crawler(env, "enqueue", str(urls), "--wait", "--timeout", str(timeout))
     finally:
         stop_workers(workers)
+
+
+def run_bounded(argv: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
+    """Run ``argv`` to completion with ``env`` over this environment; fail the test if it is still
+    running after ``timeout`` seconds (a command that hangs, rather than gives up)."""
+    try:
+        return subprocess.run(
+            argv,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **env},
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{' '.join(argv)} was still waiting after {timeout} s")
