@@ -418,7 +418,11 @@ class _NotStarted(Exception):
 
 
 def _download(context: Context, url: str, cutoff: float) -> Download:
-    """Download ``url`` in a turn of its host (else :class:`HostBusy`), unless it is past ``cutoff``."""
+    """Download ``url`` in a turn of its host (else :class:`HostBusy`), unless it is past ``cutoff``.
+
+    With ``OBEY_ROBOTS``, ``url`` and every redirect hop are asked of their robots.txt before
+    they are requested; a hop to another host takes no turn there.
+    """
     if time.monotonic() >= cutoff:
         raise _NotStarted()
     host = host_of(url)
@@ -426,9 +430,14 @@ def _download(context: Context, url: str, cutoff: float) -> Download:
         try:
             if context.robots is None:
                 return context.fetcher.fetch(url)
-            context.robots.check(url, until=cutoff)  # its robots.txt, once a day, in this turn
-            download = context.fetcher.fetch(url)
-            if forbids_indexing(download.robots_tags, user_agent=context.robots.user_agent):
+            robots = context.robots
+            robots.check(url, until=cutoff)  # its robots.txt, once a day, in this turn
+
+            def check_hop(hop: str) -> None:  # each redirect's too, before it is requested
+                robots.check(hop, until=cutoff)
+
+            download = context.fetcher.fetch(url, check_hop=check_hop)
+            if forbids_indexing(download.robots_tags, user_agent=robots.user_agent):
                 raise RobotsDisallowed(TAG_DISALLOWED)
             return download
         except HttpStatusError as exc:

@@ -11,7 +11,8 @@ What a :class:`Fetcher` guarantees, whatever the server does:
   decoding is done here in bounded steps (gzip, deflate) because httpx inflates a whole network
   read at once, which lets a 50 kB gzip bomb become 50 MB in memory before anyone can count.
 - Redirects are followed here, one hop at a time, rather than by httpx: httpx reads every
-  redirect body into memory with no size limit and outside our deadline.
+  redirect body into memory with no size limit and outside our deadline. A caller's
+  ``check_hop`` (robots.txt, with ``OBEY_ROBOTS``) is asked about each hop before it is sent.
 - Unless ``fetch_allow_private``, every connection (for the first request and each redirect
   hop) goes only to a host whose addresses are all public. The name is resolved **once**, in
   the connection pool's network backend, and the connection goes to an address that was
@@ -62,6 +63,7 @@ __all__ = [
     "MAX_URL_LENGTH",
     "Download",
     "Fetcher",
+    "HopCheck",
     "Resolver",
     "check_url",
     "default_user_agent",
@@ -74,6 +76,9 @@ MAX_URL_LENGTH = 8192
 
 #: Resolves ``(host, port)`` to IP address strings; raises ``OSError`` when the name does not resolve.
 Resolver = Callable[[str, int], Iterable[str]]
+#: Asked about the URL of each redirect hop before it is requested; refuses it by raising (a
+#: :class:`~image_crawler.errors.CrawlError`, which :meth:`Fetcher.fetch` lets through).
+HopCheck = Callable[[str], None]
 
 _SCHEMES = {"http": 80, "https": 443}
 #: What RFC 3986 allows in a URL's userinfo: unreserved, percent-encoded, sub-delims and ":".
@@ -262,17 +267,21 @@ class Fetcher:
             event_hooks={"request": hooks},
         )
 
-    def fetch(self, url: str, *, head: int | None = None) -> Download:
+    def fetch(self, url: str, *, head: int | None = None, check_hop: HopCheck | None = None) -> Download:
         """Download ``url``; raise a :class:`~image_crawler.errors.FetchError` subclass on any failure.
 
         With ``head``, only the first ``head`` bytes of the body (after decoding) are read and
         returned: a longer body is cut there and the download stopped, instead of
         :class:`~image_crawler.errors.TooLarge` at ``fetch_max_bytes`` (robots.txt, RFC 9309 §2.5).
+
+        ``check_hop`` is called with the absolute URL of each redirect hop (not ``url`` itself)
+        before that hop is requested; what it raises ends the download, that hop unrequested.
+        The address policy still checks every hop as it connects.
         """
         url = check_url(url)
         deadline = time.monotonic() + self._settings.fetch_timeout
         try:
-            response = self._send(url, deadline)
+            response = self._send(url, deadline, check_hop)
             try:
                 return self._read(response, deadline, head)
             finally:
@@ -297,10 +306,12 @@ class Fetcher:
     ) -> None:
         self.close()
 
-    def _send(self, url: str, deadline: float) -> httpx.Response:
+    def _send(self, url: str, deadline: float, check_hop: HopCheck | None = None) -> httpx.Response:
         """Send the request and follow redirects; the returned response is open, its body unread."""
         request = self._client.build_request("GET", url)
-        for _ in range(self._settings.fetch_max_redirects + 1):
+        for hop in range(self._settings.fetch_max_redirects + 1):
+            if hop and check_hop is not None:
+                check_hop(str(request.url))
             request.extensions["timeout"] = _time_left(deadline)
             response = self._client.send(request, stream=True, follow_redirects=False)
             if response.next_request is None:

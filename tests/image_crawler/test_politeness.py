@@ -7,10 +7,11 @@ import email.utils
 import itertools
 import time
 import uuid
+from contextlib import ExitStack
 
 import pytest
 
-from image_crawler import outcomes, storage
+from image_crawler import outcomes, politeness, storage
 from image_crawler.fetching import parse_retry_after
 from image_crawler.politeness import HostBusy, HostGate, host_of
 from support.http_server import LocalHttpServer, Response
@@ -23,8 +24,32 @@ def host() -> str:
 
 
 def gate(client, **options) -> HostGate:
-    defaults = {"concurrency": 2, "delay_ms": 0, "turn_ms": 10_000, "patience_s": 0.2}
+    defaults = {"concurrency": 2, "delay_ms": 0, "turn_ms": 10_000, "patience_s": 0.2, "longest_pause_s": 600}
     return HostGate(client, **{**defaults, **options})
+
+
+def turns_at_once(polite: HostGate, host: str, most: int) -> int:
+    """How many turns of ``host`` can be held at once right now, up to ``most`` (0: it is paused)."""
+    with ExitStack() as held:
+        for taken in range(most):
+            try:
+                held.enter_context(polite.turn(host))
+            except HostBusy:
+                return taken
+    return most
+
+
+def levels_until(polite: HostGate, host: str, most: int, full: int, timeout: float = 30.0):
+    """``(time.monotonic(), turns at once)`` each time the number of turns at once changes, until ``full``."""
+    seen: list[tuple[float, int]] = []
+    deadline = time.monotonic() + timeout
+    while not seen or seen[-1][1] != full:
+        assert time.monotonic() < deadline, f"the host never got back to {full} at once: {seen}"
+        level = turns_at_once(polite, host, most)
+        if not seen or seen[-1][1] != level:
+            seen.append((time.monotonic(), level))
+        time.sleep(0.02)
+    return seen
 
 
 # --- HostGate -----------------------------------------------------------------------------
@@ -120,6 +145,69 @@ def test_an_overloaded_host_is_paused_then_served_at_half_its_concurrency(redis_
     assert polite.slow_down(host, retry_after_s=None) == 2  # a new one: halved again
 
 
+def test_after_its_pause_a_host_is_still_at_half_for_the_throttle_period(redis_client, host, monkeypatch):
+    monkeypatch.setattr(politeness, "THROTTLE_MS", 1_000)  # shorter than the pause it asked for
+    polite = gate(redis_client, concurrency=4, patience_s=0.0)
+
+    before = time.monotonic()
+    assert polite.slow_down(host, retry_after_s=2) == 2
+    seen = levels_until(polite, host, most=8, full=4)
+
+    assert [level for _, level in seen] == [0, 2, 4]  # paused, half, full
+    assert seen[1][0] - before >= 1.95  # the pause it asked for
+    assert seen[2][0] - before >= 2.95  # then half for THROTTLE_MS after the pause
+
+
+def test_a_host_halved_twice_recovers_doubling_each_throttle_period(redis_client, host, monkeypatch):
+    monkeypatch.setattr(politeness, "THROTTLE_MS", 800)
+    monkeypatch.setattr(politeness, "HALVE_ONCE_MS", 0)  # two 429s of two bursts, without waiting
+    polite = gate(redis_client, concurrency=8, patience_s=0.0)
+
+    before = time.monotonic()
+    assert polite.slow_down(host, retry_after_s=None) == 4
+    assert polite.slow_down(host, retry_after_s=None) == 2
+    seen = levels_until(polite, host, most=16, full=8)
+
+    assert [level for _, level in seen] == [2, 4, 8]
+    assert seen[1][0] - before >= 0.75  # half of half for THROTTLE_MS after the last 429
+    assert seen[2][0] - before >= 1.55  # then half, for THROTTLE_MS more
+
+
+def test_a_host_without_a_limit_is_halved_from_what_it_had_in_flight_and_recovers_to_none(
+    redis_client, host, monkeypatch
+):
+    monkeypatch.setattr(politeness, "THROTTLE_MS", 800)
+    monkeypatch.setattr(politeness, "HALVE_ONCE_MS", 0)
+    polite = gate(redis_client, concurrency=0, patience_s=0.0)
+
+    with ExitStack() as held:
+        for _ in range(8):
+            held.enter_context(polite.turn(host))
+        assert polite.slow_down(host, retry_after_s=None) == 4
+        assert polite.slow_down(host, retry_after_s=None) == 2
+    seen = levels_until(polite, host, most=32, full=32)
+
+    assert [level for _, level in seen] == [2, 4, 32]  # then no limit again
+
+
+def test_the_hosts_state_outlives_its_pause_and_its_recovery(redis_client, host, monkeypatch):
+    monkeypatch.setattr(politeness, "HALVE_ONCE_MS", 0)
+    polite = gate(redis_client, concurrency=8, delay_ms=100, patience_s=0.0)
+    state = f"image-crawler:host:{host}"
+
+    before = time.monotonic()
+    for _ in range(2):
+        polite.slow_down(host, retry_after_s=None)
+    assert polite.slow_down(host, retry_after_s=1) == 1  # 8 → 4 → 2 → 1, paused 1 s
+    # Paused, then at 1 for THROTTLE_MS, at 2 for THROTTLE_MS, at 4 for THROTTLE_MS: then back at 8.
+    recovered = before + 1 + 3 * politeness.THROTTLE_MS / 1000
+
+    assert redis_client.pttl(state) / 1000 >= recovered - time.monotonic()
+    while turns_at_once(polite, host, most=1) == 0:  # the pause ends: a turn sets the next start…
+        time.sleep(0.02)
+    assert redis_client.pttl(state) / 1000 >= recovered - time.monotonic()  # …and keeps the rest
+
+
 @pytest.mark.parametrize(
     ("url", "host"),
     [("http://User:pw@Images.Example.:8080/a.png", "images.example"), ("https://[::1]/a", "::1")],
@@ -151,7 +239,8 @@ def test_a_host_asking_for_centuries_is_paused_no_longer_than_the_longest_pause(
     with pytest.raises(HostBusy) as busy, polite.turn(host):
         pass
     assert 590_000 <= busy.value.wait_ms <= 600_000
-    assert 0 < redis_client.pttl(f"image-crawler:host:{host}") <= 600_000 + 60_000
+    # Paused 600 s, then at half for THROTTLE_MS, then back at 8: forgotten a minute after that.
+    assert 0 < redis_client.pttl(f"image-crawler:host:{host}") <= 600_000 + politeness.THROTTLE_MS + 60_000
 
 
 # --- through the pipeline -------------------------------------------------------------------
@@ -185,7 +274,8 @@ def test_a_429_with_retry_after_is_retried_no_sooner_and_pauses_its_host(make_pi
     server.add_sequence(
         "/wall.png",
         [
-            Response(status=429, headers={"Retry-After": "2"}, content_type="text/plain"),
+            # Longer than the backoff of a first retry (2 to 4 s): only Retry-After explains the wait.
+            Response(status=429, headers={"Retry-After": "5"}, content_type="text/plain"),
             Response(body=png_bytes(20, 20, seed=1)),
         ],
     )
@@ -204,8 +294,8 @@ def test_a_429_with_retry_after_is_retried_no_sooner_and_pauses_its_host(make_pi
     for at, _, path, _ in server.requests():
         times.setdefault(path, []).append(at)
     assert outcomes.count_outcomes(pipeline.db, report.run)["success"] == 1
-    assert times["/wall.png"][1] - times["/wall.png"][0] >= 1.9  # no sooner than Retry-After
-    assert times["/after.png"][0] - times["/wall.png"][0] >= 1.9  # the host was paused for all
+    assert times["/wall.png"][1] - times["/wall.png"][0] >= 4.95  # no sooner than Retry-After
+    assert times["/after.png"][0] - times["/wall.png"][0] >= 4.95  # the host was paused for all
 
 
 def test_a_retry_after_longer_than_the_maximum_ends_the_url_naming_it(make_pipeline, server):
