@@ -1,9 +1,9 @@
 """The deployment: docker-compose.yml, docker/Dockerfile, .dockerignore, constraints.txt, urls.txt, CI.
 
-No Docker engine runs on our build machines, so the files are checked the way they can be
-here: ``docker-compose config``, the compose-spec and GitHub-workflow JSON schemas,
-hadolint, and the facts the README promises, read with PyYAML. The image itself is built
-and the stack run by the ``docker`` job of .github/workflows/ci.yml.
+The files are checked here without a Docker engine: ``docker-compose config``, the compose-spec
+and GitHub-workflow JSON schemas, hadolint, and the facts the README promises, read with PyYAML.
+The image itself is built and the stack run by tests/test_compose_up.py and by the ``docker``
+job of .github/workflows/ci.yml.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import sys
 import tomllib
+import types
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import fields, replace
@@ -418,6 +419,46 @@ def test_url_list_is_a_few_hundred_valid_urls_with_repeats():
     assert len(urls) >= 200
     repeated = [url for url, count in Counter(urls).items() if count > 1]
     assert len(repeated) >= 10, "duplicates are part of what a crawl shows"
+
+
+def _quick_start_promise() -> tuple[str, str]:
+    """What README's Quick start says the crawl of ./urls.txt logs: its enqueue line and its summary."""
+    readme = README.read_text()
+    start = readme.index("\n## Quick start\n")
+    section = " ".join(readme[start : readme.index("\n## ", start + 1)].split())  # lines wrap anywhere
+    enqueued = re.search(r"`(run <id>: enqueued \d+ urls \(\d+ rejected lines, [^`]*)`", section)
+    done = re.search(r"`(done: \d+ urls — [^`]*)`", section)
+    assert enqueued and done, "README's Quick start no longer says what the crawl logs"
+    return enqueued.group(1), done.group(1)
+
+
+def _as_pattern(promise: str) -> re.Pattern:
+    """README's wording of a log line as a pattern: ``<id>`` a run id, ``…`` any number."""
+    parts = re.split(r"(<id>|…)", promise)
+    wild = {"<id>": r"[0-9a-f]+", "…": r"\d+"}
+    return re.compile("".join(wild.get(part, re.escape(part)) for part in parts))
+
+
+def test_the_committed_url_list_enqueues_as_readmes_quick_start_says(mongo_db, monkeypatch, capsys):
+    # What `image-crawler enqueue /data/urls.txt` prints for the committed list, by the CLI's own
+    # reading of the file (blank and # lines, check_url), its messages kept instead of sent.
+    from image_crawler import actors, cli
+
+    sent: list[dict[str, Any]] = []
+    monkeypatch.setattr(actors, "admit", types.SimpleNamespace(send=sent.append))
+    with URL_LIST.open("rb") as lines:
+        cli._send_and_report(mongo_db, lines, wait=False, timeout=None, max_in_flight=0)
+    printed = capsys.readouterr().out.strip()
+
+    enqueued, done = _quick_start_promise()
+    assert _as_pattern(enqueued).fullmatch(printed), f"README says {enqueued!r}, enqueue prints {printed!r}"
+    sent_lines = [url for message in sent for _, url in message["lines"]]
+    assert len(sent_lines) == int(re.search(r"enqueued (\d+) urls", enqueued).group(1))
+    assert sent_lines == [check_url(url) for url in _url_lines()]
+    # The summary counts every line that became a job: each one sent, and each one rejected.
+    sent_count, rejected = map(int, re.search(r"enqueued (\d+) urls \((\d+) rejected", printed).groups())
+    jobs = sent_count + rejected
+    assert done.startswith(f"done: {jobs} urls — "), f"README's summary {done!r}: the list gives {jobs} jobs"
 
 
 # --- README and CI ----------------------------------------------------------------------

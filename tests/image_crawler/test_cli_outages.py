@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from support.processes import run_bounded
+from support.skips import unavailable
 
 #: Generous bound on how long the command may take to give up.
 _BOUND_S = 30
@@ -31,7 +32,7 @@ def command() -> Path:
     """The ``image-crawler`` console script installed beside this interpreter."""
     path = Path(sysconfig.get_path("scripts")) / "image-crawler"
     if not path.exists():
-        pytest.skip(f"no console script at {path} (pip install -e .)")
+        unavailable(f"no console script at {path} (pip install -e .)")
     return path
 
 

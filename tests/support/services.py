@@ -23,8 +23,8 @@ from urllib.parse import urlsplit, urlunsplit
 #: The repository this checkout is.
 REPO = Path(__file__).resolve().parents[2]
 #: A MongoDB wire endpoint for machines without a MongoDB server (``--port P`` serves, ``--wait
-#: P`` waits for it): ``$MONGO_SHIM``, else ``shared/tools/mongo-shim`` beside the checkout.
-MONGO_SHIM = Path(os.environ.get("MONGO_SHIM") or REPO.parent / "shared" / "tools" / "mongo-shim")
+#: P`` waits for it), named by ``$MONGO_SHIM`` (``.ci/run`` sets it); None when it is unset.
+MONGO_SHIM = Path(os.environ["MONGO_SHIM"]) if os.environ.get("MONGO_SHIM") else None
 
 
 def free_port() -> int:
@@ -52,6 +52,37 @@ def _answers_ping(port: int) -> bool:
     with socket.create_connection(("127.0.0.1", port), timeout=0.2) as sock:
         sock.sendall(b"PING\r\n")
         return sock.recv(16).startswith(b"+PONG")
+
+
+def _listening_sockets(port: int) -> set[str] | None:
+    """``socket:[INODE]`` of each TCP socket listening on ``port`` (None: no /proc/net to read)."""
+    found: set[str] = set()
+    tables = [Path("/proc/net/tcp"), Path("/proc/net/tcp6")]
+    if not any(table.exists() for table in tables):
+        return None
+    for table in tables:
+        if table.exists():
+            for row in table.read_text().splitlines()[1:]:
+                fields = row.split()
+                if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:  # 0A: LISTEN
+                    found.add(f"socket:[{fields[9]}]")
+    return found
+
+
+def _listens(pid: int, port: int) -> bool:
+    """Whether process ``pid`` itself holds a socket listening on ``port`` and the port accepts.
+
+    Where there is no /proc (not Linux), whether the port accepts a connection at all.
+    """
+    sockets = _listening_sockets(port)
+    if sockets is not None:
+        try:
+            held = {os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
+        except OSError:
+            return False
+        if not sockets & held:
+            return False
+    return _accepts(port)
 
 
 def _redis_pid(port: int) -> int | None:
@@ -148,12 +179,15 @@ def start_redis(
 
 
 def start_mongo_shim(directory: Path) -> tuple[subprocess.Popen, str]:
-    """The mongo shim on a free port in a process group of its own; returns it and its base URI.
+    """The mongo shim (``$MONGO_SHIM``) on a free port, in a process group of its own: it and its URI.
 
-    It logs to ``directory/mongo-shim.log``.
+    It logs to ``directory/mongo-shim.log``. A free port taken by another process before the shim
+    binds it is not raced: the shim is ready once it holds the listening socket itself (the
+    script ``exec``s its Python, which keeps the process id), or it exits and is started again.
     """
-    if not MONGO_SHIM.exists():
-        raise RuntimeError(f"no MONGO_URI set and no mongo shim at {MONGO_SHIM}")
+    if MONGO_SHIM is None or not MONGO_SHIM.exists():
+        named = os.environ.get("MONGO_SHIM", "unset")
+        raise RuntimeError(f"no MONGO_URI set, and MONGO_SHIM ({named!r}) names no mongo shim")
     for attempt in range(START_TRIES):
         port = free_port()
         with open(directory / "mongo-shim.log", "ab") as log:  # the child keeps its own copy
@@ -161,14 +195,16 @@ def start_mongo_shim(directory: Path) -> tuple[subprocess.Popen, str]:
                 [str(MONGO_SHIM), "--port", str(port)], start_new_session=True, stdout=log, stderr=log
             )
         try:
-            _wait_until_serving(process, port, "mongo-shim", timeout=180)
+            # The first start makes the shim's virtualenv: minutes, on a fresh machine.
+            _wait_until_serving(
+                process, port, "mongo-shim", timeout=300, ready=lambda p, pid=process.pid: _listens(pid, p)
+            )
         except RuntimeError:
             if process.poll() is None or attempt == START_TRIES - 1:
                 raise
             continue  # it could not bind the port: someone took it first
-        if process.poll() is None:  # it is the one serving, not another that took the port
-            return process, f"mongodb://127.0.0.1:{port}"
-    raise RuntimeError(f"mongo-shim could not bind a free port in {START_TRIES} tries")
+        return process, f"mongodb://127.0.0.1:{port}"
+    raise AssertionError("unreachable")
 
 
 def mongo_endpoint(directory: Path) -> tuple[subprocess.Popen | None, str]:
