@@ -6,8 +6,9 @@ of threads that hide the latency of the downloads and of the database. A thread 
 passes the default BATCH_SIZE, whatever the pipeline runs at): for each it
 downloads the body, computes its MD5 and its grayscale PNG with ``image_crawler.imaging`` at the
 configured settings; then it writes the batch as ``collect`` does, with the same calls of
-``image_crawler.storage`` and ``image_crawler.outcomes`` (one lookup of the MD5s, the new images,
-the outcomes in one insert), into the same MongoDB as the pipeline (a fresh database). What it
+``image_crawler.storage`` and ``image_crawler.outcomes`` (``images_to_store``: one lookup of the
+MD5s; ``store_new_images``; ``image_outcome`` and ``record_outcomes``: the outcomes in one
+insert), into the same MongoDB as the pipeline (a fresh database). What it
 leaves out is what the queue adds: messages, claim checks, results, redelivery checks.
 
     python -m benchmarks.ceiling URLS --shard I --shards N --threads T --run RUN [--batch B]
@@ -88,23 +89,15 @@ def main(argv: list[str] | None = None) -> None:
                 byte_size=len(body),
             )
             converted.append((outcomes.Job.new(args.run, number, url), record, gray.png, times))
-        # The chunk's writes, as collect makes them: one lookup, the new images, the outcomes.
+        # The chunk's writes, with collect's calls: one lookup, the new images, the outcomes.
         clock = time.perf_counter()
-        winners = storage.image_jobs(db, [record.md5 for _, record, _, _ in converted])
-        new: dict[str, tuple[storage.ImageRecord, bytes, str]] = {}
-        for job, record, png, _ in converted:
-            if record.md5 not in winners and record.md5 not in new:
-                new[record.md5] = (record, png, job.id)
-        winners.update(storage.store_new_images(db, list(new.values())))
+        first, winners = storage.images_to_store(
+            db, [(job.id, record.md5) for job, record, _, _ in converted]
+        )
+        new = [(converted[i][1], converted[i][2], converted[i][0].id) for i in first]
+        winners.update(storage.store_new_images(db, new))
         stored_at = time.perf_counter()
-        documents = [
-            outcomes.outcome_document(
-                job,
-                outcomes.SUCCESS if winners.get(record.md5) == job.id else outcomes.DUPLICATE,
-                md5=record.md5,
-            )
-            for job, record, _, _ in converted
-        ]
+        documents = [outcomes.image_outcome(job, record.md5, winners) for job, record, _, _ in converted]
         outcomes.record_outcomes(db, documents)
         ended = time.perf_counter()
         results = []

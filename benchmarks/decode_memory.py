@@ -10,9 +10,10 @@ key...), written at each size with each content, once, into a cache directory:
 Each file is converted in a fresh interpreter (``--measure FILE``), which first warms up on a tiny
 image of the same format and mode, then resets the kernel's high-water mark through
 ``/proc/self/clear_refs``: the conversion's peak is ``VmHWM`` minus the RSS just before it, on
-top of the bytes it was given. Its factor is that peak, less the megabyte ``estimated_decode_bytes``
-adds to any image (decoder and zlib state), over the decoded source: ``width × height × bands ×
-bytes per band``. The table ends with the largest factor of each (mode, transparency) and what
+top of the bytes it was given (``tests/support/peak_memory.py``, with which the tests measure
+too). Its factor is that peak, less the megabyte ``estimated_decode_bytes`` adds to any image
+(decoder and zlib state), over the decoded source: ``width × height × bands × bytes per band``.
+The table ends with the largest factor of each (mode, transparency) and what
 ``estimated_decode_bytes`` reserves for every row: it must never be less than the peak.
 Linux only (``/proc``).
 
@@ -42,6 +43,7 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, ImageMode
+from tests.support.peak_memory import high_water_mark, measure_conversion, reset_high_water_mark
 
 from image_crawler.imaging import _CONVERSION_OVERHEAD, DecodeBudget, estimated_decode_bytes, to_grayscale
 
@@ -209,28 +211,13 @@ def measure(case: Case, side: int, content: str, cache_dir: Path) -> Measurement
         )
 
 
-def _high_water_mark() -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
-
-
 def _measure_here(path: Path) -> None:
     """The child: convert ``path`` once and print its peak over the RSS before the call."""
-    data = path.read_bytes()
-    with Image.open(io.BytesIO(data)) as header:
-        fmt, mode = header.format, header.mode
-    budget = DecodeBudget(1)  # as in a worker: a budget also sets Pillow's block size
-    tiny = io.BytesIO()
-    Image.new(mode, (8, 8)).save(tiny, fmt)
-    to_grayscale(tiny.getvalue(), max_pixels=10**9, compress_level=COMPRESS_LEVEL, budget=budget)
-    with open("/proc/self/clear_refs", "w") as clear_refs:
-        clear_refs.write("5")  # VmHWM := current RSS (Linux >= 4.0)
-    baseline = _high_water_mark()
-    gray = to_grayscale(data, max_pixels=10**9, compress_level=COMPRESS_LEVEL, budget=budget)
-    print(json.dumps({"extra": _high_water_mark() - baseline, "png": len(gray.png)}))
+    # As in a worker: a budget also sets Pillow's block size.
+    measured = measure_conversion(
+        path.read_bytes(), max_pixels=10**9, compress_level=COMPRESS_LEVEL, budget=DecodeBudget(1)
+    )
+    print(json.dumps(measured))
 
 
 def _take_turns_here(paths: list[Path], threads: int, pillow_default_blocks: bool) -> None:
@@ -239,16 +226,15 @@ def _take_turns_here(paths: list[Path], threads: int, pillow_default_blocks: boo
     budget = DecodeBudget(1)  # every image is over the limit: each runs alone
     if pillow_default_blocks:
         Image.core.set_block_size(PILLOW_DEFAULT_BLOCK)  # undo what the budget set, to see why it does
-    with open("/proc/self/clear_refs", "w") as clear_refs:
-        clear_refs.write("5")
-    baseline = _high_water_mark()
+    reset_high_water_mark()
+    baseline = high_water_mark()
     with ThreadPoolExecutor(threads) as pool:
         for _ in pool.map(
             lambda body: to_grayscale(body, max_pixels=10**9, compress_level=COMPRESS_LEVEL, budget=budget),
             bodies,
         ):
             pass
-    print(json.dumps({"extra": _high_water_mark() - baseline}))
+    print(json.dumps({"extra": high_water_mark() - baseline}))
 
 
 def take_turns(threads: int, side: int, cache_dir: Path) -> str:

@@ -22,6 +22,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from tests.support.peak_memory import high_water_mark, reset_high_water_mark
+
 from image_crawler.config import get_settings
 from image_crawler.imaging import to_grayscale
 
@@ -89,20 +91,16 @@ def compress_levels(
 
 
 def _reset_peak_rss() -> None:
-    with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as clear_refs:
-        clear_refs.write("5")  # resets VmHWM to the current RSS (Linux ≥ 4.0)
+    with contextlib.suppress(OSError):
+        reset_high_water_mark()
 
 
 def _peak_rss() -> int:
     """This process's peak RSS in bytes since the last reset."""
     try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
+        return high_water_mark()
+    except (OSError, LookupError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -12,9 +12,9 @@
    fresh database of the same MongoDB.
 4. ``to_grayscale`` alone: the PNG compression levels on the image set, and a 4000×3000 photo.
 
-Prints tables, the issue's targets among them (CPU efficiency ≥ 0.90, wall-clock ratio ≥ 0.85,
-redis-server ≤ 0.25 ms of CPU per image), and whether each run met them; asserts nothing about
-time. ``--help`` lists the knobs. Run it from the repository root:
+Prints tables, the pipeline's performance targets among them (CPU efficiency ≥ 0.90, wall-clock
+ratio ≥ 0.85, redis-server ≤ 0.25 ms of CPU per image; benchmarks/README.md), and whether each run
+met them; asserts nothing about time. ``--help`` lists the knobs. Run it from the repository root:
 
     python -m benchmarks.pipeline [options]
 
@@ -39,7 +39,6 @@ from contextlib import ExitStack
 from pathlib import Path
 from urllib.parse import urlsplit
 
-import pymongo
 import redis
 from tests.support.services import database_uri, mongo_endpoint, start_redis
 
@@ -61,8 +60,9 @@ from benchmarks.services import (
     stop_group,
 )
 from image_crawler import outcomes, storage
+from image_crawler.broker import QUEUE_NAMES
 from image_crawler.config import Settings, load_settings
-from image_crawler.dramatiq_internals import NAMESPACE
+from image_crawler.dramatiq_internals import NAMESPACE, is_group_key, is_result_key, queue_keys
 
 #: The ceiling writes as many images at a time as a fetch message carries by default, whatever
 #: BATCH_SIZE the pipeline runs at: a sweep of BATCH_SIZE compares the pipeline to one ceiling.
@@ -171,19 +171,12 @@ def run_pipeline(
     db = storage.connect(settings)
     try:
         counts = outcomes.count_outcomes(db, run)
-        last = storage.ledger(db).find_one({"run": run}, sort=[("ended_at", pymongo.DESCENDING)])
-        stored = storage.images(db).count_documents({})
+        last = outcomes.last_ended_at(db, run)
+        stored = storage.count_images(db)
         png_mean = next(
             storage.images(db).aggregate([{"$group": {"_id": None, "mean": {"$avg": "$gray_size"}}}]), {}
         ).get("mean", 0.0)
-        reasons = list(
-            storage.ledger(db).aggregate(
-                [
-                    {"$match": {"run": run, "outcome": "error"}},
-                    {"$group": {"_id": "$reason", "n": {"$sum": 1}}},
-                ]
-            )
-        )
+        reasons = outcomes.top_error_reasons(db, run=run, limit=0)
     finally:
         db.client.drop_database(database)
         db.client.close()
@@ -194,7 +187,7 @@ def run_pipeline(
     # so their enqueue time is their message_timestamp); without records, when it was launched.
     admits = [r for r in records if r["actor"] == "admit"]
     first = min((r["message_timestamp"] for r in admits), default=launched * 1000) / 1000
-    end = last["ended_at"].timestamp() if last else exited
+    end = last.timestamp() if last else exited
     exact = {"enqueue CLI": usage.ru_utime + usage.ru_stime}  # from wait4
     cpu, rss, system = _roles(sampler, exact)
     system["enqueue CLI"] = usage.ru_stime
@@ -213,7 +206,7 @@ def run_pipeline(
             "cli": cli_args,
             "stored": stored,
             "png_mean": png_mean,
-            "reasons": {row["_id"]: row["n"] for row in reasons},
+            "reasons": dict(reasons),
             "worker_processes": len(sampler.by_role().get("workers", [])),
             "window": sampler.seconds,
             "redis": {key: redis_after[key] - redis_before.get(key, 0) for key in redis_after},
@@ -241,11 +234,11 @@ def _log_lines(path: Path) -> dict[str, int]:
 
 
 def _wait_for_outcomes(env: dict[str, str], urls: Path) -> None:
-    """Wait until the (fresh) database holds an outcome per URL, polling its cheapest count."""
+    """Wait until the (fresh) database has counted an outcome per URL, polling its cheapest count."""
     expected = sum(1 for line in urls.read_text().splitlines() if line.strip())
     db = storage.connect(load_settings(env))
     try:
-        while storage.ledger(db).estimated_document_count() < expected:
+        while sum(outcomes.counted_totals(db).values()) < expected:
             time.sleep(0.1)
     finally:
         db.client.close()
@@ -285,8 +278,8 @@ def _used_memory(client: redis.Redis) -> int:
 
 def _in_flight(client: redis.Redis) -> int:
     """Messages stored in Redis and not acknowledged yet: queued, delayed, or running."""
-    keys = list(client.scan_iter(match=f"{NAMESPACE}:*.msgs", count=1000))
-    return sum(int(client.hlen(key)) for key in keys if not key.endswith(b".XQ.msgs"))
+    keys = [queue_keys(queue) for queue in QUEUE_NAMES]
+    return sum(int(client.hlen(key.messages)) + int(client.hlen(key.delayed_messages)) for key in keys)
 
 
 def _wait_for_idle(client: redis.Redis) -> float | None:
@@ -315,10 +308,9 @@ def _keys_by_kind(client: redis.Redis) -> dict[str, list[int]]:
         name = raw.decode(errors="replace")
         kind = next((what for prefix, what in _KEY_KINDS if name.startswith(prefix)), None)
         if kind is None:
-            bare = name.removesuffix("@members")
-            if len(bare) == 32 and all(c in "0123456789abcdef" for c in bare):
+            if is_result_key(name):
                 kind = "results (Results middleware)"
-            elif len(bare) == 36 and bare.count("-") == 4:
+            elif is_group_key(name):
                 kind = "group barriers"
             else:
                 kind = "other"
@@ -523,7 +515,8 @@ def main(argv: list[str] | None = None) -> None:
             f"FETCH_CONCURRENCY={settings.fetch_concurrency}; Redis {redis_url}; ceiling: "
             f"{args.processes} processes × {args.ceiling_threads} threads, writes {args.ceiling_batch} "
             f"images at a time; PNG_COMPRESS_LEVEL={settings.png_compress_level}, "
-            f"MAX_IMAGE_PIXELS={settings.max_image_pixels}, FETCH_ALLOW_PRIVATE=1 (the server is local)"
+            f"MAX_IMAGE_PIXELS={settings.max_image_pixels}, FETCH_ALLOW_PRIVATE=1 (the server is local), "
+            f"HOST_CONCURRENCY={env['HOST_CONCURRENCY']} (one server stands in for many hosts)"
         )
 
         pipelines: list[RunResult] = []

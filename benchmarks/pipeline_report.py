@@ -1,7 +1,7 @@
 """The tables of ``python -m benchmarks.pipeline``: what the two sides of a run measured, compared.
 
 :class:`RunResult` is what :mod:`benchmarks.pipeline` measures of one side (the pipeline or the
-ceiling) in one run; :func:`report` prints every table from the runs, the issue's targets first.
+ceiling) in one run; :func:`report` prints every table from the runs, the performance targets first.
 Nothing here starts a process or reads a store.
 """
 
@@ -23,7 +23,7 @@ MONGO_ROLES = ("mongo-shim", "mongod")
 #: What the pipeline's processes are, in the CPU efficiency: everything it runs but the image server.
 PIPELINE_ROLES = ("workers", "dramatiq parent", "enqueue CLI", "redis-server", *MONGO_ROLES)
 CEILING_ROLES = ("ceiling", *MONGO_ROLES)
-#: The issue's targets.
+#: The pipeline's performance targets (benchmarks/README.md, "Reading the output").
 TARGET_CPU_EFFICIENCY = 0.90
 TARGET_WALL_RATIO = 0.85
 TARGET_REDIS_MS = 0.25
@@ -134,7 +134,7 @@ def _best(results: list[RunResult]) -> RunResult:
 
 
 def report_targets(pipelines: list[RunResult], ceilings: list[RunResult]) -> None:
-    """The issue's targets, for each run (a pipeline run and the ceiling run after it)."""
+    """The performance targets, for each run (a pipeline run and the ceiling run after it)."""
     pairs = list(zip(pipelines, ceilings, strict=True))
     runs = [f"run {n}" for n in range(1, len(pairs) + 1)] if len(pairs) > 1 else ["value"]
 

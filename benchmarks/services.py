@@ -7,7 +7,6 @@ mongo shim are started by ``tests.support.services``, which the test suite uses 
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import threading
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import psutil
+from tests.support.processes import crawl_environment, worker_command
 from tests.support.services import REPO, stop_group
 
 
@@ -35,15 +35,18 @@ def start_workers(
     output: int | IO[bytes] = subprocess.DEVNULL,
 ) -> subprocess.Popen:
     """``dramatiq MODULE`` workers with this checkout on their path, both their streams to ``output``."""
-    command = [sys.executable, "-m", "dramatiq", module, "--path", str(REPO)]
-    command += ["--processes", str(processes), "--threads", str(threads)]
+    command = worker_command(module, processes=processes, threads=threads, path=REPO)
     return start_group(command, env=env, stdout=output, stderr=output)
 
 
 def crawl_env(redis_url: str, mongo_uri: str) -> dict[str, str]:
-    """The environment of a benchmark's workers and ``image-crawler``: this one, on its own stores."""
-    env = dict(os.environ, REDIS_URL=redis_url, MONGO_URI=mongo_uri, FETCH_ALLOW_PRIVATE="1")
-    # One local server stands in for the many hosts of a real list: no per-host limit.
+    """The environment of a benchmark's workers and ``image-crawler``: this one, on its own stores.
+
+    ``HOST_CONCURRENCY`` is 0 (no per-host limit) unless the environment sets it: one local
+    server stands in for the many hosts of a real list, and the default of 8 requests at once to
+    one host would cap every benchmark at 8 downloads in flight, whatever the workers could do.
+    """
+    env = crawl_environment(redis_url, mongo_uri)
     env.setdefault("HOST_CONCURRENCY", "0")
     return env
 
@@ -103,18 +106,18 @@ class ProcessStats:
     @property
     def cpu(self) -> float:
         """CPU seconds (user + system) from :meth:`Sampler.mark_start` to :meth:`Sampler.mark_end`."""
-        end = self.cpu_end if self.cpu_end is not None else self.cpu_last
-        if self.cpu_start is None or end is None:
-            return 0.0
-        return end - self.cpu_start
+        return _spent(self.cpu_start, self.cpu_end, self.cpu_last)
 
     @property
     def system(self) -> float:
         """The part of :attr:`cpu` spent in the kernel (system time)."""
-        end = self.system_end if self.system_end is not None else self.system_last
-        if self.system_start is None or end is None:
-            return 0.0
-        return end - self.system_start
+        return _spent(self.system_start, self.system_end, self.system_last)
+
+
+def _spent(start: float | None, end: float | None, last: float | None) -> float:
+    """Seconds from ``start`` to ``end``, or to ``last`` for a process gone before the end (0: not seen)."""
+    end = end if end is not None else last
+    return 0.0 if start is None or end is None else end - start
 
 
 def _cpu(process: psutil.Process) -> tuple[float, float]:

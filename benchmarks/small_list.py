@@ -54,13 +54,7 @@ def main() -> None:
         env = services.crawl_env(redis_url, mongo_uri)
         env["PYTHONPATH"] = str(args.src)
         log = open(work / "workers.log", "wb")  # noqa: SIM115 - closed with the workers
-        workers = subprocess.Popen(
-            [sys.executable, "-m", "dramatiq", "image_crawler.actors", "--processes", "2", "--threads", "8"],
-            env=env,
-            start_new_session=True,
-            stdout=log,
-            stderr=log,
-        )
+        workers = services.start_workers("image_crawler.actors", env, processes=2, threads=8, output=log)
         started.append(workers)
         time.sleep(6)  # the workers' start-up is not the crawl's
         begin = time.perf_counter()

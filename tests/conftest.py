@@ -12,13 +12,18 @@ import shutil
 import subprocess
 import tempfile
 import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pymongo
 import pytest
 import redis
 
+from support.http_server import LocalHttpServer
 from support.pipeline import Pipeline
+from support.processes import crawl_environment
 from support.services import database_uri, free_port, silent_listener, start_redis
 from support.skips import unavailable
 
@@ -74,6 +79,13 @@ def download_counters(redis_client):
 
 
 @pytest.fixture
+def server() -> Iterator[LocalHttpServer]:
+    """A local HTTP server of the test's own (modules that need another kind define their own)."""
+    with LocalHttpServer() as running:
+        yield running
+
+
+@pytest.fixture
 def dead_port() -> int:
     """A TCP port on 127.0.0.1 where nothing listens."""
     return free_port()
@@ -106,6 +118,32 @@ def mongo_uri() -> str:
     return uri
 
 
+@contextmanager
+def closing_pipelines(new: Callable[..., Pipeline]) -> Iterator[Callable[..., Pipeline]]:
+    """``make_pipeline``'s factory: pipelines made by ``new``, closed at the end in reverse order.
+
+    Each pipeline puts back the context that was current when it started: closing them in
+    reverse order leaves the one from before the first, whatever the test did in between, and
+    that one is put back in any case (tests/test_services.py checks both).
+    """
+    from image_crawler import context
+
+    started: list[Pipeline] = []
+
+    def make(*args: Any, **kwargs: Any) -> Pipeline:
+        started.append(new(*args, **kwargs))
+        return started[-1]
+
+    before = context.set_context(None)  # whatever was current, put back below
+    context.set_context(before)
+    try:
+        yield make
+    finally:
+        for pipeline in reversed(started):
+            pipeline.close()
+        context.set_context(before)
+
+
 @pytest.fixture
 def make_pipeline(redis_url, mongo_db):
     """Start in-process pipelines on ``mongo_db`` with settings overridden by keyword."""
@@ -113,24 +151,13 @@ def make_pipeline(redis_url, mongo_db):
 
     from image_crawler.config import get_settings
 
-    started: list[Pipeline] = []
-
-    def make(threads: int = 8, **overrides) -> Pipeline:
+    def new(threads: int = 8, **overrides) -> Pipeline:
         settings = dataclasses.replace(get_settings(), redis_url=redis_url, **overrides)
-        started.append(Pipeline(mongo_db, settings, threads))
-        return started[-1]
+        return Pipeline(mongo_db, settings, threads)
 
-    from image_crawler import context
-
-    before = context.set_context(None)  # whatever was current, put back below
-    context.set_context(before)
     _forget_hosts(redis_url)
-    yield make
-    # Each pipeline put back the context that was current when it started: closing them in
-    # reverse order leaves the one from before the first, whatever the test did in between.
-    for pipeline in reversed(started):
-        pipeline.close()
-    context.set_context(before)
+    with closing_pipelines(new) as make:
+        yield make
     _forget_hosts(redis_url)
 
 
@@ -150,8 +177,13 @@ def crawl_env(mongo_uri, tmp_path):
     """Environment for worker and CLI processes: a private Redis and a fresh database at MONGO_URI."""
     redis_process, redis_url = start_redis(tmp_path)
     database = f"e2e_{uuid.uuid4().hex[:8]}"
-    env = dict(os.environ, REDIS_URL=redis_url, MONGO_URI=database_uri(mongo_uri, database))
-    env.update(FETCH_ALLOW_PRIVATE="1", FETCH_RETRIES="1", FETCH_TIMEOUT="5", PYTHONUNBUFFERED="1")
+    env = crawl_environment(
+        redis_url,
+        database_uri(mongo_uri, database),
+        FETCH_RETRIES="1",
+        FETCH_TIMEOUT="5",
+        PYTHONUNBUFFERED="1",
+    )
     client = pymongo.MongoClient(mongo_uri, tz_aware=True)
     yield env, client[database]
     client.drop_database(database)

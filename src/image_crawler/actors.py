@@ -53,10 +53,10 @@ from .claims import BODIES, PNGS
 from .config import get_settings
 from .context import Context, count_downloads, get_context, longest_download_s
 from .context import share_redis as _share_redis
-from .dramatiq_internals import heartbeats_key
+from .dramatiq_internals import heartbeats_key, result_message
 from .errors import CrawlError, FetchTimeout, HttpStatusError, ResultMissing, ShuttingDown
 from .fetching import Download
-from .middleware import Verdict, WorkerShape, reason_for, retry_transient
+from .middleware import WORKERS_KEY, Verdict, reason_for, retry_transient, worker_threads
 from .outcomes import Job
 from .politeness import HostBusy, host_of
 from .redaction import install_log_redaction
@@ -138,11 +138,20 @@ def fetch_batch_size(run_lines: int | None, *, threads: int, batch_size: int) ->
 
 
 def _worker_threads() -> int:
-    """Worker threads of the whole cluster: live worker processes × this process's threads."""
-    shape = next((m for m in broker.middleware if isinstance(m, WorkerShape)), None)
+    """Worker threads of the whole cluster: this process's, and those of every other worker
+    process listed in ``WORKERS_KEY`` whose heartbeat is live (docs/architecture.md, "admit")."""
     now_ms = int(time.time() * 1000)
-    live = broker.client.zcount(heartbeats_key(broker.namespace), now_ms - HEARTBEAT_TIMEOUT_MS, "+inf")
-    return max(1, int(live)) * (shape.threads if shape is not None else 8)
+    with broker.client.pipeline(transaction=False) as pipe:
+        pipe.zrangebyscore(heartbeats_key(broker.namespace), now_ms - HEARTBEAT_TIMEOUT_MS, "+inf")
+        pipe.hgetall(WORKERS_KEY)
+        live, workers = pipe.execute()
+    beating = {_text(name) for name in live} - {broker.broker_id}
+    others = sum(int(threads) for name, threads in workers.items() if _text(name) in beating)
+    return worker_threads(broker) + others
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def fetch_message(run: str, lines: Sequence[Sequence[Any]]) -> dict[str, Any]:
@@ -527,14 +536,14 @@ def collect(parcel: dict[str, Any], meta: list[list[Any]], members: dict[str, st
     jobs = jobs_of(parcel)
     done = outcomes.ended_jobs(context.db, [job.id for job in jobs])
     if len(done) < len(jobs):
-        digests: list[str] = _member_result(md5, parcel, members["md5"])
-        grays: list[dict[str, Any]] = _member_result(grayscale, parcel, members["grayscale"])
+        digests: list[str] = _member_result(md5, members["md5"])
+        grays: list[dict[str, Any]] = _member_result(grayscale, members["grayscale"])
         _store_and_record(context, parcel, meta, jobs, done, digests, grays)
     backend = _result_backend()
     with broker.client.pipeline(transaction=False) as pipe:
         context.claims.drop(parcel["claim"], pipe=pipe)
         for actor in (md5, grayscale):
-            pipe.delete(backend.build_message_key(_member(actor, parcel, members[actor.actor_name])))
+            pipe.delete(backend.build_message_key(result_message(actor, members[actor.actor_name])))
         pipe.execute()
 
 
@@ -557,13 +566,10 @@ def _store_and_record(
             documents.append(outcomes.outcome_document(job, outcomes.ERROR, reason=grays[index]["error"]))
         else:
             images.append((index, job, digests[index]))
-    winners = storage.image_jobs(context.db, [digest for _, _, digest in images])
-    new: dict[str, tuple[int, Job]] = {}  # one job per MD5 not stored yet stores it
-    for index, job, digest in images:
-        if digest not in winners and digest not in new:
-            new[digest] = (index, job)
+    # One job per MD5 not stored yet stores it (the first); the others find it stored.
+    first, winners = storage.images_to_store(context.db, [(job.id, digest) for _, job, digest in images])
     sizes = [grays[index].get("png", 0) for index in range(len(jobs))]
-    for indexes in claims.chunks([index for index, _ in new.values()], sizes, MOVE_BYTES):
+    for indexes in claims.chunks([images[n][0] for n in first], sizes, MOVE_BYTES):
         pngs = context.claims.get(parcel["claim"], PNGS, indexes, "grayscale image")
         records = []
         for index in indexes:
@@ -579,9 +585,7 @@ def _store_and_record(
             )
             records.append((record, pngs[index], job.id))
         winners.update(storage.store_new_images(context.db, records))
-    for _, job, digest in images:
-        outcome = outcomes.SUCCESS if winners.get(digest) == job.id else outcomes.DUPLICATE
-        documents.append(outcomes.outcome_document(job, outcome, md5=digest))
+    documents += [outcomes.image_outcome(job, digest, winners) for _, job, digest in images]
     outcomes.record_outcomes(context.db, documents)
 
 
@@ -611,15 +615,9 @@ def record_admit_failure(batch: dict[str, Any], reason: str) -> None:
     record_failure.fn(batch, f"not admitted: {reason}")
 
 
-def _member(actor: dramatiq.Actor, parcel: dict[str, Any], message_id: str) -> dramatiq.Message:
-    # Result keys are derived from queue, actor and message id; rebuilding the message with
-    # the member's id finds its result without carrying whole messages around.
-    return actor.message(parcel).copy(message_id=message_id)
-
-
-def _member_result(actor: dramatiq.Actor, parcel: dict[str, Any], message_id: str) -> Any:
+def _member_result(actor: dramatiq.Actor, message_id: str) -> Any:
     try:
-        return _member(actor, parcel, message_id).get_result(backend=_result_backend())
+        return result_message(actor, message_id).get_result(backend=_result_backend())
     except _BackendResultMissing:
         raise ResultMissing(f"{actor.actor_name} result missing") from None
 

@@ -1,17 +1,19 @@
-"""Dramatiq setup: the broker's Redis client and its outage budget, the queues and their
-priorities, the worker metrics exporter, and the middleware and their order.
+"""Dramatiq setup: the broker on its Redis client (and that client's outage budget), the queues
+and their priorities, and the middleware and their order.
 
-What relies on Dramatiq's private details (the broker class, its consumer, the group barrier,
-Redis key formats) is in :mod:`image_crawler.dramatiq_internals`; what is here uses Dramatiq's
-public API only.
+The middleware themselves are in :mod:`image_crawler.middleware`; what relies on Dramatiq's
+private details (the broker class, its consumer, the group barrier, Redis key formats) is in
+:mod:`image_crawler.dramatiq_internals`. The Redis client is made here because it is the
+broker's: a process's other Redis users (claim checks, host turns) share it, or one made the
+same way (:func:`connect_redis`), so that all of them ride out an outage alike; a command a
+person waits for makes it within a shorter :func:`outage_budget`.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any
@@ -26,7 +28,6 @@ from dramatiq.middleware import (
     Retries,
     ShutdownNotifications,
     TimeLimit,
-    prometheus,
 )
 from dramatiq.rate_limits.backends import RedisBackend as RateLimiterBackend
 from dramatiq.results import Results
@@ -36,7 +37,7 @@ from redis.retry import Retry
 
 from .config import Settings
 from .dramatiq_internals import WORKER_LOGGER, DistinctGroupCallbacks, PipelinedRedisBroker
-from .middleware import CrashGuard, ExpectedFailures, RecordFailures, WorkerShape
+from .middleware import CrashGuard, ExpectedFailures, RecordFailures, WorkerMetrics, WorkerShape
 
 #: A worker that has not been heard from for this long is presumed dead and its messages
 #: (running and prefetched) are put back on their queues. Dramatiq's default is 60 s.
@@ -46,6 +47,10 @@ HEARTBEAT_TIMEOUT_MS = 20_000
 MAINTENANCE_CHANCE = 50_000
 #: How long results wait for the collector in the result backend (Dramatiq's default: 10 min).
 RESULT_TTL_MS = 60 * 60 * 1000
+#: Backoff of a failed message's retries (ms), unless its actor sets its own ``max_backoff``:
+#: 1 s, 2 s, 4 s… with jitter, at most a minute (Dramatiq's defaults: 15 s, and 7 days).
+MESSAGE_MIN_BACKOFF_MS = 1_000
+MESSAGE_MAX_BACKOFF_MS = 60_000
 
 #: While Redis is unreachable (a restart, a failover), every Redis call of a worker — fetching,
 #: acking, enqueueing a retry or a group callback, storing a result — waits and tries again for
@@ -61,6 +66,8 @@ ADMIT_QUEUE = "admit"
 #: The pipeline's actors (``image_crawler.actors``), in the order a URL meets them, then the
 #: recorders of messages that failed for good: named here so that reading them sets up nothing.
 ACTOR_NAMES = ("admit", "fetch", "md5", "grayscale", "collect", "record_failure", "record_admit_failure")
+#: Every queue the actors use, in the same order.
+QUEUE_NAMES = (ADMIT_QUEUE, FETCH_QUEUE, PROCESS_QUEUE)
 
 # Work already started outranks new work (a lower number runs first): a worker holding several
 # kinds of message finishes md5, grayscale, collect and the recorders, then fetches, and admits
@@ -68,13 +75,6 @@ ACTOR_NAMES = ("admit", "fetch", "md5", "grayscale", "collect", "record_failure"
 PROCESS_PRIORITY = 0
 FETCH_PRIORITY = 100
 ADMIT_PRIORITY = 200
-
-
-#: Where a worker host's exporter serves Dramatiq's metrics with ``WORKER_METRICS=1``, unless
-#: Dramatiq's own ``dramatiq_prom_host``/``dramatiq_prom_port`` say otherwise. Dramatiq's
-#: exporter listens on every interface (dramatiq#309); ours on this machine only.
-WORKER_METRICS_HOST = "127.0.0.1"
-WORKER_METRICS_PORT = 9191
 
 
 #: Group barriers live as long as results (and claim checks) when their group never completes;
@@ -143,40 +143,6 @@ def connect_redis(url: str) -> redis.Redis:
     )
 
 
-def worker_metrics_address(environ: Mapping[str, str] = os.environ) -> tuple[str, int]:
-    """The host and port the worker metrics exporter listens on, from Dramatiq's variables."""
-    host = environ.get("dramatiq_prom_host") or WORKER_METRICS_HOST
-    return host, int(environ.get("dramatiq_prom_port") or WORKER_METRICS_PORT)
-
-
-class WorkerMetrics(prometheus.Prometheus):
-    """Dramatiq's Prometheus middleware, its exporter at :func:`worker_metrics_address`.
-
-    Each worker process counts its messages in files under ``dramatiq_prom_db`` (default:
-    ``<tmp>/dramatiq-prometheus``); one process forked by the ``dramatiq`` command serves the sum.
-    """
-
-    @property
-    def forks(self) -> list[Callable[[], int]]:
-        return [serve_worker_metrics]
-
-
-def serve_worker_metrics() -> int:
-    """Serve the metrics of every worker process of this ``dramatiq`` command (a fork function)."""
-    # Imported here, not at the top: worker processes import this module before the middleware
-    # points prometheus_client at the shared files (after_process_boot), and a process that
-    # imported it before then would count in its own memory, unseen by this exporter.
-    import prometheus_client
-    from prometheus_client.multiprocess import MultiProcessCollector
-
-    registry = prometheus_client.CollectorRegistry()
-    MultiProcessCollector(registry, path=prometheus.DB_PATH)
-    host, port = worker_metrics_address()
-    _, thread = prometheus_client.start_http_server(port, addr=host, registry=registry)
-    thread.join()
-    return 0
-
-
 def create_broker(settings: Settings) -> PipelinedRedisBroker:
     """A Redis broker for ``REDIS_URL`` with the pipeline's middleware, in an order that matters.
 
@@ -202,7 +168,7 @@ def create_broker(settings: Settings) -> PipelinedRedisBroker:
         DistinctGroupCallbacks(rate_limiter_backend, barrier_ttl=BARRIER_TTL_MS),
         Results(backend=result_backend, result_ttl=RESULT_TTL_MS),
         RecordFailures(),
-        Retries(min_backoff=1_000, max_backoff=60_000),
+        Retries(min_backoff=MESSAGE_MIN_BACKOFF_MS, max_backoff=MESSAGE_MAX_BACKOFF_MS),
         WorkerShape(),
     ]
     return PipelinedRedisBroker(

@@ -360,10 +360,10 @@ def _settle(db: Database) -> None:
 
 def _known_run(db: Database, run: str) -> outcomes.RunSummary | None:
     """Where ``run`` stands (None for a run enqueued before runs were recorded); an error if unknown."""
-    summary = outcomes.get_run(db, run)
-    if summary is None and not outcomes.has_outcomes(db, run):
-        raise click.ClickException(f"no run {run} (image-crawler runs lists them)")
-    return summary
+    try:
+        return outcomes.known_run(db, run)
+    except outcomes.UnknownRun:
+        raise click.ClickException(f"no run {run} (image-crawler runs lists them)") from None
 
 
 def _lines_shown(summary: outcomes.RunSummary) -> str:

@@ -55,6 +55,31 @@ the test of ``tests/image_crawler/test_dramatiq_internals.py`` named with it, wh
     unhandled exception as an error with ``exc_info``: where
     :class:`~image_crawler.middleware.ExpectedFailures` is attached.
     Test: ``test_a_failing_actor_is_logged_on_the_worker_threads_logger``.
+14. ``Broker.emit_before`` logs and swallows whatever a ``before_*`` hook raises, except a
+    ``MiddlewareError``: the worker then treats that as the message's failure (its
+    ``after_process_message`` hooks get it as ``exception``, so Retries retries it), or skips
+    the message for a ``SkipMessage``. :class:`~image_crawler.middleware.CrashGuard` raises
+    ``GuardUnavailable`` (a ``MiddlewareError``) so that a message it cannot mark is retried,
+    never run unguarded; and runs a message whose ``on_crash`` handler failed as safely as it
+    can, because Dramatiq would run it anyway.
+    Test: ``test_a_before_hook_stops_a_message_only_with_a_middleware_error``.
+15. A result's key (``ResultBackend.build_message_key``) is made of the backend's namespace and
+    the message's queue, actor and id, nothing else (not its arguments or options), hashed to
+    32 hex digits (``use_namespace_prefix_keys`` off, the default): :func:`result_message`
+    rebuilds a group member's message from its actor and id alone, to read and delete its
+    result; :func:`is_result_key` tells such keys apart.
+    Test: ``test_a_result_is_found_by_the_queue_actor_and_id_of_its_message``.
+16. The group ids ``group.run()`` makes (the barriers' keys) are ``str(uuid4())``:
+    :func:`is_group_key` tells them, and the members sets
+    (:meth:`DistinctGroupCallbacks.members_key`) next to them, apart.
+    Test: ``test_group_run_makes_the_barrier_our_script_reads`` (with detail 11).
+17. ``dramatiq.middleware.prometheus``: ``Prometheus.forks`` is ``[_run_exposition_server]``, the
+    only way its exporter starts, so :class:`~image_crawler.middleware.WorkerMetrics` replaces
+    that exporter by overriding ``forks``; ``Prometheus.after_process_boot`` points
+    prometheus_client at ``DB_PATH`` (``$dramatiq_prom_db``, else
+    ``<tmp>/dramatiq-prometheus``; :func:`prometheus_db_path`) before it first imports it, which
+    is where every worker process keeps its metrics files and what our exporter reads.
+    Test: ``test_prometheus_starts_its_exporter_by_its_forks_and_counts_in_db_path``.
 """
 
 from __future__ import annotations
@@ -71,6 +96,7 @@ import redis
 from dramatiq import Message
 from dramatiq.brokers.redis import RedisBroker, _RedisConsumer
 from dramatiq.common import dq_name, xq_name
+from dramatiq.middleware import prometheus
 from dramatiq.middleware.group_callbacks import GroupCallbacks
 
 # Its log lines keep the logger they had before these classes moved here (users grep for it).
@@ -91,6 +117,38 @@ GROUP_CALLBACKS_OPTION = "group_completion_callbacks"
 
 #: How often a consumer looks for messages of its own that it lost track of (see below).
 ORPHAN_SWEEP_S = 10.0
+
+
+_HEX = frozenset("0123456789abcdef")
+
+
+def result_message(actor: dramatiq.Actor, message_id: str) -> Message:
+    """A message of ``actor`` with id ``message_id``: enough to read or delete the result of the
+    message of that id (its key depends on nothing else), without carrying whole messages around."""
+    return Message(
+        queue_name=actor.queue_name,
+        actor_name=actor.actor_name,
+        args=(),
+        kwargs={},
+        options={},
+        message_id=message_id,
+    )
+
+
+def is_result_key(key: str) -> bool:
+    """Whether ``key`` has the shape of a key of Dramatiq's result backend (32 hex digits)."""
+    return len(key) == 32 and set(key) <= _HEX
+
+
+def is_group_key(key: str) -> bool:
+    """Whether ``key`` has the shape of a group's barrier (its completion uuid) or of its members set."""
+    bare = key.removesuffix(DistinctGroupCallbacks.MEMBERS_SUFFIX)
+    return len(bare) == 36 and bare.count("-") == 4 and set(bare.replace("-", "")) <= _HEX
+
+
+def prometheus_db_path() -> str:
+    """Where the worker processes of Dramatiq's Prometheus middleware keep their metrics files."""
+    return prometheus.DB_PATH
 
 
 def redis_message_id(message: Message) -> str:
@@ -276,6 +334,9 @@ class DistinctGroupCallbacks(GroupCallbacks):
       barrier_ttl(int): Milliseconds a barrier lives if its group never completes.
     """
 
+    #: What the key of a group's members set adds to the group's id (its barrier's key).
+    MEMBERS_SUFFIX = "@members"
+
     _ARRIVE = """
     local parties = redis.call("get", KEYS[1])
     if not parties then
@@ -294,6 +355,11 @@ class DistinctGroupCallbacks(GroupCallbacks):
         super().__init__(rate_limiter_backend, barrier_ttl=barrier_ttl)
         self._arrive = rate_limiter_backend.client.register_script(self._ARRIVE)
 
+    @classmethod
+    def members_key(cls, group_id: str) -> str:
+        """The set of the ids of a group's members that completed, next to its barrier."""
+        return f"{group_id}{cls.MEMBERS_SUFFIX}"
+
     def after_process_message(self, broker, message, *, result=None, exception=None):
         if exception is not None:
             return
@@ -301,7 +367,7 @@ class DistinctGroupCallbacks(GroupCallbacks):
         callbacks = message.options.get(GROUP_CALLBACKS_OPTION)
         if not (group_id and callbacks):
             return
-        keys = [group_id, f"{group_id}@members"]
+        keys = [group_id, self.members_key(group_id)]
         if self._arrive(keys=keys, args=[message.message_id, self.barrier_ttl]):
             for callback in callbacks:
                 broker.enqueue(Message(**callback))

@@ -1,19 +1,38 @@
-"""Dramatiq middleware of the pipeline (the group barrier, which relies on Dramatiq's private
-details, is :class:`~image_crawler.dramatiq_internals.DistinctGroupCallbacks`)."""
+"""Dramatiq middleware of the pipeline, and the retry policy they share.
+
+The group barrier, which replaces a part of Dramatiq, is
+:class:`~image_crawler.dramatiq_internals.DistinctGroupCallbacks`; what the middleware here rely
+on beyond Dramatiq's public API is listed (and tested) in :mod:`image_crawler.dramatiq_internals`.
+:func:`image_crawler.broker.create_broker` puts them in order.
+"""
 
 from __future__ import annotations
 
 import enum
 import logging
+import os
 import threading
+from collections.abc import Callable, Mapping
 
 import pymongo.errors
 import redis.exceptions
-from dramatiq.middleware import Middleware, MiddlewareError, SkipMessage, TimeLimitExceeded
+from dramatiq.middleware import Middleware, MiddlewareError, SkipMessage, TimeLimitExceeded, prometheus
 
+from .dramatiq_internals import prometheus_db_path
 from .errors import CrawlError
 
 logger = logging.getLogger(__name__)
+
+#: Worker threads per process until a worker boots and says how many it runs: Dramatiq's own
+#: default (``dramatiq --threads``, ``Worker(worker_threads=)``).
+DEFAULT_WORKER_THREADS = 8
+#: Seconds a :class:`CrashGuard` mark outlives its message's start: longer than any redelivery takes.
+CRASH_MARK_TTL_S = 24 * 3600
+#: Where a worker host's exporter serves Dramatiq's metrics with ``WORKER_METRICS=1``, unless
+#: Dramatiq's own ``dramatiq_prom_host``/``dramatiq_prom_port`` say otherwise. Dramatiq's
+#: exporter listens on every interface (dramatiq#309); ours on this machine only.
+WORKER_METRICS_HOST = "127.0.0.1"
+WORKER_METRICS_PORT = 9191
 
 
 class GuardUnavailable(MiddlewareError):
@@ -183,7 +202,7 @@ class CrashGuard(Middleware):
 
     Parameters:
       client(redis.Redis): Where the marks live.
-      ttl(int): Seconds a mark outlives its message's start (longer than any redelivery takes).
+      ttl(int): Seconds a mark outlives its message's start (default: :data:`CRASH_MARK_TTL_S`).
     """
 
     _ARRIVE = """
@@ -197,7 +216,7 @@ class CrashGuard(Middleware):
     end
     """
 
-    def __init__(self, client, *, ttl: int = 24 * 3600) -> None:
+    def __init__(self, client, *, ttl: int = CRASH_MARK_TTL_S) -> None:
         self.client = client
         self.ttl = ttl
         self._arrive = client.register_script(self._ARRIVE)
@@ -226,7 +245,8 @@ class CrashGuard(Middleware):
         try:
             deaths = int(self._arrive(keys=[key], args=[self.ttl]))
         except redis.exceptions.RedisError as exc:
-            # Dramatiq runs a message whose before-hook raised anything but a MiddlewareError.
+            # Dramatiq runs a message whose before-hook raised anything but a MiddlewareError
+            # (dramatiq_internals, detail 14).
             raise GuardUnavailable(f"cannot mark {message} as running") from exc
         try:
             verdict = handler(message, deaths)
@@ -267,11 +287,69 @@ class CrashGuard(Middleware):
             self._turns.release(alone)
 
 
-class WorkerShape(Middleware):
-    """Remembers how many worker threads this process runs (``--threads``), for batch sizing."""
+#: Hash of the broker id of every running worker process → its worker threads: the processes
+#: a short run is cut for (``actors._worker_threads``).
+WORKERS_KEY = "image-crawler:workers"
 
-    def __init__(self, default_threads: int = 8) -> None:
+
+class WorkerShape(Middleware):
+    """Remembers how many worker threads this process runs (``--threads``), for batch sizing,
+    and lists the process in :data:`WORKERS_KEY` while its worker runs.
+
+    Dramatiq's heartbeats name every broker that sent a command lately, ``image-crawler
+    enqueue``'s too (its dispatch script beats at each command): only a process that booted a
+    worker is listed here, with its own number of threads. A process killed outright leaves its
+    entry behind; it stops counting once its heartbeat is gone.
+    """
+
+    def __init__(self, default_threads: int = DEFAULT_WORKER_THREADS) -> None:
         self.threads = default_threads
 
     def after_worker_boot(self, broker, worker):
         self.threads = worker.worker_threads
+        broker.client.hset(WORKERS_KEY, broker.broker_id, worker.worker_threads)
+
+    def before_worker_shutdown(self, broker, worker):
+        broker.client.hdel(WORKERS_KEY, broker.broker_id)
+
+
+def worker_threads(broker) -> int:
+    """The worker threads of this process, as its broker's :class:`WorkerShape` knows them
+    (:data:`DEFAULT_WORKER_THREADS` for a broker without one)."""
+    shape = next((m for m in broker.middleware if isinstance(m, WorkerShape)), None)
+    return shape.threads if shape is not None else DEFAULT_WORKER_THREADS
+
+
+def worker_metrics_address(environ: Mapping[str, str] = os.environ) -> tuple[str, int]:
+    """The host and port the worker metrics exporter listens on, from Dramatiq's variables."""
+    host = environ.get("dramatiq_prom_host") or WORKER_METRICS_HOST
+    return host, int(environ.get("dramatiq_prom_port") or WORKER_METRICS_PORT)
+
+
+class WorkerMetrics(prometheus.Prometheus):
+    """Dramatiq's Prometheus middleware, its exporter at :func:`worker_metrics_address`.
+
+    Each worker process counts its messages in files under ``dramatiq_prom_db`` (default:
+    ``<tmp>/dramatiq-prometheus``); one process forked by the ``dramatiq`` command serves the sum.
+    Overriding ``forks`` replaces Dramatiq's exporter (dramatiq_internals, detail 17).
+    """
+
+    @property
+    def forks(self) -> list[Callable[[], int]]:
+        return [serve_worker_metrics]
+
+
+def serve_worker_metrics() -> int:
+    """Serve the metrics of every worker process of this ``dramatiq`` command (a fork function)."""
+    # Imported here, not at the top: worker processes import this module before the middleware
+    # points prometheus_client at the shared files (after_process_boot), and a process that
+    # imported it before then would count in its own memory, unseen by this exporter.
+    import prometheus_client
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    registry = prometheus_client.CollectorRegistry()
+    MultiProcessCollector(registry, path=prometheus_db_path())
+    host, port = worker_metrics_address()
+    _, thread = prometheus_client.start_http_server(port, addr=host, registry=registry)
+    thread.join()
+    return 0

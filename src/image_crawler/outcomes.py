@@ -43,7 +43,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -107,15 +107,6 @@ class Job:
         """The job for line ``line`` of run ``run``."""
         return cls(id=f"{run}:{line}", run=run, line=line, url=url)
 
-    @classmethod
-    def from_message(cls, data: dict[str, Any]) -> Job:
-        """Rebuild a job from the dict a message carries."""
-        return cls(id=data["id"], run=data["run"], line=int(data["line"]), url=data["url"])
-
-    def to_message(self) -> dict[str, Any]:
-        """The job as a JSON-safe dict."""
-        return asdict(self)
-
 
 def _url_for_ledger(url: str) -> str:
     url = redact_url(url)  # credentials stay in the message that fetches
@@ -157,11 +148,12 @@ def outcome_document(
     }
 
 
-def record_outcome(
-    db: Database, job: Job, outcome: str, *, reason: str | None = None, md5: str | None = None
-) -> bool:
-    """Record the job's terminal outcome; False if it already had one (which is kept)."""
-    return record_outcomes(db, [outcome_document(job, outcome, reason=reason, md5=md5)]) == 1
+def image_outcome(job: Job, md5: str, stored_by: dict[str, str | None]) -> dict[str, Any]:
+    """The outcome document of ``job``, whose body is the image ``md5``: ``success`` when the job
+    stored that image, ``duplicate`` when another did (``stored_by``, MD5 → the job that stored
+    it, as :func:`~image_crawler.storage.images_to_store` and ``store_new_images`` say)."""
+    outcome = SUCCESS if stored_by.get(md5) == job.id else DUPLICATE
+    return outcome_document(job, outcome, md5=md5)
 
 
 def record_outcomes(db: Database, documents: list[dict[str, Any]]) -> int:
@@ -718,6 +710,19 @@ def has_outcomes(db: Database, run: str) -> bool:
     return storage.ledger(db).find_one({"run": run}, projection={"_id": 1}) is not None
 
 
+class UnknownRun(LookupError):
+    """No run has this id: ``enqueue`` recorded none, and the ledger holds no outcome of one."""
+
+
+def known_run(db: Database, run: str, *, now: dt.datetime | None = None) -> RunSummary | None:
+    """Where ``run`` stands: None for a run enqueued before runs were recorded (it has outcomes
+    only); :class:`UnknownRun` if there is no such run."""
+    summary = get_run(db, run, now=now)
+    if summary is None and not has_outcomes(db, run):
+        raise UnknownRun(run)
+    return summary
+
+
 def _summaries(db: Database, documents: list[dict[str, Any]], now: dt.datetime | None) -> list[RunSummary]:
     now = storage.as_utc(now or storage.utcnow())
     window = storage.minute_of(now or storage.utcnow()) - (RATE_MINUTES - 1) * _MINUTE
@@ -881,9 +886,13 @@ def ended_jobs(db: Database, job_ids: Iterable[str]) -> set[str]:
     return {document["_id"] for document in found}
 
 
-def get_outcome(db: Database, job_id: str) -> dict[str, Any] | None:
-    """The ledger entry of one job, or None while it is still running."""
-    return storage.ledger(db).find_one({"_id": job_id})
+def last_ended_at(db: Database, run: str) -> dt.datetime | None:
+    """When the last outcome of ``run`` was recorded, or None: read from every outcome of the run
+    (for a benchmark's clock, not for pages)."""
+    last = storage.ledger(db).find_one(
+        {"run": run}, projection={"ended_at": 1}, sort=[("ended_at", DESCENDING)]
+    )
+    return None if last is None else storage.as_utc(last["ended_at"])
 
 
 def count_ended(db: Database, run: str) -> int:

@@ -207,11 +207,6 @@ class ImageRecord:
     byte_size: int
 
 
-def has_image(db: Database, md5: str) -> bool:
-    """Whether an image with this MD5 is stored (document and PNG)."""
-    return images(db).count_documents({"_id": md5}, limit=1) > 0
-
-
 def store_gray_png(db: Database, md5: str, png: bytes) -> None:
     """Write the grayscale PNG to GridFS under ``_id = md5`` unless it is already complete there.
 
@@ -253,6 +248,23 @@ def image_jobs(db: Database, md5s: Iterable[str]) -> dict[str, str | None]:
     return {document["_id"]: document.get("job") for document in found}
 
 
+def images_to_store(
+    db: Database, images: Sequence[tuple[str, str]]
+) -> tuple[list[int], dict[str, str | None]]:
+    """Which of a batch's images to store: ``images`` are ``(job id, md5)`` pairs, in order.
+
+    Returns the indexes of the pairs that store an image, the first of each MD5 not stored yet
+    (in order), and, for every MD5 already stored, the job that stored it (one query). Once
+    :func:`store_new_images` has stored the first ones, its answer completes the second.
+    """
+    stored_by = image_jobs(db, [md5 for _, md5 in images])
+    first: dict[str, int] = {}
+    for index, (_, md5) in enumerate(images):
+        if md5 not in stored_by:
+            first.setdefault(md5, index)
+    return list(first.values()), stored_by
+
+
 def _image_document(record: ImageRecord, png: bytes, job_id: str) -> dict:
     return {
         "_id": record.md5,
@@ -289,20 +301,6 @@ def store_new_images(db: Database, new: Sequence[tuple[ImageRecord, bytes, str]]
         raced = [documents[error["index"]]["_id"] for error in errors]
         winners.update(image_jobs(db, raced))
     return winners
-
-
-def store_image(db: Database, record: ImageRecord, png: bytes | None, *, job_id: str) -> bool:
-    """Store one image once; True when this job stored it, False when it was already there.
-
-    ``png`` may be None only when the image is already stored. A retry or redelivery of the
-    job that first stored the image still answers True. (:func:`store_new_images` for one.)
-    """
-    known = image_jobs(db, [record.md5])
-    if record.md5 in known:
-        return known[record.md5] == job_id
-    if png is None:
-        raise ValueError("the PNG is needed to store a new image")
-    return store_new_images(db, [(record, png, job_id)])[record.md5] == job_id
 
 
 # --- reads of the web app ----------------------------------------------------------------

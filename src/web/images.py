@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+from collections.abc import Callable
+from typing import TypeVar
 
 from flask import Blueprint, Response, current_app, jsonify, request, url_for
+from pymongo.database import Database
 from werkzeug.exceptions import BadRequest, NotFound
 from werkzeug.wsgi import wrap_file
 
@@ -20,21 +23,24 @@ _MD5 = re.compile(r"[0-9a-fA-F]{32}")
 #: An image's name is the MD5 of the bytes it was made from: what it names never changes.
 _ONE_YEAR = 365 * 24 * 3600
 
+T = TypeVar("T")
 
-def _md5(name: str) -> str:
-    """``name`` as a lower-case MD5, or a 400."""
+
+def _stored(name: str, read: Callable[[Database, str], T | None]) -> tuple[str, T]:
+    """``name`` as a lower-case MD5 (else a 400) and what ``read`` finds stored under it (else a 404)."""
     if not _MD5.fullmatch(name):
         raise BadRequest("An image is named by the 32 hexadecimal digits of its MD5.")
-    return name.lower()
+    md5 = name.lower()
+    found = read(get_db(), md5)
+    if found is None:
+        raise NotFound(f"No image has the MD5 {md5}.")
+    return md5, found
 
 
 @bp.get("/<path:name>")
 def png(name: str) -> Response:
     """The grayscale PNG, streamed from GridFS, cacheable for good (strong ETag = MD5)."""
-    md5 = _md5(name)
-    stored = open_gray_png(get_db(), md5)
-    if stored is None:
-        raise NotFound(f"No image has the MD5 {md5}.")
+    md5, stored = _stored(name, open_gray_png)
     response = current_app.response_class(
         wrap_file(request.environ, stored, buffer_size=stored.chunk_size),
         mimetype="image/png",
@@ -54,10 +60,7 @@ def png(name: str) -> Response:
 @bp.get("/<path:name>.json")
 def metadata(name: str) -> Response:
     """Width, height, insertion time, source URL and sizes of one stored image."""
-    md5 = _md5(name)
-    document = find_image(get_db(), md5)
-    if document is None:
-        raise NotFound(f"No image has the MD5 {md5}.")
+    md5, document = _stored(name, find_image)
     inserted_at = document.get("inserted_at")
     return jsonify(
         {

@@ -73,11 +73,10 @@ def _known(run: str) -> outcomes.RunSummary | None:
     """The run's summary; None for a run enqueued before runs were recorded; a 404 if there is no such run."""
     if len(run) > _LONGEST_LEGACY_ID or not run.isprintable():
         abort(404, description="A run id is 1 to 64 letters, digits, '_', '.' or '-'.")
-    db = get_db()
-    summary = outcomes.get_run(db, run)
-    if summary is None and not outcomes.has_outcomes(db, run):
+    try:
+        return outcomes.known_run(get_db(), run)
+    except outcomes.UnknownRun:
         abort(404, description=f"There is no run {run!r}.")
-    return summary
 
 
 @bp.get("/runs/<run>")

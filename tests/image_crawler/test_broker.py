@@ -26,9 +26,22 @@ from dramatiq.results.middleware import DEFAULT_RESULT_TTL
 
 from image_crawler import broker as broker_module
 from image_crawler import cli, dramatiq_internals
-from image_crawler.broker import REDIS_OUTAGE_BUDGET_S, connect_redis, create_broker, setup_broker
+from image_crawler.broker import (
+    MESSAGE_MAX_BACKOFF_MS,
+    MESSAGE_MIN_BACKOFF_MS,
+    REDIS_OUTAGE_BUDGET_S,
+    connect_redis,
+    create_broker,
+    setup_broker,
+)
 from image_crawler.config import get_settings
-from image_crawler.dramatiq_internals import DistinctGroupCallbacks, ack_set_key, queue_keys
+from image_crawler.dramatiq_internals import (
+    GROUP_CALLBACKS_OPTION,
+    GROUP_ID_OPTION,
+    DistinctGroupCallbacks,
+    ack_set_key,
+    queue_keys,
+)
 from image_crawler.middleware import CrashGuard, Verdict
 from support.clock import FakeClock
 from support.services import free_port, start_redis
@@ -150,6 +163,7 @@ def test_a_failed_message_is_retried_after_a_second_at_first_and_never_after_mor
     broker.emit_after("process_message", _proxy("flaky", _BATCH, retries=30), exception=ValueError())
 
     (_, first), (_, thirtieth) = enqueued
+    assert (MESSAGE_MIN_BACKOFF_MS, MESSAGE_MAX_BACKOFF_MS) == (1_000, 60_000)
     assert 1_000 <= first <= 2_000  # ms: one second, with jitter
     assert 30_000 <= thirtieth <= 60_000  # capped at a minute, with jitter
 
@@ -188,16 +202,17 @@ def test_a_groups_callback_is_sent_only_after_its_last_members_result_is_stored(
 def test_an_unfinished_groups_barrier_lasts_as_long_as_its_members_results(broker, enqueued):
     results = _middleware(broker, Results).backend
     first, _ = _run_group(broker, enqueued, members=2)
-    group_id = first.options["group_completion_uuid"]
+    group_id = first.options[GROUP_ID_OPTION]
 
     broker.emit_after("process_message", MessageProxy(first), result="d41d8cd98f00b204")
 
     assert enqueued == []  # the other member is still running
     result_ttl = broker.client.pttl(results.build_message_key(first))
     assert result_ttl > DEFAULT_RESULT_TTL  # longer than Dramatiq's ten minutes
-    for barrier in (group_id, f"{group_id}@members"):
+    members = DistinctGroupCallbacks.members_key(group_id)
+    for barrier in (group_id, members):
         assert abs(broker.client.pttl(barrier) - result_ttl) < 60_000, barrier  # hours, to the minute
-    broker.client.delete(results.build_message_key(first), group_id, f"{group_id}@members")
+    broker.client.delete(results.build_message_key(first), group_id, members)
 
 
 def test_a_guarded_messages_time_limit_starts_once_it_runs_and_its_mark_outlives_the_other_hooks(
@@ -440,7 +455,7 @@ class _Recorder:
 
 
 def _member(group_id: str, callback: dramatiq.Message) -> dramatiq.Message:
-    options = {"group_completion_uuid": group_id, "group_completion_callbacks": [callback.asdict()]}
+    options = {GROUP_ID_OPTION: group_id, GROUP_CALLBACKS_OPTION: [callback.asdict()]}
     return dramatiq.Message(queue_name="q", actor_name="member", args=(), kwargs={}, options=options)
 
 
@@ -450,7 +465,7 @@ def group_callbacks(broker):
     group_id = f"group-test-{uuid.uuid4().hex}"
     callback = dramatiq.Message(queue_name="q", actor_name="collect", args=(1,), kwargs={}, options={})
     yield middleware, group_id, callback
-    broker.client.delete(group_id, f"{group_id}@members")
+    broker.client.delete(group_id, DistinctGroupCallbacks.members_key(group_id))
 
 
 def test_a_group_fires_once_all_its_distinct_members_completed_and_leaves_nothing(broker, group_callbacks):
@@ -464,7 +479,7 @@ def test_a_group_fires_once_all_its_distinct_members_completed_and_leaves_nothin
     middleware.after_process_message(recorder, second)
 
     assert [message.message_id for message in recorder.enqueued] == [callback.message_id]
-    assert broker.client.exists(group_id, f"{group_id}@members") == 0
+    assert broker.client.exists(group_id, DistinctGroupCallbacks.members_key(group_id)) == 0
 
 
 def test_a_member_completing_twice_counts_once(broker, group_callbacks):
@@ -477,7 +492,7 @@ def test_a_member_completing_twice_counts_once(broker, group_callbacks):
     middleware.after_process_message(recorder, member)  # redelivered after it completed
 
     assert recorder.enqueued == []
-    assert 0 < broker.client.pttl(f"{group_id}@members") <= middleware.barrier_ttl
+    assert 0 < broker.client.pttl(DistinctGroupCallbacks.members_key(group_id)) <= middleware.barrier_ttl
 
 
 def test_a_failed_member_does_not_count(broker, group_callbacks):
@@ -634,3 +649,12 @@ def test_the_actor_names_of_the_broker_module_are_the_actors_that_exist():
 
     assert set(ACTOR_NAMES) == set(actors.broker.actors)
     assert ACTOR_NAMES[:5] == ("admit", "fetch", "md5", "grayscale", "collect")  # the order a URL meets them
+
+
+def test_the_queue_names_of_the_broker_module_are_the_queues_the_actors_use():
+    from image_crawler import actors
+    from image_crawler.broker import QUEUE_NAMES
+
+    used = {actor.queue_name for actor in actors.broker.actors.values()}
+    assert set(QUEUE_NAMES) == used
+    assert QUEUE_NAMES == (broker_module.ADMIT_QUEUE, broker_module.FETCH_QUEUE, broker_module.PROCESS_QUEUE)

@@ -37,9 +37,9 @@ from image_crawler.config import get_settings
 from image_crawler.dramatiq_internals import queue_keys
 from image_crawler.outcomes import Job
 from support.clock import FakeClock
-from support.http_server import LocalHttpServer
 from support.images import png_bytes
 from support.processes import image_crawler_command, run_bounded
+from support.stores import get_outcome, record_outcome
 
 # ``actors`` is imported above, at collection, as a worker imports it: its broker is set up outside
 # any command's Redis outage budget, whichever test runs the command first.
@@ -62,12 +62,6 @@ def no_workers(redis_url):
     actors.broker.flush_all()
     yield actors.broker
     actors.broker.flush_all()
-
-
-@pytest.fixture
-def server():
-    with LocalHttpServer() as running:
-        yield running
 
 
 @pytest.fixture
@@ -187,7 +181,7 @@ def _the_one_rejected_line(db, run_cli, text: bytes, line: int) -> dict:
     run, enqueued, rejected, _ = _enqueued(stdout)
     assert (enqueued, rejected) == (0, 1)
     assert _last_line(stdout) == "done: 1 urls — 0 success, 0 duplicate, 1 error"
-    return outcomes.get_outcome(db, f"{run}:{line}")
+    return get_outcome(db, f"{run}:{line}")
 
 
 def test_a_line_that_is_not_utf8_ends_in_an_error_outcome(db, no_workers, run_cli):
@@ -205,7 +199,7 @@ def test_a_rejected_line_keeps_no_credentials_however_badly_written(db, no_worke
     assert result.exit_code == 0, result.output
     run, enqueued, rejected, _ = _enqueued(result.stdout)
     assert (enqueued, rejected) == (0, 3)
-    urls = [outcomes.get_outcome(db, f"{run}:{line}")["url"] for line in (1, 2, 3)]
+    urls = [get_outcome(db, f"{run}:{line}")["url"] for line in (1, 2, 3)]
     assert urls == ["http://***@host.test/a.png", "http://***@host.test/b.png", "http://***@h/c.png"]
 
 
@@ -305,7 +299,7 @@ def test_a_byte_order_mark_later_in_the_file_is_not_a_url(db, no_workers, run_cl
     assert result.exit_code == 0, result.output
     run, enqueued, rejected, _ = _enqueued(result.stdout)
     assert (enqueued, rejected) == (0, 1)
-    assert outcomes.get_outcome(db, f"{run}:2")["reason"] == "not an http(s) url"
+    assert get_outcome(db, f"{run}:2")["reason"] == "not an http(s) url"
 
 
 # --- status -----------------------------------------------------------------------------
@@ -314,7 +308,7 @@ def test_a_byte_order_mark_later_in_the_file_is_not_a_url(db, no_workers, run_cl
 @pytest.fixture
 def ledger(db):
     def record(run, line, outcome, reason=None):
-        outcomes.record_outcome(db, Job.new(run, line, f"http://example.com/{line}"), outcome, reason=reason)
+        record_outcome(db, Job.new(run, line, f"http://example.com/{line}"), outcome, reason=reason)
 
     record("first", 1, outcomes.SUCCESS)
     record("first", 2, outcomes.DUPLICATE)

@@ -11,7 +11,10 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import logging
+import os
 import re
+import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -24,8 +27,10 @@ from dramatiq.broker import MessageProxy
 from dramatiq.brokers.redis import RedisBroker, _RedisConsumer
 from dramatiq.brokers.stub import StubBroker
 from dramatiq.errors import ConnectionClosed
+from dramatiq.middleware import Middleware, MiddlewareError, SkipMessage, prometheus
 from dramatiq.middleware.group_callbacks import GroupCallbacks
 from dramatiq.rate_limits.backends import RedisBackend as RateLimiterBackend
+from dramatiq.results.backends import RedisBackend as ResultBackend
 from redis.backoff import NoBackoff
 from redis.commands.core import Script
 from redis.retry import Retry
@@ -44,9 +49,14 @@ from image_crawler.dramatiq_internals import (
     PipelinedRedisBroker,
     ack_set_key,
     heartbeats_key,
+    is_group_key,
+    is_result_key,
+    prometheus_db_path,
     queue_keys,
     redis_message_id,
+    result_message,
 )
+from image_crawler.middleware import WorkerMetrics, serve_worker_metrics
 from support.services import free_port
 
 
@@ -308,6 +318,11 @@ def test_group_run_makes_the_barrier_our_script_reads(redis_client):
         f"the {GROUP_ID_OPTION!r} option group.run() gives members"
     )
     (group_id,) = group_ids
+    members = DistinctGroupCallbacks.members_key(group_id)
+    assert is_group_key(group_id) and is_group_key(members), _changed(
+        f"the group ids group.run() makes ({group_id!r}: a uuid4 no more)"
+    )
+    assert not is_group_key(uuid.uuid4().hex) and not is_result_key(group_id)
     try:
         assert redis_client.get(group_id) == b"2", _changed(
             "the barrier group.run() creates (its key, its count)"
@@ -324,7 +339,7 @@ def test_group_run_makes_the_barrier_our_script_reads(redis_client):
         fired = [Message.decode(data) for data in stub.queues[queue].queue]
         assert [message.message_id for message in fired] == [callback.message_id]
     finally:
-        redis_client.delete(group_id, f"{group_id}@members")
+        redis_client.delete(group_id, members)
 
 
 def test_the_rate_limiter_backend_keeps_its_client(redis_client):
@@ -372,3 +387,100 @@ def test_a_failing_actor_is_logged_on_the_worker_threads_logger():
         f"where an actor's exception is logged (the {WORKER_LOGGER!r} logger)"
     )
     assert failures[0].levelno == logging.ERROR, _changed("the level at which an actor's exception is logged")
+
+
+class _Stop(MiddlewareError):
+    pass
+
+
+def test_a_before_hook_stops_a_message_only_with_a_middleware_error():
+    stub = StubBroker(middleware=[])
+    queue = f"internals-test-{uuid.uuid4().hex[:8]}"
+    ran: list[str] = []
+    ended: list[tuple[str, str | None]] = []
+
+    class Refusing(Middleware):
+        def before_process_message(self, broker, message):
+            raise {"plain": RuntimeError, "middleware": _Stop, "skip": SkipMessage}[message.args[0]](
+                "refused"
+            )
+
+        def after_process_message(self, broker, message, *, result=None, exception=None):
+            ended.append((message.args[0], None if exception is None else type(exception).__name__))
+
+        def after_skip_message(self, broker, message):
+            ended.append((message.args[0], "skipped"))
+
+    stub.add_middleware(Refusing())
+    actor = dramatiq.actor(ran.append, broker=stub, queue_name=queue, actor_name="runs")
+    worker = Worker(stub, worker_timeout=100, worker_threads=1)
+    worker.start()
+    try:
+        for kind in ("plain", "middleware", "skip"):
+            actor.send(kind)
+        stub.join(queue, fail_fast=False, timeout=30_000)
+    finally:
+        worker.stop()
+
+    assert ran == ["plain"], _changed("which exceptions of a before-hook stop a message (Broker.emit_before)")
+    assert sorted(ended) == [("middleware", "_Stop"), ("plain", None), ("skip", "skipped")], _changed(
+        "what the worker does with a message whose before-hook raised a MiddlewareError"
+    )
+
+
+def test_a_result_is_found_by_the_queue_actor_and_id_of_its_message(redis_client):
+    default = inspect.signature(ResultBackend.__init__).parameters["use_namespace_prefix_keys"].default
+    assert default is False, _changed("the result backend's keys (use_namespace_prefix_keys)")
+    backend = ResultBackend(client=redis_client)
+    stub = StubBroker(middleware=[])
+    queue = f"internals-test-{uuid.uuid4().hex[:8]}"
+    actor = dramatiq.actor(lambda parcel: None, broker=stub, queue_name=queue, actor_name="member")
+    sent = actor.message({"run": "r", "lines": [[1, "http://images.test/1.png", 0]]}).copy(
+        options={"redis_message_id": str(uuid.uuid4()), "retries": 2}
+    )
+    key = backend.build_message_key(sent)
+    try:
+        backend.store_result(sent, ["d41d8cd98f00b204e9800998ecf8427e"], 60_000)
+
+        found = result_message(actor, sent.message_id)
+        assert backend.build_message_key(found) == key, _changed(
+            "what a result's key is made of (ResultBackend.build_message_key)"
+        )
+        assert is_result_key(key) and redis_client.exists(key), _changed("the result backend's keys")
+        assert found.get_result(backend=backend) == ["d41d8cd98f00b204e9800998ecf8427e"]
+        assert backend.build_message_key(result_message(actor, "another id")) != key
+    finally:
+        redis_client.delete(key)
+
+
+def test_prometheus_starts_its_exporter_by_its_forks_and_counts_in_db_path(tmp_path):
+    what = "dramatiq.middleware.prometheus"
+    assert isinstance(vars(prometheus.Prometheus).get("forks"), property), _changed(
+        f"{what}.Prometheus.forks"
+    )
+    assert prometheus.Prometheus().forks == [prometheus._run_exposition_server], _changed(
+        f"how {what} starts its exporter (Prometheus.forks)"
+    )
+    assert WorkerMetrics().forks == [serve_worker_metrics]
+    assert prometheus_db_path() == prometheus.DB_PATH
+    # After boot, in a process of its own: the hook points that process's prometheus_client at the files.
+    probe = (
+        "import os; from dramatiq.middleware import prometheus; "
+        "from image_crawler import dramatiq_internals; "
+        "middleware = prometheus.Prometheus(); middleware.after_process_boot(None); "
+        "middleware.total_messages.labels('queue', 'actor').inc(); "
+        "print(dramatiq_internals.prometheus_db_path()); print(os.environ['PROMETHEUS_MULTIPROC_DIR'])"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.lower().startswith(("dramatiq_prom", "prometheus"))}
+
+    booted = subprocess.run(
+        [sys.executable, "-c", probe],
+        env={**env, "dramatiq_prom_db": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+    assert booted.returncode == 0, booted.stderr
+    assert booted.stdout.split() == [str(tmp_path)] * 2, _changed(f"{what}.DB_PATH ($dramatiq_prom_db)")
+    assert list(tmp_path.glob("*.db")), _changed(f"where {what} counts a worker process's messages")

@@ -365,6 +365,41 @@ def test_one_fetcher_serves_many_threads(server: LocalHttpServer, make_fetcher: 
     assert sum(server.hits(f"/many/{index}.png") for index in range(20)) == 200
 
 
+def test_sequential_downloads_from_one_server_reuse_one_kept_alive_connection(make_fetcher: MakeFetcher):
+    with LocalHttpServer() as own:  # its own server: the module's counts every test's connections
+        for n in range(10):
+            own.add(f"/seq/{n}.png", body=bytes([n]) * 1_000, content_type="image/png")
+        fetcher = make_fetcher()
+
+        bodies = [fetcher.fetch(own.url(f"/seq/{n}.png")).content for n in range(10)]
+
+        assert bodies == [bytes([n]) * 1_000 for n in range(10)]
+        assert own.connections() == 1  # ten requests, one TCP connection
+
+
+@pytest.mark.parametrize("concurrency", [1, 3])
+def test_the_pool_is_one_per_fetcher_and_as_large_as_fetch_concurrency(
+    make_fetcher: MakeFetcher, concurrency
+):
+    with LocalHttpServer() as own:
+        own.add("/held.png", body=b"held", content_type="image/png", delay=0.2)
+        # Room for every request to wait its turn at the pool: 12 of them, `concurrency` at a time.
+        fetcher = make_fetcher(fetch_concurrency=concurrency, fetch_timeout=30.0)
+
+        def fetch(n: int) -> bytes:
+            return fetcher.fetch(own.url(f"/held.png?n={n}")).content
+
+        with ThreadPoolExecutor(max_workers=6) as pool:
+            bodies = list(pool.map(fetch, range(12)))
+
+        assert bodies == [b"held"] * 12
+        # Six threads asking at once get FETCH_CONCURRENCY requests in flight, no more (httpcore's
+        # own default would let all six through) …
+        assert own.most_in_flight(f"127.0.0.1:{own.port}") == concurrency
+        # … over that many connections, kept alive and shared by every thread.
+        assert own.connections() == concurrency
+
+
 def test_requests_identify_the_crawler(make_fetcher: MakeFetcher):
     seen: list[httpx.Request] = []
 
@@ -608,6 +643,74 @@ def test_tls_verifies_the_certificate_and_sends_sni_for_the_host_name(
     assert error.reason == "tls certificate rejected"
     assert server_names == ["images.example"]
     assert network.connected == [(PUBLIC_STAND_IN, port)]
+
+
+@pytest.mark.parametrize("route", ["resolver to 127.0.0.1", "public address, forwarded"])
+def test_https_to_a_name_verifies_and_sends_sni_for_the_name_and_connects_to_the_checked_address(
+    make_fetcher: MakeFetcher, network: FakeNetwork, tmp_path, monkeypatch: pytest.MonkeyPatch, route: str
+):
+    import certifi
+
+    from support.tls import self_signed
+
+    certificate = self_signed(tmp_path, ("images.test",))  # for the name only, not for 127.0.0.1
+    context = certificate.server_context()
+    server_names: list[str | None] = []
+    context.sni_callback = lambda _sock, name, _ctx: server_names.append(name)
+    # Trusted where httpx looks for the roots it trusts (certifi's bundle), as a real CA is: the
+    # fetcher's own context still verifies the chain and the host name it is given.
+    monkeypatch.setattr(certifi, "where", lambda: str(certificate.cert))
+    looked_up: list[tuple[str, int]] = []
+
+    def resolver(host: str, port: int) -> list[str]:
+        looked_up.append((host, port))
+        if host != "images.test":
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return ["127.0.0.1"]
+
+    with LocalHttpServer(ssl_context=context) as tls:
+        tls.add("/cat.png", body=b"\x89PNG over tls", content_type="image/png")
+        if route == "resolver to 127.0.0.1":
+            # The resolver seam answers; images.test (a reserved name) resolves nowhere else.
+            fetcher, address = make_fetcher(resolver=resolver, fetch_allow_private=True), "127.0.0.1"
+        else:  # the default policy: a public address, which the fake network forwards to the server
+            network.name("images.test", [PUBLIC_STAND_IN])
+            network.forward[(PUBLIC_STAND_IN, tls.port)] = tls.port
+            fetcher, address = make_fetcher(fetch_allow_private=False), PUBLIC_STAND_IN
+
+        download = fetcher.fetch(f"https://images.test:{tls.port}/cat.png")
+        names, connected = list(server_names), list(network.connected)
+        # The same server by its address: the certificate is not for it, so verification is on and
+        # checks the name it is given: above, that name was the URL's host, not the address.
+        refused = raises_from(make_fetcher(fetch_allow_private=True), tls.url("/cat.png"))
+
+    assert download.content == b"\x89PNG over tls"
+    assert names == ["images.test"]  # SNI carried the name
+    assert connected == [(address, tls.port)]  # the socket went to the address that was checked
+    if route == "resolver to 127.0.0.1":
+        assert looked_up == [("images.test", tls.port)]  # resolved once, by the fetcher's resolver
+    else:
+        assert network.lookups["images.test"] == 1
+    assert [(host, path) for _, host, path, _ in tls.requests()] == [(f"images.test:{tls.port}", "/cat.png")]
+    assert refused.reason == "tls certificate rejected"
+
+
+def test_credentials_in_a_url_are_not_sent_to_another_host_on_a_redirect(make_fetcher: MakeFetcher):
+    import base64
+
+    with LocalHttpServer() as first, LocalHttpServer() as other:
+        other.add("/cat.png", body=b"the cat", content_type="image/png")
+        first.add_redirect("/private/cat.png", f"http://cdn.test:{other.port}/cat.png")
+        names = {"images.test": ["127.0.0.1"], "cdn.test": ["127.0.0.1"]}
+        fetcher = make_fetcher(resolver=lambda host, port: names[host])
+
+        download = fetcher.fetch(f"http://alice:s3cr%40t@images.test:{first.port}/private/cat.png")
+
+        assert download.content == b"the cat"
+        sent = "Basic " + base64.b64encode(b"alice:s3cr@t").decode()
+        assert first.authorizations("/private/cat.png") == [sent]  # the host of the URL got them
+        assert other.authorizations("/cat.png") == [None]  # the host it redirected to did not
+        assert [host for _, host, _, _ in other.requests()] == [f"cdn.test:{other.port}"]
 
 
 def test_redirect_to_another_scheme_is_refused(make_fetcher: MakeFetcher):

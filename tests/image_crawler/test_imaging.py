@@ -8,9 +8,7 @@ import io
 import math
 import struct
 import threading
-import time
 import zlib
-from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -22,6 +20,7 @@ from image_crawler.errors import ImageError, NotAnImage, TooManyPixels, Truncate
 from image_crawler.imaging import DecodeBudget, GrayImage, estimated_decode_bytes, to_grayscale
 from support.images import decode_png, encode, in_format, photo
 from support.peak_memory import can_measure, conversion_peak
+from support.waiting import wait_until
 
 MAX_PIXELS = 50_000_000
 
@@ -688,15 +687,6 @@ class Holder:
         assert not self.thread.is_alive()
 
 
-def wait_until(condition: Callable[[], bool], what: str) -> None:
-    """Poll ``condition`` until it holds (fails the test if it never does)."""
-    deadline = time.monotonic() + 30
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"never {what}")
-        time.sleep(0.001)
-
-
 def test_reservations_that_fit_together_are_held_at_once() -> None:
     budget = DecodeBudget(100)
     first, second = Holder(budget, 40), Holder(budget, 60)
@@ -712,7 +702,7 @@ def test_a_reservation_waits_until_an_earlier_one_makes_room() -> None:
     first = Holder(budget, 60)
     assert first.holds()
     second = Holder(budget, 60)
-    wait_until(lambda: budget.waiting == 1, "waited")
+    wait_until(lambda: budget.waiting == 1, "the conversion to wait")
     assert not second.entered.is_set()
     assert budget.reserved_bytes == 60
 
@@ -728,10 +718,10 @@ def test_a_reservation_larger_than_the_limit_waits_for_the_others_then_runs_alon
     small = Holder(budget, 30)
     assert small.holds()
     huge = Holder(budget, 150)
-    wait_until(lambda: budget.waiting == 1, "waited")
+    wait_until(lambda: budget.waiting == 1, "the conversion to wait")
     # First come, first served: this one would fit beside the small one, but waits its turn.
     late = Holder(budget, 10)
-    wait_until(lambda: budget.waiting == 2, "queued behind the huge one")
+    wait_until(lambda: budget.waiting == 2, "the next one to queue behind the huge one")
 
     small.let_go()
 
@@ -772,7 +762,7 @@ def test_a_wait_interrupted_by_a_time_limit_leaves_its_place_in_the_queue() -> N
     first, second = Holder(budget, 30), Holder(budget, 60)
     assert first.holds() and second.holds()
     interrupted = Holder(budget, 50)
-    wait_until(lambda: budget.waiting == 1, "waited")
+    wait_until(lambda: budget.waiting == 1, "the conversion to wait")
     # How dramatiq.middleware.TimeLimit interrupts a worker thread. It is raised once the
     # thread runs again: woken when ``first`` lets go, with still no room for it (60 + 50 > 100).
     assert interrupted.thread.ident is not None

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import sys
 import threading
 import uuid
+from types import SimpleNamespace
 
 import dramatiq
 import pymongo.errors
@@ -19,16 +21,20 @@ from image_crawler import errors, outcomes, storage
 from image_crawler.broker import PROCESS_QUEUE
 from image_crawler.dramatiq_internals import WORKER_LOGGER
 from image_crawler.middleware import (
+    CRASH_MARK_TTL_S,
+    DEFAULT_WORKER_THREADS,
     CrashGuard,
     ExpectedFailures,
     RecordFailures,
     Verdict,
+    WorkerShape,
     _Turns,
     is_transient,
     reason_for,
     retry_transient,
+    worker_threads,
 )
-from image_crawler.outcomes import Job
+from support.waiting import wait_until
 
 # --- which failures are worth another try, and what they leave in the outcome ----------
 
@@ -107,6 +113,7 @@ class _Broker:
         self.options = options
         self.unreachable = unreachable
         self.sent: list[tuple] = []
+        self.middleware: list = []
 
     def get_actor(self, name: str):
         broker = self
@@ -134,7 +141,8 @@ def logged():
     logger.removeHandler(handler)
 
 
-_JOB = Job.new("run", 3, "http://example.com/a.png").to_message()
+#: A message's first argument: a batch (or parcel) of one run's ``[line, url, attempts]`` lines.
+_JOB = {"run": "run", "lines": [[3, "http://example.com/a.png", 0]]}
 
 
 def _message(actor_name: str, *, failed: bool, args: tuple = (_JOB,)) -> MessageProxy:
@@ -390,11 +398,6 @@ def test_actors_without_a_handler_are_not_guarded(guard):
     assert guard.client.exists(CrashGuard.mark_key(message.message_id)) == 0
 
 
-def _wait_for(predicate) -> None:
-    while not predicate():  # bounded by the test's timeout; no timing is asserted
-        threading.Event().wait(0.01)
-
-
 def test_a_message_run_alone_waits_for_the_running_ones_and_new_ones_wait_for_it():
     turns = _Turns()
     order: list[str] = []
@@ -412,10 +415,10 @@ def test_a_message_run_alone_waits_for_the_running_ones_and_new_ones_wait_for_it
 
     first = threading.Thread(target=suspect)
     first.start()
-    _wait_for(lambda: turns._waiting_alone == 1)
+    wait_until(lambda: turns._waiting_alone == 1, "the suspect to wait alone", pause=0.01)
     second = threading.Thread(target=newcomer)
     second.start()
-    _wait_for(lambda: turns._waiting_shared == 1)  # it queues behind the suspect
+    wait_until(lambda: turns._waiting_shared == 1, "the newcomer to wait", pause=0.01)  # behind the suspect
     assert order == []
     order.append("running one ends")
     turns.release(alone=False)
@@ -432,7 +435,7 @@ def test_a_message_waiting_for_its_turn_is_not_marked_as_running(guard):
 
     thread = threading.Thread(target=guard.before_process_message, args=(broker, waiting))
     thread.start()
-    _wait_for(lambda: guard._turns._waiting_shared == 1)
+    wait_until(lambda: guard._turns._waiting_shared == 1, "the message to wait for its turn", pause=0.01)
     # If the suspect killed the process now, the waiting message would not have died running.
     assert guard.client.exists(CrashGuard.mark_key(waiting.message_id)) == 0
     guard._turns.release(alone=True)
@@ -515,3 +518,32 @@ def test_an_expected_failure_whose_reason_holds_a_percent_sign_still_logs_one_li
         "Failed to process message fetch(...) with unhandled exception. (100% broken, %s and %(name)s)"
     )
     assert record.levelname == "WARNING"
+
+
+# --- WorkerShape: how many threads a worker process runs ---------------------------------------
+
+
+def test_until_a_worker_boots_its_threads_are_dramatiqs_default():
+    default = inspect.signature(dramatiq.Worker.__init__).parameters["worker_threads"].default
+    assert default == DEFAULT_WORKER_THREADS  # and `dramatiq --threads`'s (its help says 8)
+
+    assert WorkerShape().threads == DEFAULT_WORKER_THREADS
+    assert worker_threads(_Broker()) == DEFAULT_WORKER_THREADS  # a broker without a WorkerShape
+
+
+def test_a_booted_worker_tells_its_broker_how_many_threads_it_runs():
+    shape = WorkerShape()
+    broker = _Broker()
+    broker.middleware = [shape]
+
+    shape.after_worker_boot(broker, SimpleNamespace(worker_threads=3))
+
+    assert worker_threads(broker) == 3
+
+
+def test_a_crash_mark_outlives_its_message_by_a_day_by_default(redis_url):
+    client = redis.Redis.from_url(redis_url)
+    try:
+        assert CrashGuard(client).ttl == CRASH_MARK_TTL_S == 24 * 3600
+    finally:
+        client.close()

@@ -12,6 +12,7 @@ from image_crawler import outcomes, storage
 from image_crawler.broker import PROCESS_QUEUE
 from image_crawler.outcomes import Job
 from support.images import png_bytes
+from support.stores import get_outcome, record_outcome
 
 
 @pytest.fixture
@@ -38,26 +39,20 @@ def _errors(run: str, lines: range, reason: str = "http 404") -> list[dict]:
     ]
 
 
-def test_a_job_is_identified_by_run_and_line_and_survives_a_message():
+def test_a_job_is_identified_by_run_and_line():
     job = Job.new("abc123", 7, "http://example.com/a.png")
 
     assert job.id == "abc123:7"
-    assert Job.from_message(job.to_message()) == job
-    assert job.to_message() == {
-        "id": "abc123:7",
-        "run": "abc123",
-        "line": 7,
-        "url": "http://example.com/a.png",
-    }
+    assert (job.run, job.line, job.url) == ("abc123", 7, "http://example.com/a.png")
 
 
 def test_the_first_outcome_wins_and_a_second_is_refused(db):
     job = Job.new("run", 1, "http://example.com/a.png")
 
-    assert outcomes.record_outcome(db, job, outcomes.SUCCESS, md5="d41d8cd98f00b204e9800998ecf8427e") is True
-    assert outcomes.record_outcome(db, job, outcomes.ERROR, reason="grayscale image expired") is False
+    assert record_outcome(db, job, outcomes.SUCCESS, md5="d41d8cd98f00b204e9800998ecf8427e") is True
+    assert record_outcome(db, job, outcomes.ERROR, reason="grayscale image expired") is False
 
-    entry = outcomes.get_outcome(db, job.id)
+    entry = get_outcome(db, job.id)
     assert entry["outcome"] == "success"
     assert entry["md5"] == "d41d8cd98f00b204e9800998ecf8427e"
     assert entry["reason"] is None
@@ -67,9 +62,9 @@ def test_the_first_outcome_wins_and_a_second_is_refused(db):
 def test_the_ledger_entry_describes_the_job(db):
     job = Job.new("run", 12, "http://example.com/missing")
 
-    outcomes.record_outcome(db, job, outcomes.ERROR, reason="http 404")
+    record_outcome(db, job, outcomes.ERROR, reason="http 404")
 
-    entry = outcomes.get_outcome(db, "run:12")
+    entry = get_outcome(db, "run:12")
     assert {key: entry[key] for key in ("run", "line", "url", "outcome", "reason", "md5")} == {
         "run": "run",
         "line": 12,
@@ -82,7 +77,7 @@ def test_the_ledger_entry_describes_the_job(db):
 
 
 def test_a_running_job_has_no_outcome(db):
-    assert outcomes.get_outcome(db, "run:1") is None
+    assert get_outcome(db, "run:1") is None
 
 
 def test_the_minute_is_the_utc_minute_the_job_ended_in():
@@ -96,9 +91,9 @@ def test_the_minute_is_the_utc_minute_the_job_ended_in():
 
 
 def test_a_recorded_outcome_carries_the_minute_of_its_end(db):
-    outcomes.record_outcome(db, Job.new("run", 1, "http://example.com/a.png"), outcomes.DUPLICATE)
+    record_outcome(db, Job.new("run", 1, "http://example.com/a.png"), outcomes.DUPLICATE)
 
-    entry = outcomes.get_outcome(db, "run:1")
+    entry = get_outcome(db, "run:1")
     assert entry["minute"] == entry["ended_at"].replace(second=0, microsecond=0)
     assert entry["minute"].utcoffset() == dt.timedelta(0)
 
@@ -124,8 +119,8 @@ def test_an_unknown_outcome_name_is_rejected(db):
     job = Job.new("run", 1, "http://example.com/a.png")
 
     with pytest.raises(ValueError, match="unknown outcome 'failed'"):
-        outcomes.record_outcome(db, job, "failed")
-    assert outcomes.get_outcome(db, job.id) is None
+        record_outcome(db, job, "failed")
+    assert get_outcome(db, job.id) is None
 
 
 def test_record_outcomes_counts_only_the_new_ones(db):
@@ -135,8 +130,8 @@ def test_record_outcomes_counts_only_the_new_ones(db):
     assert outcomes.record_outcomes(db, mixed) == 3
 
     assert storage.ledger(db).count_documents({"run": "run"}) == 6
-    assert outcomes.get_outcome(db, "run:2")["reason"] == "http 404"
-    assert outcomes.get_outcome(db, "run:5")["reason"] == "another reason"
+    assert get_outcome(db, "run:2")["reason"] == "http 404"
+    assert get_outcome(db, "run:5")["reason"] == "another reason"
 
 
 def test_record_outcomes_of_nothing_or_only_duplicates_is_zero(db):
@@ -148,10 +143,10 @@ def test_record_outcomes_of_nothing_or_only_duplicates_is_zero(db):
 
 def test_count_outcomes_per_run_and_overall(db):
     for line in range(1, 4):
-        outcomes.record_outcome(db, Job.new("first", line, "u"), outcomes.SUCCESS)
-    outcomes.record_outcome(db, Job.new("first", 4, "u"), outcomes.ERROR, reason="timeout")
-    outcomes.record_outcome(db, Job.new("second", 1, "u"), outcomes.DUPLICATE)
-    outcomes.record_outcome(db, Job.new("second", 2, "u"), outcomes.ERROR, reason="http 404")
+        record_outcome(db, Job.new("first", line, "u"), outcomes.SUCCESS)
+    record_outcome(db, Job.new("first", 4, "u"), outcomes.ERROR, reason="timeout")
+    record_outcome(db, Job.new("second", 1, "u"), outcomes.DUPLICATE)
+    record_outcome(db, Job.new("second", 2, "u"), outcomes.ERROR, reason="http 404")
 
     assert outcomes.count_outcomes(db, "first") == {"success": 3, "duplicate": 0, "error": 1}
     assert outcomes.count_outcomes(db, "second") == {"success": 0, "duplicate": 1, "error": 1}
@@ -229,7 +224,7 @@ def test_a_failure_recorded_after_a_success_does_not_overwrite_it(make_pipeline)
     pipeline.broker.join(PROCESS_QUEUE, timeout=20_000)
     pipeline.worker.join()
 
-    entry = outcomes.get_outcome(pipeline.db, f"{parcel['run']}:1")
+    entry = get_outcome(pipeline.db, f"{parcel['run']}:1")
     assert (entry["outcome"], entry["reason"]) == ("success", None)
     assert outcomes.count_outcomes(pipeline.db, parcel["run"]) == {"success": 1, "duplicate": 0, "error": 0}
 
@@ -248,7 +243,7 @@ def test_a_redelivered_collect_of_a_duplicate_stays_a_duplicate(make_pipeline):
     actors.collect.fn(*second_args)
     actors.collect.fn(*second_args)
 
-    assert outcomes.get_outcome(pipeline.db, f"{run}:2")["outcome"] == "duplicate"
+    assert get_outcome(pipeline.db, f"{run}:2")["outcome"] == "duplicate"
     assert outcomes.count_outcomes(pipeline.db, run) == {"success": 1, "duplicate": 1, "error": 0}
     assert storage.images(pipeline.db).find_one()["source_url"] == "http://example.com/a.png"
 
@@ -302,14 +297,14 @@ def test_an_outcome_recorded_again_is_not_counted_again(db):
     # A redelivered collector, a crash handler after a success: lines 1-3 already have theirs.
     assert outcomes.record_outcomes(db, _at("run", range(1, 4), outcomes.SUCCESS, MINUTE)) == 0
     assert outcomes.record_outcomes(db, _at("run", range(1, 6), outcomes.SUCCESS, MINUTE)) == 2
-    assert outcomes.record_outcome(db, Job.new("run", 5, "u"), outcomes.ERROR, reason="x") is False
+    assert record_outcome(db, Job.new("run", 5, "u"), outcomes.ERROR, reason="x") is False
 
     assert outcomes.run_totals(db, ["run"])["run"] == {"success": 2, "duplicate": 0, "error": 3}
     assert outcomes.counted_totals(db) == outcomes.count_outcomes(db)
 
 
 def test_record_outcome_counts_its_outcome_too(db):
-    outcomes.record_outcome(db, Job.new("run", 1, "http://example.com/a.png"), outcomes.DUPLICATE)
+    record_outcome(db, Job.new("run", 1, "http://example.com/a.png"), outcomes.DUPLICATE)
 
     assert outcomes.run_totals(db, ["run"])["run"] == {"success": 0, "duplicate": 1, "error": 0}
 
@@ -381,7 +376,7 @@ def test_an_outcome_recorded_late_into_a_settled_minute_is_recounted_even_after_
     with pytest.raises(pymongo.errors.AutoReconnect):
         outcomes.record_outcomes(db, _at("run", range(3, 4), outcomes.ERROR, old, "timeout"))
     monkeypatch.setattr(storage, "minute_counts", real)
-    assert outcomes.get_outcome(db, "run:3") is not None
+    assert get_outcome(db, "run:3") is not None
     assert outcomes.run_totals(db, ["run"])["run"] == {"success": 2, "duplicate": 0, "error": 0}
 
     outcomes.reconcile(db, now=now)
@@ -1087,3 +1082,49 @@ def test_a_printable_reason_in_any_script_is_listed_as_written(db):
     (line,) = outcomes.FailedLines(db, "run").lines()
 
     assert line == ("# line 1, café: zu groß: not a url enqueue takes: http://example.com/1", False)
+
+
+def test_a_known_run_is_one_enqueue_recorded_or_one_with_outcomes_and_any_other_is_unknown(db):
+    _run(db, "recorded", lines=2)
+    record_outcome(db, Job.new("legacy", 1, "http://example.com/a.png"), outcomes.SUCCESS)
+
+    assert outcomes.known_run(db, "recorded").jobs == 2
+    assert outcomes.known_run(db, "legacy") is None  # enqueued before runs were recorded
+    with pytest.raises(outcomes.UnknownRun):
+        outcomes.known_run(db, "nope")
+
+
+# --- what collect and the benchmarks read and write --------------------------------------
+
+
+def test_an_image_outcome_is_a_success_for_the_job_that_stored_it_and_a_duplicate_for_others():
+    first, second = Job.new("run", 1, "http://a.example/x.png"), Job.new("run", 2, "http://b.example/x.png")
+    stored_by = {"d41d8cd98f00b204e9800998ecf8427e": first.id}
+
+    won = outcomes.image_outcome(first, "d41d8cd98f00b204e9800998ecf8427e", stored_by)
+    lost = outcomes.image_outcome(second, "d41d8cd98f00b204e9800998ecf8427e", stored_by)
+
+    assert (won["_id"], won["outcome"], won["md5"]) == (
+        first.id,
+        "success",
+        "d41d8cd98f00b204e9800998ecf8427e",
+    )
+    assert (lost["_id"], lost["outcome"], lost["md5"]) == (
+        second.id,
+        "duplicate",
+        "d41d8cd98f00b204e9800998ecf8427e",
+    )
+
+
+def test_the_last_outcome_of_a_run_says_when_it_ended(db):
+    ended = dt.datetime(2026, 3, 1, 12, 0, 30, 250_000, tzinfo=dt.UTC)
+    documents = [
+        outcomes.outcome_document(
+            Job.new("run", n, "u"), outcomes.SUCCESS, at=ended - dt.timedelta(seconds=n)
+        )
+        for n in range(1, 4)
+    ]
+    outcomes.record_outcomes(db, documents)
+
+    assert outcomes.last_ended_at(db, "run") == ended - dt.timedelta(seconds=1)
+    assert outcomes.last_ended_at(db, "other") is None

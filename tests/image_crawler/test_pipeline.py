@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import math
 import threading
-import time
 import uuid
 from collections import Counter
 
@@ -16,14 +15,10 @@ from PIL import Image
 from image_crawler import outcomes, storage
 from image_crawler.broker import ADMIT_QUEUE, FETCH_QUEUE
 from image_crawler.dramatiq_internals import queue_keys
-from support.http_server import LocalHttpServer, Response
+from support.http_server import Response
 from support.images import decode_png, encode, expected_gray, photo, png_bytes
-
-
-@pytest.fixture
-def server():
-    with LocalHttpServer() as running:
-        yield running
+from support.stores import get_outcome, record_outcome
+from support.waiting import wait_until
 
 
 def _stored_png(db, md5: str) -> bytes:
@@ -135,7 +130,7 @@ def test_mixed_list_gives_exact_counts_and_one_outcome_per_url(
     first = stored[hashlib.md5(good["/img/0.png"]).hexdigest()]
     # Either URL of those bytes may win; the image names the job that stored it, and that job succeeded.
     assert first["source_url"] in (server.url("/img/0.png"), server.url("/copy/0.png"))
-    winner = outcomes.get_outcome(pipeline.db, first["job"])
+    winner = get_outcome(pipeline.db, first["job"])
     assert (winner["outcome"], winner["url"]) == ("success", first["source_url"])
     assert first["content_type"] == "image/png"
     assert first["byte_size"] == len(good["/img/0.png"])
@@ -284,14 +279,6 @@ class MongoOutage:
         return write
 
 
-def _wait(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.05)
-
-
 @pytest.mark.parametrize("mode", ["down", "writes refused"])
 def test_a_mongodb_outage_delays_outcomes_but_loses_none_and_none_comes_before_its_image(
     make_pipeline, server, monkeypatch, mode
@@ -306,9 +293,11 @@ def test_a_mongodb_outage_delays_outcomes_but_loses_none_and_none_comes_before_i
     report = pipeline.enqueue_text("\n".join(server.url(f"/{n}.png") for n in range(12)))
 
     if mode == "down":  # from the first PNG write on, until collects were refused their reads too
-        _wait(lambda: outage.began and sum(outage.refused_reads.values()) >= 3, 30, "the outage to bite")
+        wait_until(
+            lambda: outage.began and sum(outage.refused_reads.values()) >= 3, "the outage to bite", timeout=30
+        )
     else:  # until every image's collect came to store it and was refused
-        _wait(lambda: outage.refused_md5s == md5s, 30, "every image to be refused once")
+        wait_until(lambda: outage.refused_md5s == md5s, "every image to be refused once", timeout=30)
     # Still down: nothing stored, nothing recorded.
     assert storage.ledger(pipeline.db).count_documents({"run": report.run}) == 0
     assert storage.images(pipeline.db).count_documents({}) == 0
@@ -585,9 +574,7 @@ def test_a_batch_whose_worker_died_goes_on_line_by_line_skipping_finished_lines(
     from image_crawler.middleware import Verdict
 
     lines = [[n, f"http://example.com/{n}.png"] for n in range(1, 5)]
-    outcomes.record_outcome(
-        idle_context.db, outcomes.Job.new("d1", 2, lines[1][1]), outcomes.ERROR, reason="x"
-    )
+    record_outcome(idle_context.db, outcomes.Job.new("d1", 2, lines[1][1]), outcomes.ERROR, reason="x")
     parcel = {"run": "d1", "claim": "c", "lines": lines, "sizes": [1, 1, 1, 1]}
 
     verdict = actors.after_worker_death(_delivered(actors.grayscale, parcel), 1)
@@ -606,10 +593,10 @@ def test_a_single_line_whose_worker_died_runs_alone_until_it_killed_max_deliveri
     assert actors.after_worker_death(_delivered(actors.grayscale, single), 0) is Verdict.RUN
     assert actors.after_worker_death(_delivered(actors.grayscale, single), 1) is Verdict.RUN_ALONE
     assert actors.after_worker_death(_delivered(actors.grayscale, single), 2) is Verdict.RUN_ALONE
-    assert outcomes.get_outcome(idle_context.db, "d2:7") is None
+    assert get_outcome(idle_context.db, "d2:7") is None
     assert actors.after_worker_death(_delivered(actors.grayscale, single), 3) is Verdict.HANDLED
 
-    entry = outcomes.get_outcome(idle_context.db, "d2:7")
+    entry = get_outcome(idle_context.db, "d2:7")
     assert (entry["outcome"], entry["reason"]) == ("error", "worker crashed while processing it (3 times)")
 
 
@@ -733,3 +720,41 @@ def test_a_fetch_in_a_process_shutting_down_goes_again_rather_than_failing_its_l
 
     assert is_transient(raised.value)
     assert storage.ledger(idle_context.db).count_documents({"run": "s1"}) == 0
+
+
+@pytest.mark.parametrize(
+    "command",
+    ["shares the worker's broker", "has a broker of its own"],
+)
+def test_a_short_run_is_cut_for_the_worker_threads_there_are_not_for_the_enqueue_command(
+    make_pipeline, server, redis_client, monkeypatch, command
+):
+    from image_crawler import actors
+    from image_crawler.broker import create_broker
+    from image_crawler.dramatiq_internals import heartbeats_key
+
+    pipeline = make_pipeline(threads=4)  # the cluster: one worker process of 4 threads
+    # Brokers of earlier tests beat for 20 s after their last command; this worker beats again as
+    # it fetches the admit message.
+    redis_client.delete(heartbeats_key())
+    sizes: list[int] = []
+    original_fetch = actors.fetch.fn
+    monkeypatch.setattr(
+        actors.fetch, "fn", lambda batch: sizes.append(len(batch["lines"])) or original_fetch(batch)
+    )
+    # `image-crawler enqueue` runs in a process of its own, with a broker (a broker id) of its own;
+    # sharing the worker's, as in-process tests do, is the control: then it cannot be counted.
+    command_broker = create_broker(pipeline.settings) if command == "has a broker of its own" else None
+    if command_broker is not None:
+        monkeypatch.setattr(actors.admit, "broker", command_broker)
+    try:
+        report = pipeline.enqueue_text("".join(server.url(f"/gone/{n}.png") + "\n" for n in range(343)))
+        pipeline.wait_for(report.run, 343, timeout=120)
+    finally:
+        if command_broker is not None:
+            command_broker.client.close()
+
+    assert report.enqueued == 343
+    # 4 threads x BATCHES_PER_THREAD = 16 batches: 22 lines each (counting the command too: 11).
+    assert max(sizes) == math.ceil(343 / (4 * actors.BATCHES_PER_THREAD)) == 22
+    assert sum(sizes) == 343

@@ -29,6 +29,7 @@ from image_crawler.storage import ImageRecord
 from support.http_server import LocalHttpServer
 from support.images import decode_png, expected_gray, png_bytes
 from support.services import database_uri
+from support.stores import has_image, store_image
 
 MD5 = "0123456789abcdef0123456789abcdef"
 #: Bytes for a PNG of three GridFS chunks (255 KiB each), so a half-written file is possible.
@@ -146,15 +147,11 @@ def test_two_writers_of_one_image_meeting_at_the_commit_point_store_it_once(any_
     gate = CommitGate(serialize=serialize)
     gate.install(monkeypatch)
 
-    first, first_stored = _run(
-        storage.store_image, db, _record("http://a.example/cat.png"), PNG, job_id="run:1"
-    )
+    first, first_stored = _run(store_image, db, _record("http://a.example/cat.png"), PNG, job_id="run:1")
     gate.wait_for_arrivals(1, first)
     # The first writer holds at its commit point: its PNG complete, no document yet.
-    assert storage.gray_files(db).exists(MD5) and not storage.has_image(db, MD5)
-    second, second_stored = _run(
-        storage.store_image, db, _record("http://b.example/cat.png"), PNG, job_id="run:2"
-    )
+    assert storage.gray_files(db).exists(MD5) and not has_image(db, MD5)
+    second, second_stored = _run(store_image, db, _record("http://b.example/cat.png"), PNG, job_id="run:2")
     first.join(60)
     second.join(60)
 
@@ -175,9 +172,7 @@ def test_two_writers_of_one_image_meeting_at_the_commit_point_store_it_once(any_
 
 def test_a_writer_that_finds_the_png_half_written_backs_off_and_stores_nothing(any_db, monkeypatch):
     db, _ = any_db
-    first, first_stored = _thread(
-        storage.store_image, db, _record("http://a.example/cat.png"), PNG, job_id="run:1"
-    )
+    first, first_stored = _thread(store_image, db, _record("http://a.example/cat.png"), PNG, job_id="run:1")
     collection_class = type(db["gray.files"])  # mongomock's or pymongo's
     real_insert_one = collection_class.insert_one
     first_has_chunks, second_tried = threading.Event(), threading.Event()
@@ -197,7 +192,7 @@ def test_a_writer_that_finds_the_png_half_written_backs_off_and_stores_nothing(a
 
     try:
         with pytest.raises(StoreBusy) as busy:  # its collect goes again later (a transient error)
-            storage.store_image(db, _record("http://b.example/cat.png"), PNG, job_id="run:2")
+            store_image(db, _record("http://b.example/cat.png"), PNG, job_id="run:2")
     finally:
         second_tried.set()
         first.join(60)
@@ -208,7 +203,7 @@ def test_a_writer_that_finds_the_png_half_written_backs_off_and_stores_nothing(a
     assert sorted(chunk["_id"] for chunk in db["gray.chunks"].find({"files_id": MD5}, {"_id": 1})) == written
     assert storage.images(db).find_one({"_id": MD5})["job"] == "run:1"
     # Tried again, it finds the image: a duplicate.
-    assert storage.store_image(db, _record("http://b.example/cat.png"), PNG, job_id="run:2") is False
+    assert store_image(db, _record("http://b.example/cat.png"), PNG, job_id="run:2") is False
     assert storage.images(db).count_documents({}) == 1
     _assert_one_complete_file(db, MD5, PNG)
 

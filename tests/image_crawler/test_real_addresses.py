@@ -11,22 +11,13 @@ its redirects and the worker are the real ones (README "Security", docs/architec
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 
 from image_crawler import storage
-from support.http_server import LocalHttpServer
 from support.images import png_bytes
 from support.network import PUBLIC_STAND_IN, FakeNetwork
 
 SECRET = b"the admin panel, or a cloud metadata endpoint"
-
-
-@pytest.fixture
-def server() -> Iterator[LocalHttpServer]:
-    with LocalHttpServer() as running:
-        yield running
 
 
 @pytest.fixture

@@ -18,14 +18,8 @@ from dramatiq.middleware import Middleware
 
 from image_crawler import storage
 from image_crawler.dramatiq_internals import ack_sets_prefix, heartbeats_key
-from support.http_server import LocalHttpServer, Response
+from support.http_server import Response
 from support.images import decode_png, expected_gray, png_bytes
-
-
-@pytest.fixture
-def server():
-    with LocalHttpServer() as running:
-        yield running
 
 
 class Choreography(Middleware):

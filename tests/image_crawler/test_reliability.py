@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import signal
 import subprocess
 import time
@@ -17,8 +16,15 @@ import redis
 from image_crawler.dramatiq_internals import ack_set_key, heartbeats_key
 from support.http_server import LocalHttpServer
 from support.images import png_bytes
-from support.processes import image_crawler_command, signal_workers, start_workers, stop_workers
+from support.processes import (
+    crawl_environment,
+    image_crawler_command,
+    signal_workers,
+    start_workers,
+    stop_workers,
+)
 from support.services import start_redis
+from support.waiting import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -46,14 +52,6 @@ def _start_enqueue(env: dict[str, str], urls) -> subprocess.Popen:
     """`image-crawler enqueue URLS --wait` in the background, its output captured."""
     command = image_crawler_command("enqueue", str(urls), "--wait", "--timeout", "600")
     return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def _wait_until(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.1)
 
 
 def _held_messages(client: redis.Redis, worker_ids: set[str]) -> int:
@@ -93,13 +91,20 @@ def test_a_killed_worker_loses_nothing_and_its_messages_come_back(crawl_env, tmp
     with LocalHttpServer() as server:
         urls, bodies = _url_list(server, tmp_path)
         doomed = start_workers(env, processes=1, threads=4, log=tmp_path / "doomed.log")
-        _wait_until(lambda: client.zcard(heartbeats_key()) > 0, 60, "the first worker to start")
+        wait_until(
+            lambda: client.zcard(heartbeats_key()) > 0, "the first worker to start", timeout=60, pause=0.1
+        )
         doomed_ids = set(client.zrange(heartbeats_key(), 0, -1))
         survivor = start_workers(env, processes=1, threads=4, log=tmp_path / "survivor.log")
         enqueue = _start_enqueue(env, urls)
         replacement = None
         try:
-            _wait_until(lambda: db.outcomes.count_documents({}) >= 250, 300, "a quarter of the outcomes")
+            wait_until(
+                lambda: db.outcomes.count_documents({}) >= 250,
+                "a quarter of the outcomes",
+                timeout=300,
+                pause=0.1,
+            )
             held = _held_messages(client, doomed_ids)
             at_kill = db.outcomes.count_documents({})
             signal_workers(doomed, signal.SIGKILL)
@@ -107,7 +112,12 @@ def test_a_killed_worker_loses_nothing_and_its_messages_come_back(crawl_env, tmp
             doomed.wait()
             after_kill = db.outcomes.count_documents({})  # the survivor went on meanwhile
             replacement = start_workers(env, processes=1, threads=4, log=tmp_path / "replacement.log")
-            _wait_until(lambda: _held_messages(client, doomed_ids) == 0, 300, "the dead worker's messages")
+            wait_until(
+                lambda: _held_messages(client, doomed_ids) == 0,
+                "the dead worker's messages",
+                timeout=300,
+                pause=0.1,
+            )
             redelivered_after = time.monotonic() - killed_at
             output, _ = enqueue.communicate(timeout=600)
         finally:
@@ -133,7 +143,12 @@ def test_a_gracefully_stopped_worker_loses_nothing(crawl_env, tmp_path):
         enqueue = _start_enqueue(env, urls)
         restarted = None
         try:
-            _wait_until(lambda: db.outcomes.count_documents({}) >= 250, 300, "a quarter of the outcomes")
+            wait_until(
+                lambda: db.outcomes.count_documents({}) >= 250,
+                "a quarter of the outcomes",
+                timeout=300,
+                pause=0.1,
+            )
             at_sigterm = db.outcomes.count_documents({})
             stopping_at = time.monotonic()
             stop_workers(workers, timeout=120)
@@ -162,8 +177,13 @@ def test_a_redis_restart_mid_run_loses_nothing(mongo_uri, tmp_path):
     redis_process, redis_url = start_redis(redis_dir, appendonly=True)
     port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
     database = f"restart_{uuid.uuid4().hex[:8]}"
-    env = dict(os.environ, REDIS_URL=redis_url, MONGO_URI=_with_database(mongo_uri, database))
-    env.update(FETCH_ALLOW_PRIVATE="1", FETCH_RETRIES="1", FETCH_TIMEOUT="5", PYTHONUNBUFFERED="1")
+    env = crawl_environment(
+        redis_url,
+        _with_database(mongo_uri, database),
+        FETCH_RETRIES="1",
+        FETCH_TIMEOUT="5",
+        PYTHONUNBUFFERED="1",
+    )
     client = pymongo.MongoClient(mongo_uri, tz_aware=True)
     db = client[database]
     workers = None
@@ -173,7 +193,12 @@ def test_a_redis_restart_mid_run_loses_nothing(mongo_uri, tmp_path):
             workers = start_workers(env, processes=2, threads=4, log=tmp_path / "workers.log")
             enqueue = _start_enqueue(env, urls)
             try:
-                _wait_until(lambda: db.outcomes.count_documents({}) >= 250, 300, "a quarter of the outcomes")
+                wait_until(
+                    lambda: db.outcomes.count_documents({}) >= 250,
+                    "a quarter of the outcomes",
+                    timeout=300,
+                    pause=0.1,
+                )
                 down_at = db.outcomes.count_documents({})
                 redis_process.terminate()  # SIGTERM: Redis writes its append-only file and exits
                 redis_process.wait(timeout=30)

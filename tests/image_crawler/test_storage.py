@@ -14,6 +14,7 @@ from image_crawler import storage
 from image_crawler.config import Settings
 from image_crawler.errors import StoreBusy
 from image_crawler.storage import ImageRecord
+from support.stores import has_image, store_image
 
 MD5 = "0123456789abcdef0123456789abcdef"
 OTHER = "fedcba9876543210fedcba9876543210"
@@ -92,7 +93,7 @@ def test_indexes_an_earlier_version_made_are_replaced_by_the_ones_that_cover_the
 
 
 def test_the_first_job_stores_the_image(db):
-    assert storage.store_image(db, _record(), PNG, job_id="run:1") is True
+    assert store_image(db, _record(), PNG, job_id="run:1") is True
 
     document = storage.images(db).find_one({"_id": MD5})
     assert document["width"] == 64
@@ -104,15 +105,15 @@ def test_the_first_job_stores_the_image(db):
     assert document["job"] == "run:1"
     assert document["inserted_at"].tzinfo is not None
     assert abs(document["inserted_at"] - dt.datetime.now(dt.UTC)) < dt.timedelta(seconds=5)
-    assert storage.has_image(db, MD5)
+    assert has_image(db, MD5)
 
 
 def test_another_job_with_the_same_md5_is_a_duplicate_and_stores_nothing(db):
-    storage.store_image(db, _record(), PNG, job_id="run:1")
+    store_image(db, _record(), PNG, job_id="run:1")
 
     other = _record(url="http://mirror.example.com/cat.png")
-    assert storage.store_image(db, other, b"another png", job_id="run:2") is False
-    assert storage.store_image(db, other, None, job_id="run:3") is False
+    assert store_image(db, other, b"another png", job_id="run:2") is False
+    assert store_image(db, other, None, job_id="run:3") is False
 
     assert storage.images(db).count_documents({}) == 1
     assert storage.images(db).find_one({"_id": MD5})["source_url"] == "http://example.com/cat.png"
@@ -121,24 +122,17 @@ def test_another_job_with_the_same_md5_is_a_duplicate_and_stores_nothing(db):
 
 
 def test_a_retry_of_the_job_that_stored_the_image_still_succeeds(db):
-    assert storage.store_image(db, _record(), PNG, job_id="run:1") is True
-    assert storage.store_image(db, _record(), PNG, job_id="run:2") is False
+    assert store_image(db, _record(), PNG, job_id="run:1") is True
+    assert store_image(db, _record(), PNG, job_id="run:2") is False
 
-    assert storage.store_image(db, _record(), PNG, job_id="run:1") is True
-    assert storage.store_image(db, _record(), None, job_id="run:1") is True
+    assert store_image(db, _record(), PNG, job_id="run:1") is True
+    assert store_image(db, _record(), None, job_id="run:1") is True
     assert storage.images(db).count_documents({}) == 1
     assert db["gray.files"].count_documents({}) == 1
 
 
-def test_a_new_image_needs_its_png(db):
-    with pytest.raises(ValueError, match="PNG is needed"):
-        storage.store_image(db, _record(), None, job_id="run:1")
-
-    assert not storage.has_image(db, MD5)
-
-
 def test_the_gray_file_is_named_by_md5_and_typed_png(db):
-    storage.store_image(db, _record(), PNG, job_id="run:1")
+    store_image(db, _record(), PNG, job_id="run:1")
 
     stored = storage.gray_files(db).get(MD5)
     assert stored._id == MD5
@@ -178,7 +172,7 @@ def test_old_orphan_chunks_of_a_dead_writer_are_cleared_and_the_file_rewritten(d
 def test_old_orphan_chunks_do_not_block_store_image(db):
     _orphan_chunk(db, MD5, dt.timedelta(hours=1))
 
-    assert storage.store_image(db, _record(), PNG, job_id="run:1") is True
+    assert store_image(db, _record(), PNG, job_id="run:1") is True
     assert storage.gray_files(db).get(MD5).read() == PNG
 
 
@@ -197,9 +191,9 @@ def test_a_busy_gray_file_leaves_no_image_document(db):
     _orphan_chunk(db, MD5, dt.timedelta(seconds=5))
 
     with pytest.raises(StoreBusy):
-        storage.store_image(db, _record(), PNG, job_id="run:1")
+        store_image(db, _record(), PNG, job_id="run:1")
 
-    assert not storage.has_image(db, MD5)
+    assert not has_image(db, MD5)
 
 
 def test_the_newest_orphan_chunk_decides_whether_the_writer_is_alive(db):
@@ -252,25 +246,38 @@ INDEXES = {
 }
 
 
+def _made(db, collection: str) -> dict[str, tuple[list[tuple[str, int]], bool]]:
+    """The indexes of ``collection`` but ``_id_``: name -> (keys, unique)."""
+    return {
+        name: ([(field, int(direction)) for field, direction in index["key"]], bool(index.get("unique")))
+        for name, index in db[collection].index_information().items()
+        if name != "_id_"
+    }
+
+
 def test_every_index_is_made_with_its_name_keys_and_directions(db):
     for collection, expected in INDEXES.items():
-        made = {
-            name: ([(field, int(direction)) for field, direction in index["key"]], bool(index.get("unique")))
-            for name, index in db[collection].index_information().items()
-            if name != "_id_"
-        }
-        assert made == expected, collection
+        assert _made(db, collection) == expected, collection
 
 
 def test_an_index_another_process_dropped_first_is_no_error(mongo_db, monkeypatch: pytest.MonkeyPatch):
     ledger = storage.ledger(mongo_db)
-    ledger.create_index([("run", UP), ("outcome", UP)], name="run_outcome")
+    ledger.create_index([("run", UP), ("outcome", UP)], name="run_outcome")  # superseded
+    real_drop = type(ledger).drop_index
+    asked = []
 
     def dropped_meanwhile(self, name):
+        asked.append(name)
+        real_drop(self, name)  # another process gets there first, and ours finds nothing to drop
         raise OperationFailure(f"index not found with name [{name}]", code=27)
 
     monkeypatch.setattr(type(ledger), "drop_index", dropped_meanwhile)
-    storage.ensure_indexes(mongo_db)  # does not raise
+    storage.ensure_indexes(mongo_db)
+
+    assert asked == ["run_outcome"]
+    # The superseded index is gone, and every index made after the failed drop exists too.
+    for collection, expected in INDEXES.items():
+        assert _made(mongo_db, collection) == expected, collection
 
 
 # --- clients ------------------------------------------------------------------------------
@@ -369,9 +376,20 @@ def test_nothing_to_store_stores_nothing(db):
     assert storage.image_jobs(db, []) == {}
 
 
+def test_of_a_batch_the_first_job_of_each_md5_not_stored_stores_it_and_the_others_find_it(db):
+    store_image(db, _record(MD5), PNG, job_id="run:1")
+    batch = [("run:2", MD5), ("run:3", OTHER), ("run:4", OTHER), ("run:5", MD5)]
+
+    first, stored_by = storage.images_to_store(db, batch)
+
+    assert first == [1]  # run:3 stores OTHER; run:4 will find it stored, as run:2 and run:5 find MD5
+    assert stored_by == {MD5: "run:1"}
+    assert storage.images_to_store(db, []) == ([], {})
+
+
 def test_image_jobs_answers_for_the_md5s_asked_only(db):
-    storage.store_image(db, _record(MD5), PNG, job_id="run:1")
-    storage.store_image(db, _record(OTHER), PNG, job_id="run:2")
+    store_image(db, _record(MD5), PNG, job_id="run:1")
+    store_image(db, _record(OTHER), PNG, job_id="run:2")
 
     assert storage.image_jobs(db, [MD5, MD5, "0" * 32]) == {MD5: "run:1"}
 
@@ -407,12 +425,6 @@ def test_the_busy_error_says_another_worker_writes_the_file(db):
     with pytest.raises(storage.StoreBusy) as caught:
         storage.store_gray_png(db, MD5, PNG)
     assert caught.value.reason == "grayscale file being written by another worker"
-
-
-def test_a_new_image_without_its_png_says_so(db):
-    with pytest.raises(ValueError) as caught:
-        storage.store_image(db, _record(), None, job_id="run:1")
-    assert str(caught.value) == "the PNG is needed to store a new image"
 
 
 # --- reads of the web app -----------------------------------------------------------------
@@ -459,7 +471,7 @@ def test_one_image_is_read_without_credentials_and_a_missing_one_is_none(db):
     assert found is not None and found["source_url"] == "http://***@example.com/cat.png"
     assert found["job"] == "run:1"
     assert storage.find_image(db, OTHER) is None
-    assert storage.has_image(db, MD5) and not storage.has_image(db, OTHER)
+    assert has_image(db, MD5) and not has_image(db, OTHER)
 
 
 def test_a_stored_png_is_opened_and_a_missing_one_is_none(db):

@@ -30,12 +30,6 @@ CAT = png_bytes(16, 16, seed=3)
 
 
 @pytest.fixture
-def server() -> Iterator[LocalHttpServer]:
-    with LocalHttpServer() as running:
-        yield running
-
-
-@pytest.fixture
 def fetcher() -> Iterator[Fetcher]:
     with Fetcher(LOCAL) as made:
         yield made

@@ -11,10 +11,11 @@ import struct
 import threading
 import time
 import zlib
-from pathlib import Path
 from types import TracebackType
 
 import psutil
+
+from support.peak_memory import high_water_mark
 
 __all__ = ["ProcessTreeMemory", "bilevel_png", "gzip_bomb"]
 
@@ -73,12 +74,9 @@ def bilevel_png(width: int, height: int) -> bytes:
 def _peak_rss(process: psutil.Process) -> int:
     """The process's peak resident set size so far: the kernel's ``VmHWM``, else its current RSS."""
     try:
-        for line in Path(f"/proc/{process.pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return int(process.memory_info().rss)
+        return high_water_mark(process.pid)
+    except (OSError, LookupError):
+        return int(process.memory_info().rss)
 
 
 class ProcessTreeMemory:

@@ -8,9 +8,8 @@ actors to a broker at import time, which must be the suite's Redis (set in ``pyt
 from __future__ import annotations
 
 import io
-import time
 
-import pytest
+from .waiting import wait_until
 
 
 class Pipeline:
@@ -49,13 +48,14 @@ class Pipeline:
 
     def wait_for(self, run: str, jobs: int, timeout: float = 60.0) -> None:
         """Block until every job of ``run`` has an outcome (fails the test after ``timeout``)."""
-        from image_crawler import storage
+        from image_crawler import outcomes
 
-        deadline = time.monotonic() + timeout
-        while (done := storage.ledger(self.db).count_documents({"run": run})) < jobs:
-            if time.monotonic() > deadline:
-                pytest.fail(f"only {done} of {jobs} jobs of run {run} ended within {timeout} s")
-            time.sleep(0.05)
+        wait_until(
+            lambda: outcomes.count_ended(self.db, run) >= jobs,
+            f"the {jobs} jobs of run {run} to end",
+            timeout=timeout,
+            details=lambda: f"{outcomes.count_ended(self.db, run)} of them ended",
+        )
 
     def close(self) -> None:
         from image_crawler.context import set_context

@@ -1,4 +1,8 @@
-"""Real processes for multi-process tests: `dramatiq` CLI workers and the `image-crawler` command."""
+"""Real processes for multi-process tests: `dramatiq` CLI workers and the `image-crawler` command.
+
+The benchmarks use the commands and the environment built here too (as ``tests.support.processes``;
+see ``tests/support/services.py``), so this module imports its siblings relatively.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,27 @@ from pathlib import Path
 
 import pytest
 
-from support.services import stop_group
+from .services import stop_group
+
+
+def worker_command(
+    *modules: str, processes: int, threads: int, queues: tuple[str, ...] = (), path: Path | None = None
+) -> list[str]:
+    """The argv of `dramatiq MODULES --processes P --threads T` in this environment (``--path``
+    puts a directory on the workers' ``sys.path``; ``--queues`` comes last: it takes the rest)."""
+    command = [sys.executable, "-m", "dramatiq", *modules]
+    if path is not None:
+        command += ["--path", str(path)]
+    command += ["--processes", str(processes), "--threads", str(threads)]
+    if queues:
+        command += ["--queues", *queues]
+    return command
+
+
+def crawl_environment(redis_url: str, mongo_uri: str, **settings: str) -> dict[str, str]:
+    """This environment, on these stores, with ``FETCH_ALLOW_PRIVATE=1`` (the image servers of the
+    tests and benchmarks are local) and these other settings: for workers and ``image-crawler``."""
+    return dict(os.environ, REDIS_URL=redis_url, MONGO_URI=mongo_uri, FETCH_ALLOW_PRIVATE="1", **settings)
 
 
 def start_workers(
@@ -26,10 +50,9 @@ def start_workers(
     ``modules`` are imported by every worker process after the actors (e.g. ``support.poison``;
     ``tests/`` is put on ``PYTHONPATH`` for them).
     """
-    command = [sys.executable, "-m", "dramatiq", "image_crawler.actors", *modules]
-    command += ["--processes", str(processes), "--threads", str(threads)]
-    if queues:
-        command += ["--queues", *queues]
+    command = worker_command(
+        "image_crawler.actors", *modules, processes=processes, threads=threads, queues=queues
+    )
     output = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 - closed with the process
     if modules:
         tests = str(Path(__file__).resolve().parent.parent)

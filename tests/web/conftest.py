@@ -15,6 +15,7 @@ from image_crawler.imaging import to_grayscale
 from image_crawler.outcomes import Job
 from image_crawler.storage import this_minute
 from support.images import png_bytes
+from support.stores import store_image
 from web import create_app
 
 
@@ -40,7 +41,7 @@ class Seeder:
             content_type="image/png",
             byte_size=len(original),
         )
-        storage.store_image(self.db, record, gray.png, job_id=f"seed:{seed}")
+        store_image(self.db, record, gray.png, job_id=f"seed:{seed}")
         return md5
 
     def outcome(

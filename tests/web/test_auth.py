@@ -157,3 +157,44 @@ def test_a_user_name_with_a_colon_is_refused_at_startup(mongo_db):
     # Basic auth splits user and password at the first colon: such a user could never sign in.
     with pytest.raises(ValueError, match="WEB_USER"):
         create_app({"MONGO_DATABASE": mongo_db, "WEB_USER": "team:crawler", "WEB_PASSWORD": PASSWORD})
+
+
+def every_route(app, md5: str) -> list[tuple[str, str, str, bool]]:
+    """``(endpoint, method, path, sampled)`` for every rule of ``app.url_map`` and each of its methods.
+
+    Arguments get sample values that exist in the ``stored`` data (``sampled``: all of them did);
+    an argument no sample names gets ``1``, so a new route is still asked for, and guarded.
+    """
+    samples = {"filename": "style.css", "run": "seed", "name": md5}
+    adapter = app.url_map.bind("localhost")
+    found = []
+    for rule in app.url_map.iter_rules():
+        values = {name: samples.get(name, "1") for name in rule.arguments}
+        path = adapter.build(rule.endpoint, values)
+        assert adapter.match(path)[0] == rule.endpoint, (rule.rule, path)  # this rule's own path
+        sampled = set(rule.arguments) <= set(samples)
+        found += [(rule.endpoint, method, path, sampled) for method in sorted(rule.methods or ())]
+    return found
+
+
+def test_every_rule_of_the_url_map_but_healthz_asks_for_credentials(guarded, stored):
+    client = guarded.test_client()
+    routes = every_route(guarded, stored)
+    assert {"static", "runs.show", "runs.failed", "images.png", "metrics.metrics"} <= {
+        endpoint for endpoint, *_ in routes
+    }  # the map is what is walked, static files included (web/auth.py: they are asked for too)
+
+    open_without = set()
+    for endpoint, method, path, sampled in routes:
+        without = client.open(path, method=method)
+        if without.status_code == 401:
+            assert without.headers["WWW-Authenticate"].startswith('Basic realm="image-crawler"'), path
+        else:
+            open_without.add(endpoint)
+        without.close()  # a streamed answer (failed.txt) holds its request context until closed
+        given = client.open(path, method=method, headers=basic(USER, PASSWORD))
+        given.close()
+        assert given.status_code != 401, (method, path)
+        if sampled and method == "GET":
+            assert given.status_code == 200, (path, given.status_code)  # the samples reach the view
+    assert open_without == {"health.healthz"}
