@@ -91,9 +91,7 @@ def main(argv: list[str] | None = None) -> None:
             converted.append((outcomes.Job.new(args.run, number, url), record, gray.png, times))
         # The chunk's writes, with collect's calls: one lookup, the new images, the outcomes.
         clock = time.perf_counter()
-        first, winners = storage.images_to_store(
-            db, [(job.id, record.md5) for job, record, _, _ in converted]
-        )
+        first, winners = storage.images_to_store(db, [record.md5 for _, record, _, _ in converted])
         new = [(converted[i][1], converted[i][2], converted[i][0].id) for i in first]
         winners.update(storage.store_new_images(db, new))
         stored_at = time.perf_counter()

@@ -137,20 +137,34 @@ def fetch_batch_size(run_lines: int | None, *, threads: int, batch_size: int) ->
     return max(1, min(batch_size, math.ceil(run_lines / (max(1, threads) * BATCHES_PER_THREAD))))
 
 
-def _worker_threads() -> int:
+def _cluster_threads() -> int:
     """Worker threads of the whole cluster: this process's, and those of every other worker
-    process listed in ``WORKERS_KEY`` whose heartbeat is live (docs/architecture.md, "admit")."""
+    process listed in ``WORKERS_KEY`` whose heartbeat is live (docs/architecture.md, "The
+    flow": admit). Entries of processes that booted a heartbeat timeout ago and beat no more
+    (killed outright) are dropped."""
     now_ms = int(time.time() * 1000)
+    since = now_ms - HEARTBEAT_TIMEOUT_MS
     with broker.client.pipeline(transaction=False) as pipe:
-        pipe.zrangebyscore(heartbeats_key(broker.namespace), now_ms - HEARTBEAT_TIMEOUT_MS, "+inf")
+        pipe.zrangebyscore(heartbeats_key(broker.namespace), since, "+inf")
         pipe.hgetall(WORKERS_KEY)
         live, workers = pipe.execute()
-    beating = {_text(name) for name in live} - {broker.broker_id}
-    others = sum(int(threads) for name, threads in workers.items() if _text(name) in beating)
+    beating = {_as_str(name) for name in live}
+    others, dead = 0, []
+    for name, entry in workers.items():
+        threads, _, booted_ms = _as_str(entry).partition(":")
+        if _as_str(name) == broker.broker_id:
+            continue
+        if _as_str(name) in beating:
+            others += int(threads)
+        elif int(booted_ms or 0) < since:  # one just booted may not have beaten yet
+            dead.append(name)
+    if dead:
+        broker.client.hdel(WORKERS_KEY, *dead)
     return worker_threads(broker) + others
 
 
-def _text(value: bytes | str) -> str:
+def _as_str(value: bytes | str) -> str:
+    """Redis answers bytes; broker ids are compared as str."""
     return value.decode() if isinstance(value, bytes) else value
 
 
@@ -188,7 +202,7 @@ def admit(batch: dict[str, Any]) -> None:
         return
     lines = batch["lines"]
     batch_size = get_context().settings.batch_size
-    size = fetch_batch_size(batch.get("run_lines"), threads=_worker_threads(), batch_size=batch_size)
+    size = fetch_batch_size(batch.get("run_lines"), threads=_cluster_threads(), batch_size=batch_size)
     with broker.pipelined(transaction=True) as pipe:
         pipe.watch(key)
         if pipe.exists(key):
@@ -567,7 +581,7 @@ def _store_and_record(
         else:
             images.append((index, job, digests[index]))
     # One job per MD5 not stored yet stores it (the first); the others find it stored.
-    first, winners = storage.images_to_store(context.db, [(job.id, digest) for _, job, digest in images])
+    first, winners = storage.images_to_store(context.db, [digest for _, _, digest in images])
     sizes = [grays[index].get("png", 0) for index in range(len(jobs))]
     for indexes in claims.chunks([images[n][0] for n in first], sizes, MOVE_BYTES):
         pngs = context.claims.get(parcel["claim"], PNGS, indexes, "grayscale image")

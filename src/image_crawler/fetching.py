@@ -76,8 +76,9 @@ MAX_URL_LENGTH = 8192
 
 #: Resolves ``(host, port)`` to IP address strings; raises ``OSError`` when the name does not resolve.
 Resolver = Callable[[str, int], Iterable[str]]
-#: Asked about the URL of each redirect hop before it is requested; refuses it by raising (a
-#: :class:`~image_crawler.errors.CrawlError`, which :meth:`Fetcher.fetch` lets through).
+#: Asked about the URL of each redirect hop before it is requested; refuses it
+#: (``RobotsDisallowed``) or puts it off (``RobotsPending``) by raising: :meth:`Fetcher.fetch`
+#: lets through anything but httpx's errors.
 HopCheck = Callable[[str], None]
 
 _SCHEMES = {"http": 80, "https": 443}

@@ -12,6 +12,7 @@ import enum
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Mapping
 
 import pymongo.errors
@@ -287,8 +288,8 @@ class CrashGuard(Middleware):
             self._turns.release(alone)
 
 
-#: Hash of the broker id of every running worker process → its worker threads: the processes
-#: a short run is cut for (``actors._worker_threads``).
+#: Hash of the broker id of every running worker process → ``"<worker threads>:<boot time, ms>"``:
+#: the processes a short run is cut for (``actors._cluster_threads``).
 WORKERS_KEY = "image-crawler:workers"
 
 
@@ -299,7 +300,7 @@ class WorkerShape(Middleware):
     Dramatiq's heartbeats name every broker that sent a command lately, ``image-crawler
     enqueue``'s too (its dispatch script beats at each command): only a process that booted a
     worker is listed here, with its own number of threads. A process killed outright leaves its
-    entry behind; it stops counting once its heartbeat is gone.
+    entry behind: it stops counting once its heartbeat is gone, and the next count drops it.
     """
 
     def __init__(self, default_threads: int = DEFAULT_WORKER_THREADS) -> None:
@@ -307,7 +308,8 @@ class WorkerShape(Middleware):
 
     def after_worker_boot(self, broker, worker):
         self.threads = worker.worker_threads
-        broker.client.hset(WORKERS_KEY, broker.broker_id, worker.worker_threads)
+        booted_ms = int(time.time() * 1000)
+        broker.client.hset(WORKERS_KEY, broker.broker_id, f"{worker.worker_threads}:{booted_ms}")
 
     def before_worker_shutdown(self, broker, worker):
         broker.client.hdel(WORKERS_KEY, broker.broker_id)

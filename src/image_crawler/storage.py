@@ -248,18 +248,16 @@ def image_jobs(db: Database, md5s: Iterable[str]) -> dict[str, str | None]:
     return {document["_id"]: document.get("job") for document in found}
 
 
-def images_to_store(
-    db: Database, images: Sequence[tuple[str, str]]
-) -> tuple[list[int], dict[str, str | None]]:
-    """Which of a batch's images to store: ``images`` are ``(job id, md5)`` pairs, in order.
+def images_to_store(db: Database, md5s: Sequence[str]) -> tuple[list[int], dict[str, str | None]]:
+    """Which of a batch's images to store: ``md5s`` are the batch's digests, in order.
 
-    Returns the indexes of the pairs that store an image, the first of each MD5 not stored yet
+    Returns the indexes into ``md5s`` that store an image, the first of each MD5 not stored yet
     (in order), and, for every MD5 already stored, the job that stored it (one query). Once
     :func:`store_new_images` has stored the first ones, its answer completes the second.
     """
-    stored_by = image_jobs(db, [md5 for _, md5 in images])
+    stored_by = image_jobs(db, list(md5s))
     first: dict[str, int] = {}
-    for index, (_, md5) in enumerate(images):
+    for index, md5 in enumerate(md5s):
         if md5 not in stored_by:
             first.setdefault(md5, index)
     return list(first.values()), stored_by

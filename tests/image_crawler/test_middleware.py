@@ -23,6 +23,7 @@ from image_crawler.dramatiq_internals import WORKER_LOGGER
 from image_crawler.middleware import (
     CRASH_MARK_TTL_S,
     DEFAULT_WORKER_THREADS,
+    WORKERS_KEY,
     CrashGuard,
     ExpectedFailures,
     RecordFailures,
@@ -531,14 +532,27 @@ def test_until_a_worker_boots_its_threads_are_dramatiqs_default():
     assert worker_threads(_Broker()) == DEFAULT_WORKER_THREADS  # a broker without a WorkerShape
 
 
-def test_a_booted_worker_tells_its_broker_how_many_threads_it_runs():
+def test_a_booted_worker_tells_its_broker_how_many_threads_it_runs_and_lists_itself_until_it_stops(
+    redis_url,
+):
     shape = WorkerShape()
     broker = _Broker()
     broker.middleware = [shape]
+    broker.client = redis.Redis.from_url(redis_url)
+    broker.broker_id = "test-broker"
+    try:
+        broker.client.delete(WORKERS_KEY)
+        shape.after_worker_boot(broker, SimpleNamespace(worker_threads=3))
 
-    shape.after_worker_boot(broker, SimpleNamespace(worker_threads=3))
+        assert worker_threads(broker) == 3
+        threads, _, booted_ms = broker.client.hget(WORKERS_KEY, "test-broker").decode().partition(":")
+        assert int(threads) == 3 and int(booted_ms) > 0
 
-    assert worker_threads(broker) == 3
+        shape.before_worker_shutdown(broker, None)
+
+        assert broker.client.hget(WORKERS_KEY, "test-broker") is None
+    finally:
+        broker.client.close()
 
 
 def test_a_crash_mark_outlives_its_message_by_a_day_by_default(redis_url):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import math
 import threading
+import time
 import uuid
 from collections import Counter
 
@@ -36,7 +37,7 @@ def test_mixed_list_gives_exact_counts_and_one_outcome_per_url(
     from image_crawler import actors
 
     if threads is not None:  # as if the cluster had one thread: 21 lines in batches of ceil(21 / 4)
-        monkeypatch.setattr(actors, "_worker_threads", lambda: threads)
+        monkeypatch.setattr(actors, "_cluster_threads", lambda: threads)
     pipeline = make_pipeline(
         fetch_timeout=1.0, fetch_max_bytes=300_000, max_image_pixels=1_000_000, batch_size=batch_size
     )
@@ -758,3 +759,28 @@ def test_a_short_run_is_cut_for_the_worker_threads_there_are_not_for_the_enqueue
     # 4 threads x BATCHES_PER_THREAD = 16 batches: 22 lines each (counting the command too: 11).
     assert max(sizes) == math.ceil(343 / (4 * actors.BATCHES_PER_THREAD)) == 22
     assert sum(sizes) == 343
+
+
+def test_the_cluster_count_drops_workers_killed_outright_and_keeps_one_just_booted(
+    make_pipeline, redis_client
+):
+    from image_crawler import actors
+    from image_crawler.dramatiq_internals import heartbeats_key
+    from image_crawler.middleware import WORKERS_KEY
+
+    make_pipeline(threads=4)  # this process: a worker of 4 threads
+    now_ms = int(time.time() * 1000)
+    long_ago = now_ms - 10 * 60 * 1000
+    redis_client.hset(
+        WORKERS_KEY,
+        mapping={
+            "beating": f"8:{long_ago}",  # another live worker process of 8 threads
+            "killed": f"8:{long_ago}",  # booted long ago, beats no more: SIGKILLed
+            "booting": f"8:{now_ms}",  # booted a moment ago, has not beaten yet
+        },
+    )
+    redis_client.zadd(heartbeats_key(), {"beating": now_ms})
+
+    assert actors._cluster_threads() == 4 + 8
+    assert set(redis_client.hkeys(WORKERS_KEY)) >= {b"beating", b"booting"}
+    assert b"killed" not in redis_client.hkeys(WORKERS_KEY)

@@ -378,7 +378,7 @@ def test_nothing_to_store_stores_nothing(db):
 
 def test_of_a_batch_the_first_job_of_each_md5_not_stored_stores_it_and_the_others_find_it(db):
     store_image(db, _record(MD5), PNG, job_id="run:1")
-    batch = [("run:2", MD5), ("run:3", OTHER), ("run:4", OTHER), ("run:5", MD5)]
+    batch = [MD5, OTHER, OTHER, MD5]  # the digests of run:2, run:3, run:4 and run:5
 
     first, stored_by = storage.images_to_store(db, batch)
 

@@ -22,7 +22,7 @@ def store_image(db: Database, record: storage.ImageRecord, png: bytes | None, *,
     ``png`` may be None only when the image is already stored. A retry or redelivery of the
     job that first stored the image still answers True.
     """
-    first, stored_by = storage.images_to_store(db, [(job_id, record.md5)])
+    first, stored_by = storage.images_to_store(db, [record.md5])
     if not first:
         return stored_by[record.md5] == job_id
     if png is None:
