@@ -46,7 +46,8 @@ APP_SERVICES = ("worker", "web", "crawl")
 SETTING_NAMES = {field.name.upper() for field in fields(Settings)}
 #: Settings only the web app reads: the other services are not given the dashboard's password.
 WEB_ONLY_SETTINGS = {"WEB_USER", "WEB_PASSWORD"}
-#: Dramatiq's own variables for the exporter of WORKER_METRICS (image_crawler.middleware.WorkerMetrics), workers only.
+#: Dramatiq's own variables for the exporter of WORKER_METRICS
+#: (image_crawler.middleware.WorkerMetrics), workers only.
 WORKER_METRICS_VARIABLES = {"dramatiq_prom_host", "dramatiq_prom_db"}
 
 _VARIABLE = re.compile(r"\$\{(?P<name>\w+)(?:(?P<op>:?-)(?P<default>[^}]*))?\}|\$\$")
