@@ -141,7 +141,7 @@ def _cluster_threads() -> int:
     """Worker threads of the whole cluster: this process's, and those of every other worker
     process listed in ``WORKERS_KEY`` whose heartbeat is live (docs/architecture.md, "The
     flow": admit). Entries of processes that booted a heartbeat timeout ago and beat no more
-    (killed outright) are dropped."""
+    (stopped, killed, or not heard of since) are dropped."""
     now_ms = int(time.time() * 1000)
     since = now_ms - HEARTBEAT_TIMEOUT_MS
     with broker.client.pipeline(transaction=False) as pipe:
@@ -151,12 +151,12 @@ def _cluster_threads() -> int:
     beating = {_as_str(name) for name in live}
     others, dead = 0, []
     for name, entry in workers.items():
-        threads, _, booted_ms = _as_str(entry).partition(":")
+        threads, _, listed_ms = _as_str(entry).partition(":")
         if _as_str(name) == broker.broker_id:
             continue
         if _as_str(name) in beating:
             others += int(threads)
-        elif int(booted_ms or 0) < since:  # one just booted may not have beaten yet
+        elif int(listed_ms or 0) < since:  # one just booted may not have beaten yet
             dead.append(name)
     if dead:
         broker.client.hdel(WORKERS_KEY, *dead)
@@ -372,7 +372,7 @@ class _Sorting:
         """File one finished download."""
         try:
             download: Download = future.result()
-        except _NotStarted:
+        except (_NotStarted, _HopPending):
             self.postpone(job)
             return
         except redis.RedisError:
@@ -440,6 +440,12 @@ class _NotStarted(Exception):
     """A download that could not start within ``START_WITHIN_S`` of its batch: not its fault."""
 
 
+class _HopPending(Exception):
+    """A redirect hop's robots.txt is being fetched by another worker. The line's first URL was
+    requested already, so it goes again as a line that could not start: counted towards
+    :data:`POSTPONE_LIMIT`, not for ever."""
+
+
 def _download(context: Context, url: str, cutoff: float) -> Download:
     """Download ``url`` in a turn of its host (else :class:`HostBusy`), unless it is past ``cutoff``.
 
@@ -457,7 +463,10 @@ def _download(context: Context, url: str, cutoff: float) -> Download:
             robots.check(url, until=cutoff)  # its robots.txt, once a day, in this turn
 
             def check_hop(hop: str) -> None:  # each redirect's too, before it is requested
-                robots.check(hop, until=cutoff)
+                try:
+                    robots.check(hop, until=cutoff)
+                except RobotsPending as pending:
+                    raise _HopPending() from pending
 
             download = context.fetcher.fetch(url, check_hop=check_hop)
             if forbids_indexing(download.robots_tags, user_agent=robots.user_agent):

@@ -288,9 +288,11 @@ class CrashGuard(Middleware):
             self._turns.release(alone)
 
 
-#: Hash of the broker id of every running worker process → ``"<worker threads>:<boot time, ms>"``:
+#: Hash of the broker id of every running worker process → ``"<worker threads>:<listed at, ms>"``:
 #: the processes a short run is cut for (``actors._cluster_threads``).
 WORKERS_KEY = "image-crawler:workers"
+#: How often a worker process that takes messages lists itself in :data:`WORKERS_KEY` again.
+RELIST_S = 10.0
 
 
 class WorkerShape(Middleware):
@@ -299,20 +301,30 @@ class WorkerShape(Middleware):
 
     Dramatiq's heartbeats name every broker that sent a command lately, ``image-crawler
     enqueue``'s too (its dispatch script beats at each command): only a process that booted a
-    worker is listed here, with its own number of threads. A process killed outright leaves its
-    entry behind: it stops counting once its heartbeat is gone, and the next count drops it.
+    worker is listed here, with its own number of threads and when it last listed itself (at
+    boot, and again every :data:`RELIST_S` while it takes messages). An entry stops counting
+    once its process's heartbeat is gone, and the next count drops it if it was not listed
+    again meanwhile: a process that stopped or was killed, or one whose heartbeat Redis lost
+    for a while (it lists itself again with its next message). Nothing is written at shutdown,
+    so a stop during a Redis outage is not held up by it.
     """
 
     def __init__(self, default_threads: int = DEFAULT_WORKER_THREADS) -> None:
         self.threads = default_threads
+        self._listed_at = 0.0
 
     def after_worker_boot(self, broker, worker):
         self.threads = worker.worker_threads
-        booted_ms = int(time.time() * 1000)
-        broker.client.hset(WORKERS_KEY, broker.broker_id, f"{worker.worker_threads}:{booted_ms}")
+        self._list(broker)
 
-    def before_worker_shutdown(self, broker, worker):
-        broker.client.hdel(WORKERS_KEY, broker.broker_id)
+    def before_process_message(self, broker, message):
+        if time.monotonic() - self._listed_at >= RELIST_S:
+            self._list(broker)
+
+    def _list(self, broker) -> None:
+        self._listed_at = time.monotonic()
+        listed_ms = int(time.time() * 1000)
+        broker.client.hset(WORKERS_KEY, broker.broker_id, f"{self.threads}:{listed_ms}")
 
 
 def worker_threads(broker) -> int:

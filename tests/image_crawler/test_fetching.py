@@ -6,7 +6,9 @@ The limits are those of docs/architecture.md, "Limits of a download".
 from __future__ import annotations
 
 import gzip
+import select
 import socket
+import threading
 import tracemalloc
 import zlib
 from collections.abc import Callable, Iterator
@@ -190,6 +192,189 @@ def test_slow_drip_is_cut_off_at_the_total_budget(
     assert isinstance(error, FetchTimeout)
     assert error.__cause__ is None  # no read timed out: the budget ran out between reads
     assert 2 / 0.5 <= sum(received) < len(body)  # what came within the 2 s budget, far from all of it
+
+
+class HeaderDripServer:
+    """A raw HTTP/1.1 server on 127.0.0.1 that can send a response's head one byte at a time.
+
+    ``routes`` maps a path to ``(head, body, drip)``: ``head`` is the status line and headers
+    (ending in the blank line), sent a byte per ``pause`` when ``drip``, else at once, and then
+    ``body``. Each connection serves one request (``Connection: close``). ``sent[path]`` is how
+    many bytes of its head went out before the client closed the connection; ``hangups[path]``
+    whether the client closed it before the whole response was sent.
+    """
+
+    def __init__(self, pause: float = 0.1) -> None:
+        self.pause = pause
+        self.routes: dict[str, tuple[bytes, bytes, bool]] = {}
+        self.sent: dict[str, int] = {}
+        self.hangups: dict[str, bool] = {}
+        self._stopping = threading.Event()
+        self._listener = socket.socket()
+        self._listener.bind(("127.0.0.1", 0))
+        self._listener.listen()
+        self._listener.settimeout(0.05)
+        self._threads: list[threading.Thread] = []
+        self._accepting = threading.Thread(target=self._accept, daemon=True)
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self._listener.getsockname()[1]}{path}"
+
+    def add(self, path: str, head: bytes, body: bytes = b"", *, drip: bool = False) -> None:
+        self.routes[path] = (head, body, drip)
+
+    def finished(self, path: str) -> bool:
+        """Wait (a while) for the connection that served ``path`` to be over; whether it is."""
+        for thread in list(self._threads):
+            thread.join(10)
+        return path in self.sent
+
+    def __enter__(self) -> HeaderDripServer:
+        self._accepting.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stopping.set()
+        self._accepting.join(5)
+        for thread in self._threads:
+            thread.join(5)
+        self._listener.close()
+
+    def _accept(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                connection, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            thread = threading.Thread(target=self._serve, args=(connection,), daemon=True)
+            self._threads.append(thread)
+            thread.start()
+
+    def _serve(self, connection: socket.socket) -> None:
+        with connection:
+            request = b""
+            while b"\r\n\r\n" not in request:
+                data = connection.recv(4096)
+                if not data:
+                    return
+                request += data
+            path = request.split(b" ", 2)[1].decode()
+            head, body, drip = self.routes[path]
+            sent, closed = 0, False
+            if drip:
+                for index in range(len(head)):
+                    if self._client_closed(connection, self.pause):
+                        closed = True
+                        break
+                    connection.sendall(head[index : index + 1])
+                    sent += 1
+            else:
+                connection.sendall(head)
+                sent = len(head)
+            if not closed:
+                connection.sendall(body)
+                closed = self._client_closed(connection, 10)
+            self.sent[path], self.hangups[path] = sent, closed
+
+    def _client_closed(self, connection: socket.socket, wait: float) -> bool:
+        """Whether the client closes the connection within ``wait`` seconds (or stops reading)."""
+        if self._stopping.is_set():
+            return True
+        readable, _, _ = select.select([connection], [], [], wait)
+        if not readable:
+            return False
+        try:
+            return connection.recv(1) == b""
+        except OSError:  # reset: the client closed with our bytes unread
+            return True
+
+
+def _head(status: str, headers: dict[str, str]) -> bytes:
+    """A response head padded to 240 bytes; ``Connection: close``, every response its own connection."""
+    fields = [f"{name}: {value}" for name, value in headers.items()]
+    lines = [f"HTTP/1.1 {status}", *fields, "Connection: close"]
+    head = "\r\n".join(lines) + "\r\n"
+    padding = 240 - len(head) - len("X-Padding: \r\n\r\n")
+    return (head + "X-Padding: " + "p" * padding + "\r\n\r\n").encode()
+
+
+IMAGE = b"\x89PNG fine image"
+IMAGE_HEAD = _head("200 OK", {"Content-Type": "image/png", "Content-Length": str(len(IMAGE))})
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["image whose head drips", "redirect whose head drips", "hop after a redirect drips"],
+)
+def test_a_response_head_sent_a_byte_at_a_time_is_cut_off_at_the_fetch_timeout(
+    make_fetcher: MakeFetcher, case: str
+):
+    # Each byte comes well within any read timeout (0.1 s apart, the budget is 1 s): only a
+    # deadline for the whole exchange stops the client from reading all 240 bytes (24 s).
+    with HeaderDripServer(pause=0.1) as drip:
+        if case == "image whose head drips":
+            drip.add("/slow.png", IMAGE_HEAD, IMAGE, drip=True)
+            start, dripped = "/slow.png", "/slow.png"
+        elif case == "redirect whose head drips":
+            moved = _head("302 Found", {"Location": "/fast.png", "Content-Length": "0"})
+            drip.add("/moved", moved, drip=True)
+            drip.add("/fast.png", IMAGE_HEAD, IMAGE)
+            start, dripped = "/moved", "/moved"
+        else:
+            drip.add("/moved", _head("302 Found", {"Location": "/slow.png", "Content-Length": "0"}))
+            drip.add("/slow.png", IMAGE_HEAD, IMAGE, drip=True)
+            start, dripped = "/moved", "/slow.png"
+        fetcher = make_fetcher(fetch_timeout=1)
+
+        error = raises_from(fetcher, drip.url(start))
+
+        assert drip.finished(dripped)
+        assert isinstance(error, FetchTimeout)
+        assert (error.reason, error.transient) == ("timeout", True)
+        assert drip.hangups[dripped]  # the client hung up on the drip …
+        assert drip.sent[dripped] < len(IMAGE_HEAD) / 2  # … long before its head was all sent
+        assert "/fast.png" not in drip.sent  # (and never followed a dripping redirect)
+
+
+def test_a_fetch_nested_in_a_hop_check_leaves_the_outer_deadline_in_force(make_fetcher: MakeFetcher):
+    # robots.txt is fetched (by another Fetcher, on the same thread) from inside check_hop: once
+    # it is done, the outer download's own deadline must still bound the hop it goes on to.
+    with HeaderDripServer(pause=0.1) as drip, LocalHttpServer() as robots_host:
+        robots_host.add("/robots.txt", body=b"User-agent: *\nAllow: /\n", content_type="text/plain")
+        drip.add("/moved", _head("302 Found", {"Location": "/slow.png", "Content-Length": "0"}))
+        drip.add("/slow.png", IMAGE_HEAD, IMAGE, drip=True)
+        robots_fetcher = make_fetcher(fetch_timeout=5)
+        nested: list[bytes] = []
+
+        def check_hop(hop: str) -> None:
+            nested.append(robots_fetcher.fetch(robots_host.url("/robots.txt")).content)
+
+        with pytest.raises(FetchTimeout):
+            make_fetcher(fetch_timeout=1).fetch(drip.url("/moved"), check_hop=check_hop)
+
+        assert drip.finished("/slow.png")
+        assert nested == [b"User-agent: *\nAllow: /\n"]
+        assert drip.hangups["/slow.png"]
+        assert drip.sent["/slow.png"] < len(IMAGE_HEAD) / 2
+
+
+def test_a_kept_alive_connection_reused_by_another_thread_reads_that_threads_deadline(
+    make_fetcher: MakeFetcher, clock: _Clock
+):
+    with LocalHttpServer() as own:
+        own.add("/kept.png", body=b"kept", content_type="image/png")
+        fetcher = make_fetcher(fetch_timeout=1, fetch_concurrency=1)
+
+        first = fetcher.fetch(own.url("/kept.png?1"))  # its deadline is long past after this:
+        clock.now += 3600
+        with ThreadPoolExecutor(max_workers=1) as other:  # a fetch of its own, in another thread
+            second = other.submit(fetcher.fetch, own.url("/kept.png?2")).result()
+        third = fetcher.fetch(own.url("/kept.png?3"))  # and again on this one, after that fetch
+
+        assert [first.content, second.content, third.content] == [b"kept"] * 3
+        assert own.connections() == 1  # one connection, used under three deadlines
 
 
 # --- redirects --------------------------------------------------------------------------

@@ -532,8 +532,8 @@ def test_until_a_worker_boots_its_threads_are_dramatiqs_default():
     assert worker_threads(_Broker()) == DEFAULT_WORKER_THREADS  # a broker without a WorkerShape
 
 
-def test_a_booted_worker_tells_its_broker_how_many_threads_it_runs_and_lists_itself_until_it_stops(
-    redis_url,
+def test_a_booted_worker_tells_its_broker_how_many_threads_it_runs_and_lists_itself_while_it_works(
+    redis_url, monkeypatch
 ):
     shape = WorkerShape()
     broker = _Broker()
@@ -545,12 +545,16 @@ def test_a_booted_worker_tells_its_broker_how_many_threads_it_runs_and_lists_its
         shape.after_worker_boot(broker, SimpleNamespace(worker_threads=3))
 
         assert worker_threads(broker) == 3
-        threads, _, booted_ms = broker.client.hget(WORKERS_KEY, "test-broker").decode().partition(":")
-        assert int(threads) == 3 and int(booted_ms) > 0
+        threads, _, listed_ms = broker.client.hget(WORKERS_KEY, "test-broker").decode().partition(":")
+        assert int(threads) == 3 and int(listed_ms) > 0
 
-        shape.before_worker_shutdown(broker, None)
+        broker.client.hdel(WORKERS_KEY, "test-broker")  # as a count does when the heartbeat lapsed
+        shape.before_process_message(broker, None)
+        assert broker.client.hget(WORKERS_KEY, "test-broker") is None  # listed a moment ago
 
-        assert broker.client.hget(WORKERS_KEY, "test-broker") is None
+        monkeypatch.setattr("image_crawler.middleware.RELIST_S", 0.0)
+        shape.before_process_message(broker, None)
+        assert broker.client.hget(WORKERS_KEY, "test-broker").decode().startswith("3:")
     finally:
         broker.client.close()
 

@@ -85,6 +85,30 @@ def test_a_redirect_to_another_host_obeys_that_hosts_robots_txt(make_pipeline, s
     assert server.hits("/robots.txt") == 1
 
 
+def test_a_hop_whose_robots_txt_stays_pending_ends_the_line_after_the_postpone_limit(
+    make_pipeline, server, other, redis_client, monkeypatch
+):
+    from image_crawler import actors
+
+    monkeypatch.setattr(actors, "POSTPONE_LIMIT", 2)
+    monkeypatch.setattr(actors, "NOT_STARTED_DELAY_MS", 50)
+    pipeline = make_pipeline(obey_robots=True, fetch_retries=0)
+    server.add_redirect("/go.png", _on_localhost(other, "/cat.png"))
+    other.add("/cat.png", body=png_bytes(20, 20, seed=15))
+    # Another worker fetches the other host's robots.txt, and goes on fetching it.
+    hop_site = origin(_on_localhost(other, "/"))
+    redis_client.set(f"image-crawler:robots-lock:{hop_site}", "another worker", ex=600)
+
+    report = pipeline.enqueue_text(server.url("/go.png"))
+    pipeline.wait_for(report.run, 1, timeout=120)
+
+    entry = _ledger(pipeline, report.run)[1]
+    assert (entry["outcome"], entry["reason"]) == ("error", "timeout")
+    # Its first URL was asked for again each round, and the rounds stopped at the limit.
+    assert server.hits("/go.png") == 2
+    assert other.hits("/cat.png") == 0 and other.hits("/robots.txt") == 0
+
+
 def test_without_obey_robots_a_redirect_is_followed_whatever_robots_txt_says(make_pipeline, server):
     pipeline = make_pipeline()
     server.add("/robots.txt", body=b"User-agent: *\nDisallow: /\n", content_type="text/plain")
