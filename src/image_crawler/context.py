@@ -47,8 +47,9 @@ def count_downloads(pipe: redis.client.Pipeline, bodies: int, size: int) -> None
 
 
 def longest_download_s(settings: Settings) -> float:
-    """The longest one download may take: FETCH_TIMEOUT, stretched twice by a slow read
-    (fetching.py), after its robots.txt (the same, at most ROBOTS_TIMEOUT_S) with ``OBEY_ROBOTS``."""
+    """The longest one download may take, with a margin: FETCH_TIMEOUT is one deadline for the
+    whole download (fetching.py); with ``OBEY_ROBOTS`` the URL's robots.txt comes first and a
+    redirect hop's may end past the deadline (each at most ROBOTS_TIMEOUT_S). Twice each."""
     robots = 2 * min(settings.fetch_timeout, ROBOTS_TIMEOUT_S) if settings.obey_robots else 0.0
     return 2 * settings.fetch_timeout + robots
 
@@ -79,7 +80,7 @@ class Context:
             self.claims.client,
             concurrency=self.settings.host_concurrency,
             delay_ms=self.settings.host_delay_ms,
-            # A download ends within twice FETCH_TIMEOUT (fetching.py); a dead worker's turn comes back after.
+            # A download ends within longest_download_s; a dead worker's turn comes back after.
             turn_ms=int(self.longest_download_s * 1000) + 10_000,
             longest_pause_s=self.settings.retry_after_max,
         )
@@ -103,8 +104,7 @@ class Context:
 
     @property
     def longest_download_s(self) -> float:
-        """The longest one download may take: FETCH_TIMEOUT, stretched twice by a slow read
-        (fetching.py), after its robots.txt with ``OBEY_ROBOTS``."""
+        """The longest one download may take, with a margin (:func:`longest_download_s`)."""
         return longest_download_s(self.settings)
 
     @classmethod

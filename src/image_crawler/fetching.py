@@ -4,9 +4,12 @@ The limits are those of docs/architecture.md, "Limits of a download".
 
 What a :class:`Fetcher` guarantees, whatever the server does:
 
-- ``fetch_timeout`` bounds connecting, every read, and the whole download: each hop gets the
-  time left as its httpx timeout, and the read loop checks a monotonic deadline. A server that
-  stalls just short of a read timeout can stretch a download to at most twice the budget.
+- ``fetch_timeout`` bounds the whole download, from the first connection to the last byte of
+  the body, redirects included: it sets one monotonic deadline, which every connect, TLS
+  handshake, socket read and write of the fetch is cut at (:class:`_DeadlineStream`), however
+  the server spreads its bytes out (a status line and headers sent one byte at a time, each
+  just inside a read timeout, included). Only the DNS lookup is outside it (see below), and
+  waiting for a free connection of the pool is bounded by the time left.
 - ``fetch_max_bytes`` bounds the body after decompression, counted while streaming. Content
   decoding is done here in bounded steps (gzip, deflate) because httpx inflates a whole network
   read at once, which lets a 50 kB gzip bomb become 50 MB in memory before anyone can count.
@@ -39,6 +42,7 @@ import logging
 import re
 import socket
 import ssl
+import threading
 import time
 import zlib
 from collections.abc import Callable, Iterable, Iterator
@@ -281,6 +285,10 @@ class Fetcher:
         """
         url = check_url(url)
         deadline = time.monotonic() + self._settings.fetch_timeout
+        # What this thread sends and reads until the fetch is over stops at its deadline. Saved and
+        # restored: a fetch may run inside another one's check_hop (robots.txt, by its own Fetcher).
+        outer = getattr(_deadlines, "current", None)
+        _deadlines.current = deadline
         try:
             response = self._send(url, deadline, check_hop)
             try:
@@ -291,6 +299,8 @@ class Fetcher:
             raise _fetch_error(exc) from exc
         except httpx.InvalidURL as exc:  # not an HTTPError; e.g. a Location httpx cannot encode
             raise errors.InvalidUrl("unparsable url") from exc
+        finally:
+            _deadlines.current = outer
 
     def close(self) -> None:
         """Close the pooled connections."""
@@ -396,6 +406,63 @@ def _check_scheme(request: httpx.Request) -> None:
         raise errors.InvalidUrl("not an http(s) url")
 
 
+#: The deadline (``time.monotonic()``) of the fetch running on this thread, as ``current``;
+#: unset or None outside :meth:`Fetcher.fetch`.
+_deadlines = threading.local()
+#: The message of the httpcore timeout raised for an operation begun after the fetch's deadline.
+_DEADLINE_PASSED = "fetch deadline passed"
+
+
+def _bounded(timeout: float | None, timed_out: type[httpcore.TimeoutException]) -> float | None:
+    """``timeout`` cut at this thread's fetch deadline; raises ``timed_out`` when it has passed."""
+    deadline: float | None = getattr(_deadlines, "current", None)
+    if deadline is None:
+        return timeout
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise timed_out(_DEADLINE_PASSED)
+    return left if timeout is None else min(timeout, left)
+
+
+class _DeadlineStream(httpcore.NetworkStream):
+    """A connection's stream whose every operation ends by the deadline of the fetch using it.
+
+    httpcore gives each socket operation the request's timeout afresh, so a server that sends
+    one byte just inside it, again and again, holds a download for as long as it likes (and the
+    thread with it: a download thread cannot be cancelled). Here each read, write and TLS
+    handshake is given at most the time left until the fetch's deadline, and fails with
+    httpcore's timeout error (which httpx turns into its own, and :func:`_fetch_error` into
+    :class:`~image_crawler.errors.FetchTimeout`) once that has passed. The deadline is the one
+    of the thread calling, read at each call: a kept-alive connection serves fetches of
+    different threads, one after another.
+    """
+
+    def __init__(self, stream: httpcore.NetworkStream) -> None:
+        self._stream = stream
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        return self._stream.read(max_bytes, _bounded(timeout, httpcore.ReadTimeout))
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        self._stream.write(buffer, _bounded(timeout, httpcore.WriteTimeout))
+
+    def close(self) -> None:
+        self._stream.close()
+
+    def start_tls(
+        self,
+        ssl_context: ssl.SSLContext,
+        server_hostname: str | None = None,
+        timeout: float | None = None,
+    ) -> httpcore.NetworkStream:
+        # Python bounds a whole TLS handshake by the socket's timeout, not each step of it.
+        tls = self._stream.start_tls(ssl_context, server_hostname, _bounded(timeout, httpcore.ConnectTimeout))
+        return _DeadlineStream(tls)
+
+    def get_extra_info(self, info: str) -> Any:
+        return self._stream.get_extra_info(info)
+
+
 class _CheckedBackend(httpcore.NetworkBackend):
     """Connects to a host only at an address its policy returned, resolving the name once.
 
@@ -403,7 +470,8 @@ class _CheckedBackend(httpcore.NetworkBackend):
     the addresses are then tried in order, within one connect timeout, exactly as
     ``socket.create_connection`` would try what ``getaddrinfo`` returned. httpcore starts TLS on
     the stream with ``server_hostname`` set to the URL's host, so certificates are verified for
-    the name and SNI carries it, whichever address the socket went to.
+    the name and SNI carries it, whichever address the socket went to. The connect timeout is
+    cut at the fetch's deadline, and the stream returned is a :class:`_DeadlineStream`.
     """
 
     def __init__(self, addresses: Callable[[str, int], list[str]]) -> None:
@@ -418,6 +486,7 @@ class _CheckedBackend(httpcore.NetworkBackend):
         local_address: str | None = None,
         socket_options: Iterable[Any] | None = None,
     ) -> httpcore.NetworkStream:
+        timeout = _bounded(timeout, httpcore.ConnectTimeout)
         deadline = None if timeout is None else time.monotonic() + timeout
         failure: httpcore.ConnectError | httpcore.ConnectTimeout | None = None
         for address in self._addresses(host, port):
@@ -425,9 +494,11 @@ class _CheckedBackend(httpcore.NetworkBackend):
             if left is not None and left <= 0:
                 break
             try:
-                return self._sockets.connect_tcp(address, port, left, local_address, socket_options)
+                stream = self._sockets.connect_tcp(address, port, left, local_address, socket_options)
             except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
                 failure = exc
+            else:
+                return _DeadlineStream(stream)
         if failure is None or isinstance(failure, httpcore.ConnectTimeout):
             raise httpcore.ConnectTimeout("connect timed out") from failure
         raise failure
