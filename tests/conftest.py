@@ -23,7 +23,7 @@ import redis
 
 from support.http_server import LocalHttpServer
 from support.pipeline import Pipeline
-from support.processes import crawl_environment
+from support.processes import END_TO_END_SETTINGS, crawl_environment
 from support.services import database_uri, free_port, silent_listener, start_redis
 from support.skips import unavailable
 
@@ -177,13 +177,7 @@ def crawl_env(mongo_uri, tmp_path):
     """Environment for worker and CLI processes: a private Redis and a fresh database at MONGO_URI."""
     redis_process, redis_url = start_redis(tmp_path)
     database = f"e2e_{uuid.uuid4().hex[:8]}"
-    env = crawl_environment(
-        redis_url,
-        database_uri(mongo_uri, database),
-        FETCH_RETRIES="1",
-        FETCH_TIMEOUT="5",
-        PYTHONUNBUFFERED="1",
-    )
+    env = crawl_environment(redis_url, database_uri(mongo_uri, database), **END_TO_END_SETTINGS)
     client = pymongo.MongoClient(mongo_uri, tz_aware=True)
     yield env, client[database]
     client.drop_database(database)

@@ -298,9 +298,10 @@ def test_a_429_with_retry_after_is_retried_no_sooner_and_pauses_its_host(make_pi
     assert times["/after.png"][0] - times["/wall.png"][0] >= 4.95  # the host was paused for all
 
 
-def test_a_retry_after_longer_than_the_maximum_ends_the_url_naming_it(make_pipeline, server):
+@pytest.mark.parametrize("status", [429, 503])
+def test_a_retry_after_longer_than_the_maximum_ends_the_url_naming_it(make_pipeline, server, status):
     pipeline = make_pipeline(retry_after_max=600)
-    server.add("/later.png", status=429, headers={"Retry-After": "3600"}, content_type="text/plain")
+    server.add("/later.png", status=status, headers={"Retry-After": "3600"}, content_type="text/plain")
 
     report = pipeline.enqueue_text(server.url("/later.png"))
     pipeline.wait_for(report.run, 1)
@@ -308,7 +309,7 @@ def test_a_retry_after_longer_than_the_maximum_ends_the_url_naming_it(make_pipel
     entry = storage.ledger(pipeline.db).find_one({"run": report.run})
     assert (entry["outcome"], entry["reason"]) == (
         "error",
-        "http 429: retry-after 3600 s is over RETRY_AFTER_MAX",
+        f"http {status}: retry-after 3600 s is over RETRY_AFTER_MAX",
     )
     assert server.hits("/later.png") == 1
 

@@ -17,7 +17,7 @@ import pytest
 import redis
 
 from image_crawler import context as context_module
-from image_crawler import outcomes, storage
+from image_crawler import outcomes
 from image_crawler.robots import origin
 from support.http_server import LocalHttpServer, Response
 from support.images import png_bytes
@@ -121,21 +121,6 @@ def test_a_503_with_retry_after_is_retried_no_sooner_than_it_says_in_seconds_or_
     assert len(starts["/seconds.png"]) == len(starts["/date.png"]) == 2
     assert starts["/seconds.png"][1] - starts["/seconds.png"][0] >= 5 - SLACK_S
     assert starts["/date.png"][1] >= date_monotonic - SLACK_S
-
-
-def test_a_503_asking_for_longer_than_the_maximum_ends_the_url_naming_it(make_pipeline, server):
-    pipeline = make_pipeline(retry_after_max=600)
-    server.add("/later.png", status=503, headers={"Retry-After": "3600"}, content_type="text/plain")
-
-    report = pipeline.enqueue_text(server.url("/later.png"))
-    pipeline.wait_for(report.run, 1)
-
-    entry = storage.ledger(pipeline.db).find_one({"run": report.run})
-    assert (entry["outcome"], entry["reason"]) == (
-        "error",
-        "http 503: retry-after 3600 s is over RETRY_AFTER_MAX",
-    )
-    assert server.hits("/later.png") == 1
 
 
 def test_a_robots_txt_that_never_answers_lets_the_url_be_fetched_after_robots_timeout_s(

@@ -7,7 +7,6 @@ import signal
 import subprocess
 import time
 import uuid
-from urllib.parse import urlsplit, urlunsplit
 
 import pymongo
 import pytest
@@ -17,13 +16,14 @@ from image_crawler.dramatiq_internals import ack_set_key, heartbeats_key
 from support.http_server import LocalHttpServer
 from support.images import png_bytes
 from support.processes import (
+    END_TO_END_SETTINGS,
     crawl_environment,
     image_crawler_command,
     signal_workers,
     start_workers,
     stop_workers,
 )
-from support.services import start_redis
+from support.services import database_uri, start_redis
 from support.waiting import wait_until
 
 pytestmark = pytest.mark.slow
@@ -42,10 +42,6 @@ def _url_list(server: LocalHttpServer, tmp_path) -> tuple:
     urls = tmp_path / "urls.txt"
     urls.write_text("\n".join(lines) + "\n")
     return urls, bodies
-
-
-def _with_database(uri: str, database: str) -> str:
-    return urlunsplit(urlsplit(uri)._replace(path=f"/{database}"))
 
 
 def _start_enqueue(env: dict[str, str], urls) -> subprocess.Popen:
@@ -177,13 +173,7 @@ def test_a_redis_restart_mid_run_loses_nothing(mongo_uri, tmp_path):
     redis_process, redis_url = start_redis(redis_dir, appendonly=True)
     port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
     database = f"restart_{uuid.uuid4().hex[:8]}"
-    env = crawl_environment(
-        redis_url,
-        _with_database(mongo_uri, database),
-        FETCH_RETRIES="1",
-        FETCH_TIMEOUT="5",
-        PYTHONUNBUFFERED="1",
-    )
+    env = crawl_environment(redis_url, database_uri(mongo_uri, database), **END_TO_END_SETTINGS)
     client = pymongo.MongoClient(mongo_uri, tz_aware=True)
     db = client[database]
     workers = None

@@ -31,6 +31,11 @@ def worker_command(
     return command
 
 
+#: Settings of the end-to-end crawls: a failing URL is tried twice, within 5 s, and the workers'
+#: output is not held back in buffers (the tests read their logs).
+END_TO_END_SETTINGS = {"FETCH_RETRIES": "1", "FETCH_TIMEOUT": "5", "PYTHONUNBUFFERED": "1"}
+
+
 def crawl_environment(redis_url: str, mongo_uri: str, **settings: str) -> dict[str, str]:
     """This environment, on these stores, with ``FETCH_ALLOW_PRIVATE=1`` (the image servers of the
     tests and benchmarks are local) and these other settings: for workers and ``image-crawler``."""
