@@ -319,7 +319,10 @@ class WorkerShape(Middleware):
 
     def before_process_message(self, broker, message):
         if time.monotonic() - self._listed_at >= RELIST_S:
-            self._list(broker)
+            try:
+                self._list(broker)
+            except redis.exceptions.RedisError:  # only batch sizing depends on it: never the message
+                logger.warning("could not list this worker in %s; a later message tries again", WORKERS_KEY)
 
     def _list(self, broker) -> None:
         self._listed_at = time.monotonic()

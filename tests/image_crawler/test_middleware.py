@@ -565,3 +565,19 @@ def test_a_crash_mark_outlives_its_message_by_a_day_by_default(redis_url):
         assert CrashGuard(client).ttl == CRASH_MARK_TTL_S == 24 * 3600
     finally:
         client.close()
+
+
+def test_a_worker_that_cannot_list_itself_still_processes_its_message(dead_port, monkeypatch, caplog):
+    shape = WorkerShape()
+    broker = _Broker()
+    broker.middleware = [shape]
+    broker.broker_id = "test-broker"
+    broker.client = redis.Redis(port=dead_port, socket_connect_timeout=0.5, retry_on_error=[])
+    monkeypatch.setattr("image_crawler.middleware.RELIST_S", 0.0)
+    try:
+        with caplog.at_level(logging.WARNING, logger="image_crawler.middleware"):
+            shape.before_process_message(broker, None)  # Redis is down: no exception for the message
+    finally:
+        broker.client.close()
+
+    assert f"could not list this worker in {WORKERS_KEY}" in caplog.text
