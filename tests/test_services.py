@@ -8,6 +8,7 @@ import os
 import shutil
 import socket
 import types
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,17 +18,23 @@ from support.pipeline import Pipeline
 from support.skips import unavailable
 
 
-def test_a_free_port_taken_before_redis_binds_it_is_not_raced(tmp_path, monkeypatch):
-    if shutil.which("redis-server") is None:
-        unavailable("redis-server is not on PATH (apt-get install redis-server)")
-    with socket.socket() as taken:  # another process got there first, and answers nothing
+@contextlib.contextmanager
+def _first_port_picked_is_taken(monkeypatch) -> Iterator[int]:
+    """The first port ``free_port`` picks is then taken by another process, which answers nothing."""
+    with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         busy = taken.getsockname()[1]
         picks = iter([busy])
         real = services.free_port
         monkeypatch.setattr(services, "free_port", lambda: next(picks, None) or real())
+        yield busy
 
+
+def test_a_free_port_taken_before_redis_binds_it_is_not_raced(tmp_path, monkeypatch):
+    if shutil.which("redis-server") is None:
+        unavailable("redis-server is not on PATH (apt-get install redis-server)")
+    with _first_port_picked_is_taken(monkeypatch) as busy:
         process, url = services.start_redis(tmp_path)
         try:
             assert not url.endswith(f":{busy}/0")
@@ -53,14 +60,7 @@ def test_a_free_port_taken_before_the_mongo_shim_binds_it_is_not_raced(tmp_path,
         if os.environ.get("MONGO_URI"):
             pytest.skip("MONGO_SHIM is not set: a MongoDB at MONGO_URI stands in for the shim here")
         unavailable("MONGO_SHIM is not set and no MONGO_URI either: no MongoDB endpoint for the suite")
-    with socket.socket() as taken:  # another process got there first, and answers nothing
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        busy = taken.getsockname()[1]
-        picks = iter([busy])
-        real = services.free_port
-        monkeypatch.setattr(services, "free_port", lambda: next(picks, None) or real())
-
+    with _first_port_picked_is_taken(monkeypatch) as busy:
         process, uri = services.start_mongo_shim(tmp_path)
         try:
             port = int(uri.rsplit(":", 1)[1])

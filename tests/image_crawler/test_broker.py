@@ -43,7 +43,7 @@ from image_crawler.dramatiq_internals import (
     queue_keys,
 )
 from image_crawler.middleware import CrashGuard, Verdict
-from support.clock import FakeClock
+from support.clock import FakeClock, fake_time_of
 from support.services import free_port, start_redis
 
 
@@ -72,9 +72,6 @@ def _middleware(broker: RedisBroker, kind: type):
 def _address(client) -> tuple:
     kwargs = client.connection_pool.connection_kwargs
     return kwargs.get("host"), kwargs.get("port"), kwargs.get("db", 0)
-
-
-_Clock = FakeClock
 
 
 def test_the_broker_is_a_redis_broker_on_redis_url(broker, redis_url):
@@ -220,7 +217,7 @@ def test_a_guarded_messages_time_limit_starts_once_it_runs_and_its_mark_outlives
 ):
     # CrashGuard comes before TimeLimit: what it does before the message runs (its handler deciding,
     # waiting for a turn) is not running time; and its after-hook, last, drops the mark last.
-    clock = _Clock()
+    clock = FakeClock()
     monkeypatch.setattr(time_limit_module, "monotonic", clock.monotonic)
     time_limit = _middleware(broker, TimeLimit)
 
@@ -534,10 +531,9 @@ def silent_redis_url(silent_port) -> str:
 
 
 @pytest.fixture
-def clock(monkeypatch) -> _Clock:
+def clock(monkeypatch) -> FakeClock:
     """The outage budget's clock, moved by redis-py's waits between tries (which take no time)."""
-    fake = _Clock()
-    monkeypatch.setattr(broker_module, "time", fake)
+    fake = fake_time_of(monkeypatch, broker_module)
     monkeypatch.setattr(redis.retry, "sleep", fake.sleep)
     return fake
 
@@ -546,7 +542,7 @@ def _outage_budget_of(client: redis.Redis) -> float:
     return client.get_retry().budget_s
 
 
-def _seconds_tried(client: redis.Redis, clock: _Clock, error: type[Exception]) -> float:
+def _seconds_tried(client: redis.Redis, clock: FakeClock, error: type[Exception]) -> float:
     """How long (on ``clock``) ``client`` kept trying to ping before it gave up with ``error``."""
     started = clock.now
     with pytest.raises(error):

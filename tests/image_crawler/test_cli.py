@@ -36,7 +36,7 @@ from image_crawler.cli import enqueue_lines, main, summary_line
 from image_crawler.config import get_settings
 from image_crawler.dramatiq_internals import queue_keys
 from image_crawler.outcomes import Job
-from support.clock import FakeClock
+from support.clock import FakeClock, fake_time_of
 from support.images import png_bytes
 from support.processes import image_crawler_command, run_bounded
 from support.stores import get_outcome, record_outcome
@@ -74,14 +74,10 @@ def run_cli():
     return invoke
 
 
-_Clock = FakeClock
-
-
 @pytest.fixture
-def clock(monkeypatch) -> _Clock:
+def clock(monkeypatch) -> FakeClock:
     """The command's clock (its polls, pauses and ``--timeout``), moved only by its own pauses."""
-    fake = _Clock()
-    monkeypatch.setattr(cli, "time", fake)
+    fake = fake_time_of(monkeypatch, cli)
     return fake
 
 
@@ -882,7 +878,7 @@ def test_enqueue_with_redis_down_says_so_in_one_line(dead_port, url_file):
 def test_the_commands_redis_client_rides_out_a_blip_of_its_budget_and_no_more(
     db, dead_port, run_cli, monkeypatch
 ):
-    budget_clock = _Clock()  # the outage budget's, moved by redis-py's waits between tries
+    budget_clock = FakeClock()  # the outage budget's, moved by redis-py's waits between tries
     monkeypatch.setattr(broker_module, "time", budget_clock)
     monkeypatch.setattr(redis.retry, "sleep", budget_clock.sleep)
     # The actors' broker was made at collection, outside any command: this client is made inside

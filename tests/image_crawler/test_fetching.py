@@ -39,7 +39,7 @@ from image_crawler.fetching import (
     check_url,
     is_public_address,
 )
-from support.clock import FakeClock
+from support.clock import FakeClock, fake_time_of
 from support.http_server import LocalHttpServer, Response
 
 MB = 1024 * 1024
@@ -132,19 +132,15 @@ def test_fetcher_does_not_retry_by_itself(server: LocalHttpServer, make_fetcher:
 # --- time -------------------------------------------------------------------------------
 
 
-_Clock = FakeClock
-
-
 @pytest.fixture
-def clock(monkeypatch: pytest.MonkeyPatch) -> _Clock:
+def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
     """The fetcher's clock (its deadline, the time left for each request)."""
-    fake = _Clock()
-    monkeypatch.setattr(fetching, "time", fake)
+    fake = fake_time_of(monkeypatch, fetching)
     return fake
 
 
 def test_hanging_server_times_out_after_the_fetch_timeout(
-    server: LocalHttpServer, make_fetcher: MakeFetcher, clock: _Clock, monkeypatch: pytest.MonkeyPatch
+    server: LocalHttpServer, make_fetcher: MakeFetcher, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
 ):
     server.add("/hang", body=b"late", delay=10)
     timeouts: list[dict[str, float | None]] = []
@@ -166,7 +162,7 @@ def test_hanging_server_times_out_after_the_fetch_timeout(
 
 
 def test_slow_drip_is_cut_off_at_the_total_budget(
-    server: LocalHttpServer, make_fetcher: MakeFetcher, clock: _Clock, monkeypatch: pytest.MonkeyPatch
+    server: LocalHttpServer, make_fetcher: MakeFetcher, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
 ):
     body = b"x" * 100
     server.add("/drip", body=body, drip=0.5)  # each byte well within any read timeout

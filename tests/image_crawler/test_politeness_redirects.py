@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 
 import pytest
@@ -23,21 +24,25 @@ def _forget(client: redis.Redis, server: LocalHttpServer) -> None:
         client.delete(f"image-crawler:robots:{site}", f"image-crawler:robots-lock:{site}")
 
 
+@contextmanager
+def _host(client: redis.Redis) -> Iterator[LocalHttpServer]:
+    with LocalHttpServer() as running:
+        _forget(client, running)
+        yield running
+        _forget(client, running)
+
+
 @pytest.fixture
 def server(redis_client: redis.Redis) -> Iterator[LocalHttpServer]:
-    with LocalHttpServer() as running:
-        _forget(redis_client, running)
+    with _host(redis_client) as running:
         yield running
-        _forget(redis_client, running)
 
 
 @pytest.fixture
 def other(redis_client: redis.Redis) -> Iterator[LocalHttpServer]:
     """Another host: its own origin (``localhost`` and a port of its own), its own robots.txt."""
-    with LocalHttpServer() as running:
-        _forget(redis_client, running)
+    with _host(redis_client) as running:
         yield running
-        _forget(redis_client, running)
 
 
 def _on_localhost(server: LocalHttpServer, path: str) -> str:

@@ -30,7 +30,7 @@ from image_crawler.robots import (
     origin,
     product_token,
 )
-from support.clock import FakeClock
+from support.clock import FakeClock, fake_time_of
 from support.http_server import LocalHttpServer
 
 ROBOTS_TXT = b"User-agent: *\nDisallow: /private/\n"
@@ -65,14 +65,10 @@ def make_robots(redis_client: redis.Redis, fetcher: Fetcher) -> MakeRobots:
     return make
 
 
-_Clock = FakeClock
-
-
 @pytest.fixture
-def clock(monkeypatch: pytest.MonkeyPatch) -> _Clock:
+def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
     """The clock of :class:`Robots` (its waits and polls, its remembered expiries)."""
-    fake = _Clock()
-    monkeypatch.setattr(robots_module, "time", fake)
+    fake = fake_time_of(monkeypatch, robots_module)
     return fake
 
 

@@ -20,3 +20,10 @@ class FakeClock:
     def sleep(self, seconds: float) -> None:
         self.slept.append(seconds)
         self.now += seconds
+
+
+def fake_time_of(monkeypatch, module) -> FakeClock:
+    """A :class:`FakeClock` in place of ``module``'s ``time`` for the rest of the test."""
+    clock = FakeClock()
+    monkeypatch.setattr(module, "time", clock)
+    return clock
